@@ -1,0 +1,58 @@
+# The study in two commands: `make reproduce` (runs everything, setting itself up) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PROFILE ?= default
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.setup-done
+# Steps to force re-running, e.g. `make reproduce FORCE=1`.
+FORCE   ?=
+ifneq ($(strip $(FORCE)),)
+FORCE_FLAG := --force
+endif
+
+.PHONY: help setup reproduce data test unit e2e html lab bench evaluate lint clean clean-data
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv with the pinned environment, Jupyter kernel and nbdime git drivers
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	@touch $@
+
+reproduce: $(STAMP) ## run every notebook with papermill: make reproduce [PROFILE=smoke|default|full] [FORCE=1]
+	$(PY) -m cxrstudy.pipeline reproduce --profile $(PROFILE) $(FORCE_FLAG)
+
+data: $(STAMP) ## build data/processed from the upstream sources ($$CXR_MIRROR to read a local mirror)
+	$(PY) -m cxrstudy.data.build
+
+test: $(STAMP) ## unit tests, then the smoke profile end to end
+	$(PY) -m pytest
+
+unit: $(STAMP) ## unit tests only
+	$(PY) -m pytest -m "not e2e"
+
+html: $(STAMP) ## re-render reports/<profile>/html and index.html from the executed notebooks
+	$(PY) -m cxrstudy.pipeline html --profile $(PROFILE)
+
+lab: $(STAMP) ## open JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP) ## throughput benchmark -> reports/bench.json
+	$(PY) scripts/bench.py
+
+evaluate: $(STAMP) ## evaluate every saved model of PROFILE on EXTERNAL=labels.csv (columns path,label)
+	@test -n "$(EXTERNAL)" || { echo "usage: make evaluate EXTERNAL=path/to/labels.csv [PROFILE=default]" >&2; exit 2; }
+	$(PY) -m cxrstudy.evaluation.external --csv "$(EXTERNAL)" --profile $(PROFILE)
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check src tests scripts
+
+clean: ## remove reports (keeps data and .venv)
+	rm -rf reports/*/ reports/*.json
+
+clean-data: ## remove downloaded and processed data
+	rm -rf data/raw data/processed data/cache

@@ -1,0 +1,416 @@
+"""Run the study's notebooks in order with papermill, from a parameter profile, caching finished steps.
+
+A profile (``params/<name>.yaml``) lists steps; each step is one papermill run of a notebook with
+parameters. ``common`` parameters go to every notebook that declares them; a step's own parameters
+must be declared by its notebook, and a common parameter that no notebook declares is an error.
+A step is skipped when its key (notebook, parameters, the package modules it imports, the manifest,
+the previous step's key) matches the stamp of its last successful run and its outputs exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxrstudy import config
+
+KERNEL_NAME = "cxrstudy"
+PROFILE_KEYS = {"description", "common", "steps"}
+STEP_KEYS = {"notebook", "name", "params"}
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be run as written (unknown key, undeclared parameter, missing notebook)."""
+
+
+class StepFailed(RuntimeError):
+    """A notebook raised; carries the step name, the cell's error and where the partial notebook is."""
+
+
+@dataclass
+class Step:
+    """One papermill run: a notebook, a unique name for its outputs, and its parameters."""
+
+    name: str
+    notebook: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Profile:
+    """A named set of steps and the parameters shared by them."""
+
+    name: str
+    description: str
+    common: dict[str, Any]
+    steps: list[Step]
+    path: Path | None = None
+
+
+def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
+    """Read ``params/<name>.yaml`` (or a path to a YAML file) and check its shape."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else params_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in params_dir.glob("*.yaml"))
+        raise ProfileError(f"profile {name!r}: no file {path} (known profiles: {', '.join(known) or 'none'})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: expected a mapping at the top level")
+    unknown = set(raw) - PROFILE_KEYS
+    if unknown:
+        raise ProfileError(
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(PROFILE_KEYS)}"
+        )
+    steps: list[Step] = []
+    for i, entry in enumerate(raw.get("steps") or []):
+        if isinstance(entry, str):
+            entry = {"notebook": entry}
+        if not isinstance(entry, dict) or "notebook" not in entry:
+            raise ProfileError(f"{path}: step {i + 1} needs a 'notebook'")
+        bad = set(entry) - STEP_KEYS
+        if bad:
+            raise ProfileError(f"{path}: step {i + 1} ({entry['notebook']}): unknown key(s) {sorted(bad)}")
+        steps.append(
+            Step(entry.get("name") or entry["notebook"], entry["notebook"], dict(entry.get("params") or {}))
+        )
+    if not steps:
+        raise ProfileError(f"{path}: no steps")
+    names = [s.name for s in steps]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ProfileError(f"{path}: step names must be unique; repeated: {dupes} (give each run a 'name')")
+    stem = path.stem
+    return Profile(stem, str(raw.get("description", "")), dict(raw.get("common") or {}), steps, path)
+
+
+def notebook_path(step: Step, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> Path:
+    """The source notebook of a step; a clear error when it does not exist."""
+    path = notebooks_dir / (step.notebook if step.notebook.endswith(".ipynb") else f"{step.notebook}.ipynb")
+    if not path.is_file():
+        raise ProfileError(f"step {step.name!r}: notebook {path} does not exist")
+    return path
+
+
+def declared_parameters(path: Path) -> dict[str, Any]:
+    """Parameters declared in a notebook's ``parameters``-tagged cell (name -> inferred info)."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(path))
+    if not params:
+        raise ProfileError(f"{path.name} has no cell tagged 'parameters'")
+    return params
+
+
+def resolve_parameters(
+    profile: Profile, notebooks_dir: Path = config.NOTEBOOKS_DIR
+) -> list[tuple[Step, dict]]:
+    """Parameters each step will get; every name must be declared by the notebook that receives it."""
+    resolved = []
+    used_common: set[str] = set()
+    for step in profile.steps:
+        declared = declared_parameters(notebook_path(step, notebooks_dir))
+        undeclared = sorted(set(step.params) - set(declared))
+        if undeclared:
+            raise ProfileError(
+                f"profile {profile.name!r}, step {step.name!r}: parameter(s) {undeclared} are not declared in "
+                f"{step.notebook}'s parameters cell (declared: {sorted(declared)})"
+            )
+        params = {k: v for k, v in profile.common.items() if k in declared}
+        used_common |= set(params)
+        params.update(step.params)
+        if "profile" in declared:
+            params["profile"] = profile.name
+        resolved.append((step, params))
+    unused = sorted(set(profile.common) - used_common)
+    if unused:
+        raise ProfileError(
+            f"profile {profile.name!r}: common parameter(s) {unused} are declared by no notebook"
+        )
+    return resolved
+
+
+def _module_file(module: str) -> Path | None:
+    """Source file of a ``cxrstudy`` module, or None when it is not part of the package."""
+    parts = module.split(".")
+    if parts[0] != "cxrstudy":
+        return None
+    base = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(source: str, package: str = "") -> set[str]:
+    """Absolute module names imported by Python source (relative imports resolved against package)."""
+    names: set[str] = set()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return names
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names.add(mod)
+            names.update(f"{mod}.{a.name}" for a in node.names)
+    return names
+
+
+def package_dependencies(notebook: Path) -> list[Path]:
+    """Files of the ``cxrstudy`` package a notebook imports, directly or through other modules."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    code = "\n".join(
+        c.source for c in nb.cells if c.cell_type == "code" and not c.source.lstrip().startswith(("%", "!"))
+    )
+    todo = {m for m in _imports(code) if m.startswith("cxrstudy")} | {"cxrstudy", "cxrstudy.config"}
+    seen: dict[str, Path] = {}
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        path = _module_file(mod)
+        if path is None:
+            continue
+        seen[mod] = path
+        parents = mod.split(".")
+        for i in range(1, len(parents)):
+            todo.add(".".join(parents[:i]))
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        todo |= {m for m in _imports(path.read_text(), pkg) if m.startswith("cxrstudy")} - set(seen)
+    return sorted(set(seen.values()))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_key(step: Step, params: dict, previous_key: str, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> str:
+    """Hash of everything a step's result depends on; equal keys mean the step need not run again."""
+    nb = notebook_path(step, notebooks_dir)
+    h = hashlib.sha256()
+    h.update(previous_key.encode())
+    h.update(_sha256_file(nb).encode())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(config.mirror_base().encode())
+    root = Path(__file__).resolve().parent
+    for dep in package_dependencies(nb):
+        h.update(str(dep.relative_to(root)).encode())
+        h.update(_sha256_file(dep).encode())
+    if config.MANIFEST_PATH.is_file():
+        h.update(_sha256_file(config.MANIFEST_PATH).encode())
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def render_html(notebook: Path, html: Path) -> None:
+    """Render an executed notebook to a standalone HTML file (atomically)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    html.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html.with_name(f".{html.name}.tmp{os.getpid()}")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, html)
+
+
+def check_kernel(kernel: str = KERNEL_NAME) -> None:
+    """Fail early, with the fix, when the project's Jupyter kernel is not registered."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel)
+    except NoSuchKernel as exc:
+        raise RuntimeError(
+            f"Jupyter kernel {kernel!r} is not registered for {sys.executable}; run `make setup` "
+            "(it registers the project's own environment as that kernel)"
+        ) from exc
+
+
+def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step) -> None:
+    """Execute one notebook with papermill; on error raise StepFailed naming the step and the cell's error."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    nb_out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(
+            str(nb_in),
+            str(nb_out),
+            parameters=params,
+            kernel_name=kernel,
+            cwd=str(config.ROOT),
+            progress_bar=False,
+            log_output=False,
+            report_mode=False,
+        )
+    except PapermillExecutionError as exc:
+        raise StepFailed(
+            f"step {step.name!r} ({nb_in.name}) failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"  the partly executed notebook is kept at {nb_out}"
+        ) from exc
+
+
+def run_profile(
+    name: str,
+    force: bool = False,
+    kernel: str = KERNEL_NAME,
+    only: list[str] | None = None,
+    params_dir: Path = config.PARAMS_DIR,
+    notebooks_dir: Path = config.NOTEBOOKS_DIR,
+    reports_dir: Path = config.REPORTS_DIR,
+) -> dict[str, Any]:
+    """Run a profile's steps in order (skipping unchanged ones); write run.json and index.html."""
+    from cxrstudy import reporting
+
+    profile = load_profile(name, params_dir)
+    steps = resolve_parameters(profile, notebooks_dir)
+    if only:
+        missing = sorted(set(only) - {s.name for s, _ in steps})
+        if missing:
+            raise ProfileError(f"--only: no step(s) {missing} in profile {profile.name!r}")
+    check_kernel(kernel)
+    out = reports_dir / profile.name
+    stamps = out / ".stamps"
+    device = str(profile.common.get("device", "auto"))
+    record: dict[str, Any] = {
+        "profile": profile.name,
+        "description": profile.description,
+        "profile_file": str(profile.path),
+        "parameters": {s.name: p for s, p in steps},
+        "git": reporting.git_info(),
+        "device": reporting.device_info(device),
+        "versions": reporting.versions(),
+        "data_source": config.mirror_base(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "steps": [],
+        "status": "running",
+    }
+    t_start = time.perf_counter()
+    previous = ""
+    print(f"reproduce: profile {profile.name!r} ({len(steps)} steps) -> {out}", flush=True)
+    try:
+        for step, params in steps:
+            key = step_key(step, params, previous, notebooks_dir)
+            previous = key
+            nb_in = notebook_path(step, notebooks_dir)
+            nb_out = out / "notebooks" / f"{step.name}.ipynb"
+            html = out / "html" / f"{step.name}.html"
+            stamp_path = stamps / f"{step.name}.json"
+            stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+            selected = not only or step.name in only
+            entry = {
+                "name": step.name,
+                "notebook": nb_in.name,
+                "notebook_out": str(nb_out.relative_to(out)),
+                "html": str(html.relative_to(out)),
+                "parameters": params,
+            }
+            up_to_date = not force and stamp.get("key") == key and nb_out.is_file() and html.is_file()
+            if up_to_date or not selected:
+                entry.update(status="cached", seconds=stamp.get("seconds"), finished=stamp.get("finished"))
+                print(f"  {step.name}: unchanged, skipped", flush=True)
+                record["steps"].append(entry)
+                continue
+            print(f"  {step.name}: running {nb_in.name} ...", flush=True)
+            stamp_path.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            try:
+                _execute(nb_in, nb_out, params, kernel, step)
+            except StepFailed:
+                entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2))
+                record["steps"].append(entry)
+                raise
+            seconds = round(time.perf_counter() - t0, 2)
+            render_html(nb_out, html)
+            finished = datetime.now(UTC).isoformat(timespec="seconds")
+            _write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
+            entry.update(status="ran", seconds=seconds, finished=finished)
+            record["steps"].append(entry)
+            print(f"  {step.name}: done in {seconds:.1f} s", flush=True)
+        record["status"] = "ok"
+    except StepFailed:
+        record["status"] = "failed"
+        raise
+    finally:
+        record["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
+        record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+        _write_json(out / "run.json", record)
+        reporting.write_index(out, record)
+    return record
+
+
+def rerender(name: str) -> None:
+    """Re-render HTML for every executed notebook of a profile and rebuild index.html."""
+    from cxrstudy import reporting
+
+    out = config.profile_dir(name)
+    for nb in sorted((out / "notebooks").glob("*.ipynb")):
+        render_html(nb, out / "html" / f"{nb.stem}.html")
+    run_json = out / "run.json"
+    record = json.loads(run_json.read_text()) if run_json.is_file() else {"profile": name, "steps": []}
+    reporting.write_index(out, record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``reproduce``, ``html`` and ``params`` (print what each step would get)."""
+    parser = argparse.ArgumentParser(prog="python -m cxrstudy.pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="run the profile's notebooks in order")
+    rep.add_argument("--profile", default="default")
+    rep.add_argument("--force", action="store_true", help="re-run every step even if unchanged")
+    rep.add_argument("--only", nargs="*", help="run only these step names (others count as cached)")
+    rep.add_argument("--kernel", default=KERNEL_NAME)
+    html = sub.add_parser("html", help="re-render HTML and index.html")
+    html.add_argument("--profile", default="default")
+    prm = sub.add_parser("params", help="print the parameters each step gets")
+    prm.add_argument("--profile", default="default")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "reproduce":
+            record = run_profile(args.profile, force=args.force, kernel=args.kernel, only=args.only)
+            out = config.profile_dir(args.profile)
+            print(f"reproduce: done in {record['wall_seconds']:.1f} s; open {out / 'index.html'}")
+        elif args.command == "html":
+            rerender(args.profile)
+        else:
+            for step, params in resolve_parameters(load_profile(args.profile)):
+                print(f"{step.name}: {json.dumps(params, default=str)}")
+    except (ProfileError, StepFailed, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The papermill pipeline: profile checks, step caching, failure reporting, run record and index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cxrstudy import pipeline
+from cxrstudy.pipeline import ProfileError, StepFailed
+
+
+def make_notebook(path: Path, params: str, body: str) -> Path:
+    """A minimal study-style notebook: title, tagged parameters cell, one code cell."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Test step"),
+        nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(body),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> dict[str, Path]:
+    """Notebooks, params and reports folders of a two-step toy study."""
+    nbs, params, reports = tmp_path / "notebooks", tmp_path / "params", tmp_path / "reports"
+    for d in (nbs, params, reports):
+        d.mkdir()
+    make_notebook(
+        nbs / "a.ipynb",
+        'profile = "x"\nseed = 0\nmarker = ""',
+        "from pathlib import Path\nimport cxrstudy.config\n"
+        "with open(marker, 'a') as fh:\n    fh.write(f'a {profile} {seed}\\n')",
+    )
+    make_notebook(
+        nbs / "b.ipynb",
+        'profile = "x"\nmarker = ""\nfail = False',
+        "with open(marker, 'a') as fh:\n    fh.write('b\\n')\nif fail:\n    raise ValueError('boom in b')",
+    )
+    return {"notebooks": nbs, "params": params, "reports": reports, "marker": tmp_path / "marker.txt"}
+
+
+def write_profile(project: dict[str, Path], name: str, text: str) -> None:
+    (project["params"] / f"{name}.yaml").write_text(text.replace("MARKER", str(project["marker"])))
+
+
+def run(project: dict[str, Path], name: str, **kw) -> dict:
+    return pipeline.run_profile(
+        name,
+        kernel="python3",
+        params_dir=project["params"],
+        notebooks_dir=project["notebooks"],
+        reports_dir=project["reports"],
+        **kw,
+    )
+
+
+def test_undeclared_parameter_is_an_error(project):
+    write_profile(project, "p", "steps:\n  - {notebook: a, params: {marker: MARKER, sede: 1}}\n")
+    with pytest.raises(ProfileError, match=r"\['sede'\] are not declared in a"):
+        pipeline.resolve_parameters(pipeline.load_profile("p", project["params"]), project["notebooks"])
+
+
+def test_common_parameter_declared_nowhere_is_an_error(project):
+    write_profile(
+        project, "p", "common: {seed: 1, epoch: 3}\nsteps:\n  - {notebook: a, params: {marker: MARKER}}\n"
+    )
+    with pytest.raises(ProfileError, match=r"\['epoch'\] are declared by no notebook"):
+        pipeline.resolve_parameters(pipeline.load_profile("p", project["params"]), project["notebooks"])
+
+
+def test_profile_shape_errors(project):
+    with pytest.raises(ProfileError, match="no file"):
+        pipeline.load_profile("nope", project["params"])
+    write_profile(project, "p", "stpes: []\n")
+    with pytest.raises(ProfileError, match="unknown top-level"):
+        pipeline.load_profile("p", project["params"])
+    write_profile(project, "q", "steps:\n  - a\n  - a\n")
+    with pytest.raises(ProfileError, match="unique"):
+        pipeline.load_profile("q", project["params"])
+    write_profile(project, "r", "steps:\n  - missing_notebook\n")
+    with pytest.raises(ProfileError, match="does not exist"):
+        pipeline.resolve_parameters(pipeline.load_profile("r", project["params"]), project["notebooks"])
+
+
+def test_common_parameters_reach_only_declaring_notebooks(project):
+    write_profile(
+        project,
+        "p",
+        "common: {seed: 7, fail: false}\nsteps:\n  - {notebook: a, params: {marker: MARKER}}\n"
+        "  - {notebook: b, params: {marker: MARKER}}\n",
+    )
+    (a, pa), (b, pb) = pipeline.resolve_parameters(
+        pipeline.load_profile("p", project["params"]), project["notebooks"]
+    )
+    assert pa == {"seed": 7, "marker": str(project["marker"]), "profile": "p"}
+    assert pb == {"fail": False, "marker": str(project["marker"]), "profile": "p"}
+
+
+def test_run_cache_and_failure(project):
+    write_profile(
+        project,
+        "p",
+        "common: {seed: 3}\nsteps:\n  - {notebook: a, params: {marker: MARKER}}\n"
+        "  - {notebook: b, name: b_first, params: {marker: MARKER}}\n",
+    )
+    record = run(project, "p")
+    out = project["reports"] / "p"
+    assert project["marker"].read_text().splitlines() == ["a p 3", "b"]
+    assert [s["status"] for s in record["steps"]] == ["ran", "ran"]
+    for name in ("a", "b_first"):
+        assert (out / "notebooks" / f"{name}.ipynb").is_file()
+        assert "<html" in (out / "html" / f"{name}.html").read_text()[:2000].lower()
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "ok" and saved["parameters"]["a"]["seed"] == 3
+    assert {"torch", "fastai", "timm", "scikit-learn", "python"} <= set(saved["versions"])
+    assert all(isinstance(s["seconds"], float) for s in saved["steps"])
+    assert "b_first" in (out / "index.html").read_text()
+
+    # Nothing changed: nothing runs again.
+    record = run(project, "p")
+    assert [s["status"] for s in record["steps"]] == ["cached", "cached"]
+    assert project["marker"].read_text().splitlines() == ["a p 3", "b"]
+
+    # A changed parameter of the second step re-runs only that step; then it fails.
+    write_profile(
+        project,
+        "p",
+        "common: {seed: 3}\nsteps:\n  - {notebook: a, params: {marker: MARKER}}\n"
+        "  - {notebook: b, name: b_first, params: {marker: MARKER, fail: true}}\n",
+    )
+    with pytest.raises(StepFailed) as err:
+        run(project, "p")
+    msg = str(err.value)
+    assert "b_first" in msg and "b.ipynb" in msg and "ValueError: boom in b" in msg
+    partial = out / "notebooks" / "b_first.ipynb"
+    assert partial.is_file() and "boom in b" in partial.read_text()
+    assert project["marker"].read_text().splitlines() == ["a p 3", "b", "b"]
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "failed" and saved["steps"][-1]["status"] == "failed"
+    assert "failed" in (out / "index.html").read_text()
+
+
+def test_main_reports_errors_with_exit_code(project, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline.config, "PARAMS_DIR", project["params"])
+    assert pipeline.main(["params", "--profile", "does_not_exist"]) == 1
+    assert "does_not_exist" in capsys.readouterr().err
+
+
+def test_package_dependencies_follow_imports():
+    deps = (
+        {p.name for p in pipeline.package_dependencies(Path(pipeline.config.NOTEBOOKS_DIR) / "00_data.ipynb")}
+        if (Path(pipeline.config.NOTEBOOKS_DIR) / "00_data.ipynb").is_file()
+        else None
+    )
+    if deps is None:
+        pytest.skip("notebooks/00_data.ipynb not present")
+    assert "config.py" in deps and "pipeline.py" not in deps
+
+
+def test_package_dependencies_are_transitive(tmp_path):
+    nb = make_notebook(tmp_path / "n.ipynb", "x = 1", "from cxrstudy.pipeline import load_profile")
+    names = {p.name for p in pipeline.package_dependencies(nb)}
+    assert {"pipeline.py", "config.py", "__init__.py"} <= names
+    assert "reporting.py" in names  # imported inside pipeline functions
