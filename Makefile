@@ -12,7 +12,7 @@ ifneq ($(strip $(FORCE)),)
 FORCE_FLAG := --force
 endif
 
-.PHONY: help setup reproduce data test unit e2e html lab bench evaluate lint clean clean-data
+.PHONY: help setup reproduce data test unit html readme lab bench evaluate lint clean clean-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ unit: $(STAMP) ## unit tests only
 
 html: $(STAMP) ## re-render reports/<profile>/html and index.html from the executed notebooks
 	$(PY) -m cxrstudy.pipeline html --profile $(PROFILE)
+
+readme: $(STAMP) ## put the latest PROFILE=default results into README.md
+	$(PY) -m cxrstudy.reporting --profile $(PROFILE)
 
 lab: $(STAMP) ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks/

@@ -206,3 +206,67 @@ def write_index(out: Path, record: dict[str, Any]) -> Path:
     tmp.write_text("\n".join(parts), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
+def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
+    """Markdown for the README's results section: every run's headline metrics, the date and machine."""
+    dev = record.get("device", {})
+    ver = record.get("versions", {})
+    lines = [
+        f"Latest `{record.get('profile')}` run: {str(record.get('ended', ''))[:10]}, commit "
+        f"`{str(record.get('git', {}).get('commit', ''))[:10]}`, {dev.get('resolved', '?')} "
+        f"({dev.get('cpu_count', '?')} CPU cores{', ' + dev['gpu'] if dev.get('gpu') else ''}; "
+        f"{ver.get('platform', '')}), wall time {record.get('wall_seconds', 0) / 60:.1f} min. "
+        "Test split; 95% intervals from a bootstrap over patient groups.",
+        "",
+        "| task | scenario | decomposition | accuracy % | balanced accuracy % | ROC-AUC % | ECE % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cells in headline_rows(results):
+        task, _backbone, scenario, decomp, _seed, acc, bacc, auc, ece = (
+            c.replace("<small>", "").replace("</small>", "") for c in cells
+        )
+        lines.append(f"| {task} | {scenario} | {decomp} | {acc} | {bacc} | {auc} | {ece} |")
+    lines.append(
+        f"| paper (Miroshnichenko & Mikhelev 2021) | fine tuning | on | {100 * config.PAPER_ACCURACY:.2f} | | | |"
+    )
+    lines.append(f"| DeTraC (Abbas et al. 2021) | | on | {100 * config.DETRAC_ACCURACY:.1f} | | | |")
+    if results.get("headline", {}).get("text"):
+        lines += ["", str(results["headline"]["text"])]
+    verdict = results.get("verdict")
+    if verdict:
+        lines += ["", "**Verdict.** " + (" ".join(verdict) if isinstance(verdict, list) else str(verdict))]
+    return "\n".join(lines)
+
+
+def update_readme(profile: str = "default", readme: Path = config.ROOT / "README.md") -> None:
+    """Replace the README's results section with the profile's latest results.json and run.json."""
+    out = config.profile_dir(profile)
+    for name in ("results.json", "run.json"):
+        if not (out / name).is_file():
+            raise FileNotFoundError(
+                f"{out / name} does not exist; run `make reproduce PROFILE={profile}` first"
+            )
+    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "run.json").read_text())
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} section")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{readme_results(results, record)}\n{README_END}{tail}"
+    tmp = readme.with_name(f".{readme.name}.tmp{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, readme)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Put a profile's latest results into README.md")
+    parser.add_argument("--profile", default="default")
+    update_readme(parser.parse_args().profile)
