@@ -153,14 +153,8 @@ def test_main_reports_errors_with_exit_code(project, capsys, monkeypatch):
 
 
 def test_package_dependencies_follow_imports():
-    deps = (
-        {p.name for p in pipeline.package_dependencies(Path(pipeline.config.NOTEBOOKS_DIR) / "00_data.ipynb")}
-        if (Path(pipeline.config.NOTEBOOKS_DIR) / "00_data.ipynb").is_file()
-        else None
-    )
-    if deps is None:
-        pytest.skip("notebooks/00_data.ipynb not present")
-    assert "config.py" in deps and "pipeline.py" not in deps
+    deps = {p.name for p in pipeline.package_dependencies(pipeline.config.NOTEBOOKS_DIR / "00_data.ipynb")}
+    assert {"config.py", "build.py"} <= deps and "pipeline.py" not in deps and "training.py" not in deps
 
 
 def test_package_dependencies_are_transitive(tmp_path):
@@ -168,3 +162,20 @@ def test_package_dependencies_are_transitive(tmp_path):
     names = {p.name for p in pipeline.package_dependencies(nb)}
     assert {"pipeline.py", "config.py", "__init__.py"} <= names
     assert "reporting.py" in names  # imported inside pipeline functions
+
+
+def test_declared_parameters_survive_comments_papermill_cannot_parse(tmp_path):
+    nb = make_notebook(
+        tmp_path / "n.ipynb",
+        'profile = "smoke"\nmax_per_class = 0  # per split and class; 0 = all\nk: int | str = 2\nsizes = [1, 2]',
+        "pass",
+    )
+    assert pipeline.declared_parameters(nb) == {
+        "profile": "smoke",
+        "max_per_class": 0,
+        "k": 2,
+        "sizes": [1, 2],
+    }
+    bad = make_notebook(tmp_path / "bad.ipynb", "x = (", "pass")
+    with pytest.raises(ProfileError, match="not valid Python"):
+        pipeline.declared_parameters(bad)

@@ -103,12 +103,38 @@ def notebook_path(step: Step, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> Pat
 
 
 def declared_parameters(path: Path) -> dict[str, Any]:
-    """Parameters declared in a notebook's ``parameters``-tagged cell (name -> inferred info)."""
-    import papermill
+    """Names assigned in a notebook's ``parameters``-tagged cell, with their default values.
 
-    params = papermill.inspect_notebook(str(path))
+    Parsed with ``ast`` (papermill's own inspector silently drops lines it cannot parse, such as
+    some trailing comments, which would turn a typo check into a silent no-op).
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ProfileError(f"{path.name} needs exactly one cell tagged 'parameters' (found {len(cells)})")
+    try:
+        tree = ast.parse(cells[0].source)
+    except SyntaxError as exc:
+        raise ProfileError(f"{path.name}: the parameters cell is not valid Python: {exc}") from exc
+    params: dict[str, Any] = {}
+    for node in tree.body:
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
+        for target in targets:
+            if isinstance(target, ast.Name):
+                try:
+                    params[target.id] = ast.literal_eval(node.value) if node.value is not None else None
+                except ValueError:
+                    params[target.id] = ast.unparse(node.value)
     if not params:
-        raise ProfileError(f"{path.name} has no cell tagged 'parameters'")
+        raise ProfileError(f"{path.name}: the parameters cell declares nothing")
     return params
 
 
