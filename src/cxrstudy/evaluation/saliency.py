@@ -1,0 +1,208 @@
+"""Grad-CAM saliency (pytorch-grad-cam) on a trained ``Classifier`` and the share of it inside the lung field.
+
+The target layer is the backbone's last convolutional stage (EfficientNet: ``bn2`` after
+``conv_head``; ResNet: ``layer4``; DenseNet: ``features``; VGG/AlexNet: ``features``). The class
+score explained is the class's logit, or with class decomposition the log-sum-exp of its subclass
+logits (the log of the composed class probability up to a constant shared by all classes).
+The lung region is :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION`, the same one the masking
+experiment blacks out; a uniform saliency map has an in-lung share equal to the region's area.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from cxrstudy.evaluation.shortcuts import LUNG_REGION, lung_mask
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional stage of a ``cxrstudy.models.Classifier``'s backbone."""
+    family = model.spec.family
+    bb = model.backbone
+    if family == "efficientnet":
+        return bb.bn2
+    if family == "resnet":
+        return bb.layer4[-1]
+    if family in ("densenet", "vgg", "alexnet"):
+        return bb.features
+    raise ValueError(f"no Grad-CAM target layer known for backbone family {family!r}")
+
+
+@torch.no_grad()
+def cam_grid(model: nn.Module, image_size: int) -> int:
+    """Cells per side of the target layer's map at this input size (Grad-CAM's real resolution)."""
+    shapes: list[tuple[int, ...]] = []
+    handle = target_layer(model).register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        device = next(model.parameters()).device
+        model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        handle.remove()
+    return int(min(shapes[-1][-2:]))
+
+
+def class_output_indices(run_info: dict) -> dict[str, list[int]]:
+    """Model output indices belonging to each task class (several with decomposition, else one)."""
+    classes = list(run_info["classes"])
+    subclasses = run_info.get("subclasses") or []
+    if not run_info.get("decomposition") or not subclasses:
+        return {c: [i] for i, c in enumerate(classes)}
+    parent = run_info.get("parent_of_subclass") or run_info.get("parent_of")
+    if parent is None:
+        raise ValueError("run.json: decomposition run without parent_of_subclass")
+    parents = [parent[s] for s in subclasses] if isinstance(parent, dict) else list(parent)
+    if len(parents) != len(subclasses):
+        raise ValueError(f"run.json: {len(subclasses)} subclasses but {len(parents)} parents")
+    out = {c: [i for i, p in enumerate(parents) if p == c] for c in classes}
+    empty = [c for c, idx in out.items() if not idx]
+    if empty:
+        raise ValueError(f"run.json: classes {empty} have no subclass")
+    return out
+
+
+class ClassScoreTarget:
+    """Grad-CAM target: log-sum-exp of a class's output logits (its plain logit when it has one)."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = list(indices)
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(model_output[..., self.indices], dim=-1)
+
+
+def lung_share(cam: np.ndarray, region: tuple[float, float, float, float] = LUNG_REGION) -> float:
+    """Fraction of a (H, W) non-negative saliency map's mass inside the central lung region (NaN if all zero)."""
+    cam = np.asarray(cam, dtype=float)
+    if cam.ndim != 2:
+        raise ValueError(f"expected a (H, W) saliency map, got shape {cam.shape}")
+    if (cam < 0).any():
+        raise ValueError("saliency map has negative values")
+    total = cam.sum()
+    if total <= 0:
+        return float("nan")
+    return float(cam[lung_mask(cam.shape[0], cam.shape[1], region)].sum() / total)
+
+
+def gradcam_maps(
+    model: nn.Module,
+    images: Sequence[Image.Image],
+    run_info: dict,
+    target_classes: Sequence[str],
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Grad-CAM maps (N, S, S) in [0, 1] for decoded L images, each explaining its ``target_classes`` entry."""
+    from pytorch_grad_cam import GradCAM
+
+    from cxrstudy.models import model_transform
+
+    if len(images) != len(target_classes):
+        raise ValueError(f"{len(images)} images but {len(target_classes)} target classes")
+    indices = class_output_indices(run_info)
+    unknown = sorted(set(target_classes) - set(indices))
+    if unknown:
+        raise ValueError(f"target classes {unknown} are not among the run's classes {list(indices)}")
+    transform = model_transform(model.spec, int(run_info["image_size"]))
+    model = model.to(device)
+    saved = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # a frozen backbone would give no gradients at the target layer
+        p.requires_grad_(True)
+    out: list[np.ndarray] = []
+    try:
+        with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                x = torch.stack([transform(im) for im in chunk]).to(device)
+                targets = [ClassScoreTarget(indices[c]) for c in target_classes[start : start + batch_size]]
+                out.append(np.asarray(cam(input_tensor=x, targets=targets), dtype=np.float32))
+    finally:
+        for p, r in zip(model.parameters(), saved, strict=True):
+            p.requires_grad_(r)
+    return np.concatenate(out) if out else np.zeros((0, 0, 0), dtype=np.float32)
+
+
+def sample_for_saliency(
+    preds: pd.DataFrame, classes: Sequence[str], per_class: int, seed: int = 0
+) -> pd.DataFrame:
+    """Up to ``per_class`` correct and ``per_class`` wrong test images per true class (seeded sample)."""
+    df = preds[preds["split"] == "test"] if "split" in preds.columns else preds
+    df = df.assign(outcome=np.where(df["pred"] == df["label"], "correct", "wrong"))
+    parts = []
+    for cls in classes:
+        for outcome in ("correct", "wrong"):
+            pool = df[(df["label"] == cls) & (df["outcome"] == outcome)]
+            if len(pool):
+                parts.append(pool.sample(n=min(per_class, len(pool)), random_state=seed))
+    if not parts:
+        return df.iloc[0:0]
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def saliency_for_run(
+    model: nn.Module,
+    run_info: dict,
+    preds: pd.DataFrame,
+    image_root: Path,
+    per_class: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[pd.DataFrame, list[Image.Image], np.ndarray]:
+    """Grad-CAM of a run's sampled test images, explaining the predicted class; adds ``lung_share``.
+
+    Returns the sample table (image, label, pred, outcome, lung_share, cam_grid), the decoded images and
+    the maps. ``cam_grid`` is the map's cells per side (input size / 32): below 4 the share means little.
+    """
+    from cxrstudy.images import load_xray
+
+    sample = sample_for_saliency(preds, run_info["classes"], per_class, seed)
+    images = [load_xray(Path(image_root) / p) for p in sample["image"]]
+    cams = gradcam_maps(model, images, run_info, list(sample["pred"]), device=device)
+    grid = cam_grid(model, int(run_info["image_size"]))
+    sample = sample.assign(lung_share=[lung_share(c) for c in cams], cam_grid=grid)
+    cols = [
+        c
+        for c in ("image", "source", "label", "pred", "outcome", "lung_share", "cam_grid")
+        if c in sample.columns
+    ]
+    return sample[cols], images, cams
+
+
+def saliency_for_runs(
+    runs: Sequence[dict],
+    image_root: Path,
+    per_class: int,
+    fig_dir: Path,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> pd.DataFrame:
+    """Grad-CAM of every run (``report.load_runs`` items); saves ``saliency_<run_id>.png`` grids under
+    ``fig_dir`` and returns one table (run_id, image, label, pred, outcome, lung_share)."""
+    from cxrstudy import plots
+    from cxrstudy.training import load_run_model
+
+    parts = []
+    for run in runs:
+        model, info = load_run_model(run["dir"])
+        run_id = info.get("run_id") or Path(run["dir"]).name
+        table, images, cams = saliency_for_run(
+            model, info, run["predictions"], image_root, per_class, seed, device
+        )
+        if len(table) == 0:
+            continue
+        titles = [f"{r.label}→{r.pred} ({r.outcome})\nin-lung {r.lung_share:.2f}" for r in table.itertuples()]
+        fig = plots.plot_saliency_grid(images, cams, titles, ncols=4, region=LUNG_REGION)
+        fig.suptitle(run_id.replace("__", "  "), fontsize=8, y=1.02)
+        plots.save_figure(fig, Path(fig_dir) / f"saliency_{run_id}.png", close=True)
+        parts.append(table.assign(run_id=run_id))
+    return (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["run_id", "image", "label", "pred", "outcome", "lung_share", "cam_grid"])
+    )

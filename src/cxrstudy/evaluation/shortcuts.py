@@ -1,0 +1,363 @@
+"""Shortcut and confounding checks on frozen features (the shallow, linear-on-features level).
+
+* **Source identification**: a linear classifier on frozen features predicts the source repository
+  (patient-group cross-validation); the higher above the majority baseline, the easier the shortcut.
+* **Masking** (after Maguolo & Nanni 2021): features of images with the central lung field blacked
+  out (:func:`mask_lungs`) or with only that field kept (:func:`keep_lungs_only`); a linear head
+  trained on the train split and tested on the test split of each. A high score with the lungs
+  blacked out means the score is not about the lungs.
+* **Leave-one-source-out**: a linear head trained without a whole source, tested on that source.
+* **Same hospital**: Actualmed is the only source with COVID-19 and normal films from one site.
+
+The lung region :data:`LUNG_REGION` is a fixed central rectangle, x and y from 15% to 85% of the
+image (49% of its area). On a frontal film squish-resized to a square it covers both lung fields and
+the mediastinum and leaves out the borders, corners and most burned-in text and markers.
+Everything here uses linear heads on cached features, so it is cheap on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from cxrstudy.evaluation.metrics import compute_metrics
+
+#: Central lung field as fractions of width / height: (x0, y0, x1, y1).
+LUNG_REGION: tuple[float, float, float, float] = (0.15, 0.15, 0.85, 0.85)
+#: The source with COVID-19 and normal films from the same hospital.
+SAME_HOSPITAL_SOURCE = "actualmed"
+
+
+# --------------------------------------------------------------------------- lung region and masks
+
+
+def lung_mask(height: int, width: int, region: tuple[float, float, float, float] = LUNG_REGION) -> np.ndarray:
+    """Boolean (height, width) mask, True inside the central lung region (pixel centres inside it)."""
+    x0, y0, x1, y1 = region
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f"bad region {region}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    ys = (np.arange(height) + 0.5) / height
+    xs = (np.arange(width) + 0.5) / width
+    return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+
+
+def _apply_mask(img: Image.Image, keep_inside: bool) -> Image.Image:
+    """Black out the lung region (``keep_inside=False``) or everything else (``True``) of an L image."""
+    if not isinstance(img, Image.Image) or img.mode != "L":
+        raise ValueError("masking expects a decoded 8-bit grayscale PIL image (mode 'L'); use load_xray")
+    arr = np.asarray(img).copy()
+    inside = lung_mask(arr.shape[0], arr.shape[1])
+    arr[inside if not keep_inside else ~inside] = 0
+    return Image.fromarray(arr, mode="L")
+
+
+def mask_lungs(img: Image.Image) -> Image.Image:
+    """The image with the central lung field (:data:`LUNG_REGION`) blacked out."""
+    return _apply_mask(img, keep_inside=False)
+
+
+def keep_lungs_only(img: Image.Image) -> Image.Image:
+    """The image with everything outside the central lung field blacked out."""
+    return _apply_mask(img, keep_inside=True)
+
+
+#: Feature variants of the masking experiment: name -> (PIL transform, extract_features cache_tag).
+MASK_VARIANTS = {"masked_lungs": (mask_lungs, "mask_lungs"), "lungs_only": (keep_lungs_only, "lungs_only")}
+
+
+# --------------------------------------------------------------------------- linear probes
+
+
+def linear_probe(seed: int = 0) -> Pipeline:
+    """The linear head used by every check: standardised features, balanced logistic regression."""
+    return make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced", random_state=seed),
+    )
+
+
+def _features_for(features: pd.DataFrame, rows: pd.DataFrame, what: str) -> np.ndarray:
+    """Feature rows for the manifest rows' images; a clear error when some are missing."""
+    missing = rows.loc[~rows["image"].isin(features.index), "image"]
+    if len(missing):
+        raise ValueError(f"{what}: {len(missing)} image(s) have no features, e.g. {missing.iloc[0]!r}")
+    return features.loc[rows["image"]].to_numpy(dtype=np.float64)
+
+
+def _task_rows(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """Manifest rows whose label belongs to the task."""
+    return manifest[manifest["label"].isin(list(classes))].reset_index(drop=True)
+
+
+def _probe_probs(model: Pipeline, X: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Probabilities in ``classes`` order (zero for a class the probe never saw)."""
+    probs = np.zeros((len(X), len(classes)))
+    p = model.predict_proba(X)
+    for j, c in enumerate(model.classes_):
+        probs[:, list(classes).index(c)] = p[:, j]
+    return probs
+
+
+def train_test_probe(
+    features: pd.DataFrame,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    classes: Sequence[str],
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> tuple[dict, np.ndarray]:
+    """Fit the linear probe on ``train`` rows, evaluate on ``test`` rows (patient-bootstrap metrics)."""
+    if train["label"].nunique() < 2:
+        raise ValueError(
+            f"training rows hold only {train['label'].unique().tolist()}: a probe needs two classes"
+        )
+    model = linear_probe(seed).fit(_features_for(features, train, "train"), train["label"].to_numpy())
+    probs = _probe_probs(model, _features_for(features, test, "test"), classes)
+    res = compute_metrics(test["label"], probs, classes, test["patient_group"], n_bootstrap, seed)
+    return res, probs
+
+
+def _grouped_cv_predict(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
+) -> tuple[np.ndarray, list]:
+    """Out-of-fold probabilities of the linear probe, folds by StratifiedGroupKFold on patient groups."""
+    labels = sorted(set(y))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    probs = np.zeros((len(y), len(labels)))
+    for tr, te in cv.split(X, y, groups):
+        model = linear_probe(seed).fit(X[tr], y[tr])
+        p = model.predict_proba(X[te])
+        for j, c in enumerate(model.classes_):
+            probs[te, labels.index(c)] = p[:, j]
+    return probs, labels
+
+
+def _eligible(df: pd.DataFrame, column: str, min_groups: int) -> tuple[pd.DataFrame, list[str]]:
+    """Rows whose ``column`` value has at least ``min_groups`` patient groups; and the values dropped."""
+    counts = df.groupby(column)["patient_group"].nunique()
+    keep = counts[counts >= min_groups].index
+    return df[df[column].isin(keep)], sorted(set(counts.index) - set(keep))
+
+
+def _cv_summary(
+    df: pd.DataFrame, features: pd.DataFrame, column: str, n_splits: int, seed: int, what: str
+) -> dict:
+    """Grouped-CV linear prediction of ``column``: accuracy, balanced accuracy, majority baseline, n."""
+    df, dropped = _eligible(df, column, n_splits)
+    if df[column].nunique() < 2:
+        return {
+            "n": int(len(df)),
+            "note": f"fewer than two {column} values with >= {n_splits} patient groups",
+        }
+    X = _features_for(features, df, what)
+    y = df[column].astype(str).to_numpy()
+    probs, labels = _grouped_cv_predict(X, y, df["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    pred = np.asarray(labels)[probs.argmax(axis=1)]
+    recall = {c: float((pred[y == c] == c).mean()) for c in labels}
+    shares = pd.Series(y).value_counts(normalize=True)
+    return {
+        "n": int(len(df)),
+        "classes": labels,
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(np.mean(list(recall.values()))),
+        "majority_baseline": float(shares.max()),
+        "chance_balanced": 1.0 / len(labels),
+        "recall": recall,
+        "dropped_too_few_groups": dropped,
+        "n_splits": n_splits,
+    }
+
+
+def source_identification(
+    features: pd.DataFrame, manifest: pd.DataFrame, seed: int = 0, n_splits: int = 5
+) -> dict:
+    """How well frozen features predict the source (all images; patient-group CV), overall and within label.
+
+    Sources with fewer than ``n_splits`` patient groups (in the subset) are left out and listed.
+    """
+    out = _cv_summary(manifest, features, "source_name", n_splits, seed, "source identification")
+    within = {}
+    for label, rows in manifest.groupby("label"):
+        within[str(label)] = _cv_summary(
+            rows, features, "source_name", n_splits, seed, f"source within {label}"
+        )
+    out["within_label"] = within
+    return out
+
+
+def masking_experiment(
+    features_by_variant: dict[str, pd.DataFrame],
+    manifest: pd.DataFrame,
+    classes: Sequence[str],
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> dict:
+    """Linear head trained on train and tested on test for each feature variant (unmasked, masked_lungs, …)."""
+    rows = _task_rows(manifest, classes)
+    train, test = rows[rows["split"] == "train"], rows[rows["split"] == "test"]
+    out = {}
+    for name, feats in features_by_variant.items():
+        res, _ = train_test_probe(feats, train, test, classes, seed, n_bootstrap)
+        out[name] = {
+            "n_train": int(len(train)),
+            "n_test": int(len(test)),
+            **{k: res[k] for k in ("accuracy", "balanced_accuracy", "roc_auc")},
+        }
+    return out
+
+
+def leave_one_source_out(
+    features: pd.DataFrame,
+    manifest: pd.DataFrame,
+    folds: Sequence[tuple[str, pd.DataFrame, pd.DataFrame]],
+    classes: Sequence[str],
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> list[dict]:
+    """Per held-out source: linear head trained on the fold's train rows, tested on the held-out rows.
+
+    ``folds`` holds (held_out_source, train_rows, test_rows); only task classes are used. A fold is
+    skipped (with a reason) when its training rows lack a task class or the held-out source has
+    no images of the task. Sensitivity is reported for every class present in the held-out source.
+    """
+    out = []
+    for source, train, test in folds:
+        train, test = _task_rows(train, classes), _task_rows(test, classes)
+        entry: dict = {
+            "held_out": str(source),
+            "n": int(len(test)),
+            "labels": sorted(test["label"].unique().tolist()),
+        }
+        missing = sorted(set(classes) - set(train["label"]))
+        if len(test) == 0 or missing:
+            entry["skipped"] = (
+                "no task images in this source" if len(test) == 0 else f"training lacks {missing}"
+            )
+            out.append(entry)
+            continue
+        res, _ = train_test_probe(features, train, test, classes, seed, n_bootstrap)
+        entry["n_train"] = int(len(train))
+        entry["accuracy"] = res["accuracy"]
+        entry["sensitivity"] = {c: res["per_class"][c]["sensitivity"] for c in entry["labels"]}
+        if len(entry["labels"]) > 1:
+            entry["balanced_accuracy"] = res["balanced_accuracy"]
+        out.append(entry)
+    return out
+
+
+def same_hospital(
+    features: pd.DataFrame,
+    manifest: pd.DataFrame,
+    run_predictions: dict[str, pd.DataFrame],
+    classes: Sequence[str] = ("covid", "normal"),
+    source_name: str = SAME_HOSPITAL_SOURCE,
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> dict:
+    """Actualmed only: each run's test predictions on that source, and a within-source linear probe.
+
+    The probe uses every Actualmed image of the task with patient-grouped cross-validation (folds =
+    fewest patient groups of a class, at most 5); its metrics come from the out-of-fold predictions.
+    """
+    rows = _task_rows(manifest[manifest["source_name"] == source_name], classes)
+    out: dict = {"source": source_name, "n": int(len(rows)), "counts": rows["label"].value_counts().to_dict()}
+    per_run = {}
+    for run_id, preds in run_predictions.items():
+        sub = preds[(preds["split"] == "test") & preds["image"].isin(rows["image"])]
+        sub = sub[sub["label"].isin(list(classes))]
+        entry: dict = {"n": int(len(sub))}
+        if len(sub):
+            correct = (sub["pred"] == sub["label"]).to_numpy()
+            entry["accuracy"] = float(correct.mean())
+            entry["labels"] = sub["label"].value_counts().to_dict()
+        per_run[run_id] = entry
+    out["runs_test"] = per_run
+    min_groups = rows.groupby("label")["patient_group"].nunique().reindex(list(classes)).fillna(0).min()
+    n_splits = int(min(5, min_groups))
+    if n_splits < 2:
+        out["probe"] = {"note": f"fewer than 2 patient groups in some class of {source_name}: no probe"}
+        return out
+    X = _features_for(features, rows, "same hospital")
+    y = rows["label"].to_numpy()
+    probs_cv, labels = _grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    probs = np.zeros((len(y), len(classes)))
+    for j, c in enumerate(labels):
+        probs[:, list(classes).index(c)] = probs_cv[:, j]
+    res = compute_metrics(y, probs, classes, rows["patient_group"], n_bootstrap, seed)
+    out["probe"] = {"n_splits": n_splits, **{k: res[k] for k in ("accuracy", "balanced_accuracy", "roc_auc")}}
+    return out
+
+
+# --------------------------------------------------------------------------- all checks for notebook 04
+
+
+def folds_from_masks(
+    rows: pd.DataFrame, folds: Sequence[tuple[str, pd.Series]]
+) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """(source, held-out mask) folds to (source, train rows, held-out rows); training drops every patient
+    group that also appears in the held-out rows (cross-source duplicates and follow-ups)."""
+    out = []
+    for source, mask in folds:
+        held = np.asarray(mask, dtype=bool)
+        if len(held) != len(rows):
+            raise ValueError(f"fold {source!r}: mask has {len(held)} entries for {len(rows)} rows")
+        test = rows[held]
+        train = rows[~held & ~rows["patient_group"].isin(set(test["patient_group"])).to_numpy()]
+        out.append((source, train, test))
+    return out
+
+
+def run_shortcut_checks(
+    manifest: pd.DataFrame,
+    run_predictions: dict[str, pd.DataFrame],
+    image_root,
+    backbone: str,
+    image_size: int,
+    classes: Sequence[str] = ("covid", "normal"),
+    batch_size: int = 32,
+    device: str = "auto",
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> dict:
+    """Every feature-level check: source identification, masking, leave-one-source-out, same hospital.
+
+    Features come from ``cxrstudy.features.extract_features`` (cached; the masked variants under their
+    own cache tags). ``run_predictions`` maps run_id to predictions of the task's runs (same hospital).
+    """
+    from cxrstudy.data.splits import loso_folds
+    from cxrstudy.features import extract_features
+
+    def feats(transform=None, tag: str = "") -> pd.DataFrame:
+        return extract_features(
+            manifest,
+            image_root,
+            backbone,
+            image_size,
+            batch_size=batch_size,
+            device=device,
+            transform=transform,
+            cache_tag=tag,
+        )
+
+    variants = {"unmasked": feats()}
+    for name, (fn, tag) in MASK_VARIANTS.items():
+        variants[name] = feats(fn, tag)
+    rows = _task_rows(manifest, classes)
+    folds = folds_from_masks(rows, loso_folds(rows))
+    return {
+        "source_identification": source_identification(variants["unmasked"], manifest, seed),
+        "masking": masking_experiment(variants, manifest, classes, seed, n_bootstrap),
+        "leave_one_source_out": leave_one_source_out(
+            variants["unmasked"], rows, folds, classes, seed, n_bootstrap
+        ),
+        "same_hospital": same_hospital(
+            variants["unmasked"], manifest, run_predictions, classes, seed=seed, n_bootstrap=n_bootstrap
+        ),
+    }

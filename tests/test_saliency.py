@@ -1,0 +1,107 @@
+"""Grad-CAM on a real (pretrained, tiny-input) Classifier and the in-lung share of saliency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrstudy.evaluation import saliency as S
+from cxrstudy.evaluation.shortcuts import LUNG_REGION, lung_mask
+
+NIH = "X-Ray Image DataSet"
+
+
+def test_lung_share_centre_border_uniform():
+    centre = np.zeros((100, 100))
+    centre[40:60, 40:60] = 1.0
+    assert S.lung_share(centre) == pytest.approx(1.0)
+    border = np.zeros((100, 100))
+    border[:5, :] = 1.0
+    border[:, -5:] = 0.5
+    assert S.lung_share(border) == pytest.approx(0.0)
+    x0, y0, x1, y1 = LUNG_REGION
+    assert S.lung_share(np.ones((100, 100))) == pytest.approx((x1 - x0) * (y1 - y0), abs=0.02)
+    assert np.isnan(S.lung_share(np.zeros((8, 8))))
+    with pytest.raises(ValueError, match="negative"):
+        S.lung_share(-centre)
+    assert lung_mask(100, 100).sum() == 70 * 70
+
+
+def test_class_output_indices_with_and_without_decomposition():
+    plain = {"classes": ["covid", "normal"], "decomposition": False}
+    assert S.class_output_indices(plain) == {"covid": [0], "normal": [1]}
+    decomp = {
+        "classes": ["covid", "normal"],
+        "decomposition": True,
+        "subclasses": ["covid_0", "covid_1", "normal_0", "normal_1"],
+        "parent_of_subclass": {
+            "covid_0": "covid",
+            "covid_1": "covid",
+            "normal_0": "normal",
+            "normal_1": "normal",
+        },
+    }
+    assert S.class_output_indices(decomp) == {"covid": [0, 1], "normal": [2, 3]}
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    assert S.ClassScoreTarget([2])(logits) == pytest.approx(3.0)
+    assert S.ClassScoreTarget([0, 1])(logits) == pytest.approx(float(np.log(np.e + np.e**2)))
+
+
+def test_gradcam_on_real_model_and_images(mirror_file):
+    from cxrstudy.images import load_xray
+    from cxrstudy.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier("efficientnet_lite0", n_outputs=4, pretrained=True).eval()
+    run_info = {
+        "classes": ["covid", "normal"],
+        "decomposition": True,
+        "subclasses": ["covid_0", "covid_1", "normal_0", "normal_1"],
+        "parent_of_subclass": ["covid", "covid", "normal", "normal"],
+        "image_size": 96,
+    }
+    paths = [
+        mirror_file("nih", f"{NIH}/No_findings/00001280_004.png"),
+        mirror_file("nih", f"{NIH}/Pneumonia/00000061_012.png"),
+        mirror_file("mhh", "png/006f3a8a.png"),
+    ]
+    images = [load_xray(p) for p in paths]
+    for p in model.backbone.parameters():  # a frozen backbone (shallow scenario) must still work
+        p.requires_grad_(False)
+    cams = S.gradcam_maps(model, images, run_info, ["covid", "normal", "covid"], batch_size=2)
+    assert cams.shape == (3, 96, 96)
+    assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    # Grad-CAM is min-max scaled per image: 1 where the evidence peaks (all 0 if it is negative everywhere)
+    assert any(c.max() == pytest.approx(1.0, abs=1e-4) for c in cams)
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # restored
+    for c in cams:
+        share = S.lung_share(c)
+        assert np.isnan(share) if c.max() == 0 else 0 <= share <= 1
+    assert (
+        S.cam_grid(model, 96) == 3 and S.cam_grid(model, 160) == 5
+    )  # stride-32 maps: what Grad-CAM resolves
+    with pytest.raises(ValueError, match="not among"):
+        S.gradcam_maps(model, images[:1], run_info, ["pneumonia"])
+
+
+def test_sample_for_saliency_takes_correct_and_wrong_per_class():
+    preds = pd.DataFrame(
+        {
+            "image": [f"i{i}" for i in range(8)],
+            "split": ["test"] * 7 + ["val"],
+            "label": ["covid"] * 4 + ["normal"] * 4,
+            "pred": ["covid", "covid", "covid", "normal", "normal", "normal", "covid", "covid"],
+        }
+    )
+    s = S.sample_for_saliency(preds, ["covid", "normal"], per_class=2, seed=0)
+    counts = s.groupby(["label", "outcome"]).size().to_dict()
+    assert counts == {
+        ("covid", "correct"): 2,
+        ("covid", "wrong"): 1,
+        ("normal", "correct"): 2,
+        ("normal", "wrong"): 1,
+    }
+    assert "i7" not in set(s["image"])  # validation rows are not sampled
+    assert s.equals(S.sample_for_saliency(preds, ["covid", "normal"], per_class=2, seed=0))
