@@ -12,6 +12,9 @@ ifneq ($(strip $(FORCE)),)
 FORCE_FLAG := --force
 endif
 
+# Remote locations pass through to every step (empty = the default, see README).
+export CXR_MIRROR CXR_GITHUB_API
+
 .PHONY: help setup reproduce data test unit html readme lab bench evaluate lint clean clean-data
 
 help: ## list the targets

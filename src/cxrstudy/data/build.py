@@ -1,0 +1,401 @@
+"""The whole data step: fetch metadata and listings, run the source adapters, fetch and decode the images,
+de-duplicate, link patients, split, and write ``manifest.csv`` / ``excluded.csv`` / ``duplicates.csv`` /
+``build_info.json`` under ``data/processed/``.
+
+Command line (what ``make data`` runs)::
+
+    python -m cxrstudy.data.build [--mirror BASE] [--workers N] [--split-seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cxrstudy import config
+from cxrstudy.data.download import (
+    Downloader,
+    FetchItem,
+    FetchResult,
+    MirrorError,
+    atomic_write_text,
+    resolve_base,
+)
+from cxrstudy.data.preprocess import TARGET_SHORT_SIDE, ProcessJob, preprocess_images, processed_names
+from cxrstudy.data.sources import EXCLUDED_COLUMNS, SOURCES, Source, SourceInputs, all_candidates
+
+#: Manifest columns in order (docs/ARCHITECTURE.md), followed by the adapters' extra columns.
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image",
+    "label",
+    "source",
+    "source_name",
+    "upstream_path",
+    "patient_id",
+    "patient_id_is_image_level",
+    "patient_group",
+    "view",
+    "license",
+    "split",
+    "sha256",
+    "width",
+    "height",
+    "flags",
+    "case_url",
+)
+DUPLICATES_COLUMNS: tuple[str, ...] = ("a", "b", "kind", "method", "score")
+
+
+@dataclass
+class BuildResult:
+    """What a build produced (also on disk under ``out_dir``)."""
+
+    manifest: pd.DataFrame
+    excluded: pd.DataFrame
+    duplicates: pd.DataFrame
+    info: dict = field(default_factory=dict)
+    out_dir: Path = config.PROCESSED_DIR
+
+    def counts(self) -> pd.DataFrame:
+        """Images and distinct patient groups per source x label."""
+        return summary_counts(self.manifest)
+
+    def absent(self) -> pd.DataFrame:
+        """Exclusions whose reason starts with ``absent:``."""
+        return self.excluded[self.excluded["reason"].str.startswith("absent:")]
+
+
+def summary_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Table of images / patient groups per source_name (rows) and label (columns), with totals."""
+    g = manifest.groupby(["source_name", "label"])
+    table = pd.DataFrame({"images": g.size(), "patients": g["patient_group"].nunique()}).reset_index()
+    tot = (
+        manifest.groupby("label")
+        .agg(images=("image", "size"), patients=("patient_group", "nunique"))
+        .reset_index()
+    )
+    tot.insert(0, "source_name", "total")
+    return pd.concat([table, tot], ignore_index=True)
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a CSV to a temporary name in the same folder, then rename it into place."""
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+
+
+def _remove_stale_temp(root: Path) -> int:
+    """Delete half-written files a killed run may have left (``*.part``, ``.*.tmp``); returns how many."""
+    n = 0
+    if root.is_dir():
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                if f.endswith(".part") or (f.startswith(".") and f.endswith(".tmp")):
+                    Path(dirpath, f).unlink(missing_ok=True)
+                    n += 1
+    return n
+
+
+def _fetch_reason(r: FetchResult) -> str:
+    if r.status == "absent":
+        return f"absent: {r.reason}"
+    if r.status == "failed":
+        return f"absent: download failed {r.reason}"
+    return f"refused: {r.reason}"
+
+
+def _exclusions(rows: pd.DataFrame, reasons: Iterable[str]) -> pd.DataFrame:
+    out = rows[["source", "source_name", "upstream_path", "label"]].copy()
+    out["reason"] = list(reasons)
+    return out[list(EXCLUDED_COLUMNS)]
+
+
+def fetch_source_inputs(dl: Downloader, sources: Iterable[Source]) -> dict[str, SourceInputs]:
+    """Fetch every source's metadata files and folder listings; a missing one is fatal (named)."""
+    sources = list(sources)
+    items = [
+        FetchItem(f.repo, f.commit, f.path, kind="metadata") for s in sources for f in s.metadata_files()
+    ]
+    results = {(r.item.repo, r.item.path): r for r in dl.fetch_many(items, desc="metadata")}
+    bad = [f"{r.item.rel} ({r.status}: {r.reason})" for r in results.values() if not r.ok]
+    if bad:
+        raise MirrorError(
+            f"CXR_MIRROR={dl.base.value!r}: required metadata files unavailable: " + "; ".join(bad)
+        )
+    inputs = {}
+    for s in sources:
+        files = {(f.repo, f.path): results[(f.repo, f.path)].local for f in s.metadata_files()}
+        listings = {d: dl.list_folder(s.repo, s.commit, d) for d in s.folders}
+        inputs[s.name] = SourceInputs(files, listings)  # type: ignore[arg-type]
+    return inputs
+
+
+def default_base(out_dir: Path = config.PROCESSED_DIR) -> str:
+    """``$CXR_MIRROR`` if set, else the base recorded in ``out_dir/build_info.json``, else GitHub's raw host."""
+    if os.environ.get("CXR_MIRROR", "").strip():
+        return config.mirror_base()
+    info = Path(out_dir) / "build_info.json"
+    if info.is_file():
+        try:
+            return str(json.loads(info.read_text(encoding="utf-8"))["base"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return config.mirror_base()
+
+
+def build_dataset(
+    base: str | None = None,
+    out_dir: Path = config.PROCESSED_DIR,
+    raw_dir: Path = config.RAW_DIR,
+    workers: int = 8,
+    split_seed: int = 0,
+    *,
+    cache_dir: Path | None = None,
+    short_side: int = TARGET_SHORT_SIDE,
+    process_workers: int = 2,
+    progress: bool = True,
+) -> BuildResult:
+    """Build the dataset from ``base`` into ``out_dir`` (see the module docstring); ``base=None`` means
+    ``$CXR_MIRROR``, else the base the previous build into ``out_dir`` used, else raw.githubusercontent.com."""
+    timings: dict[str, float] = {}
+    t_start = t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 3)
+        t = now
+
+    out_dir, raw_dir = Path(out_dir), Path(raw_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache" / "dedup"
+    sources = list(SOURCES.values())
+    base_obj = resolve_base(base if base is not None else default_base(out_dir))
+    dl = Downloader(base_obj, raw_dir, workers=workers, progress=progress)
+    first = sources[0].metadata_files()[0]
+    dl.probe(f"{first.repo}/{first.commit}/{first.path}")
+    stale = _remove_stale_temp(raw_dir) + _remove_stale_temp(out_dir)
+    from cxrstudy.data.dedup import deduplicate  # imported after the fail-fast probe (heavier imports)
+    from cxrstudy.data.splits import make_splits
+
+    lap("probe")
+
+    inputs = fetch_source_inputs(dl, sources)
+    cands = all_candidates(inputs, sources)
+    rows = cands.rows
+    lap("metadata_and_adapters")
+
+    fetched = dl.fetch_many(
+        [FetchItem(r.source, SOURCES[r.source_name].commit, r.upstream_path) for r in rows.itertuples()],
+        desc="images",
+    )
+    ok = pd.Series([f.ok for f in fetched], index=rows.index)
+    excl_fetch = _exclusions(rows[~ok], [_fetch_reason(f) for f in fetched if not f.ok])
+    rows = rows[ok].copy()
+    fetched_ok = [f for f in fetched if f.ok]
+    rows["sha256"] = [f.sha256 for f in fetched_ok]
+    rows["raw_path"] = [str(f.local) for f in fetched_ok]
+    lap("download")
+
+    rows["image"] = processed_names(rows["source_name"].tolist(), rows["upstream_path"].tolist())
+    jobs = [
+        ProcessJob(Path(p), s, i)
+        for p, s, i in zip(rows["raw_path"], rows["sha256"], rows["image"], strict=True)
+    ]
+    processed = preprocess_images(
+        jobs, out_dir, short_side=short_side, workers=process_workers, progress=progress
+    )
+    decoded = pd.Series([p.status != "undecodable" for p in processed], index=rows.index)
+    excl_decode = _exclusions(
+        rows[~decoded], [f"undecodable: {p.reason}" for p in processed if p.status == "undecodable"]
+    )
+    rows["width"] = [p.width for p in processed]
+    rows["height"] = [p.height for p in processed]
+    rows = rows[decoded].drop(columns=["raw_path"]).reset_index(drop=True)
+    lap("preprocess")
+
+    dd = deduplicate(rows, image_root=out_dir, cache_dir=cache_dir)
+    kept = dd.kept.copy()
+    lap("dedup")
+    kept["split"] = make_splits(kept, seed=split_seed)
+    lap("split")
+
+    order = {name: i for i, name in enumerate(SOURCES)}
+    kept = kept.sort_values(
+        ["source_name", "upstream_path"], key=lambda c: c.map(order) if c.name == "source_name" else c
+    )
+    manifest = kept[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+    labels = rows.set_index(["source", "upstream_path"])[["source_name", "label"]]
+    dropped = dd.dropped.join(labels, on=["source", "upstream_path"])
+    excluded = pd.concat(
+        [cands.excluded, excl_fetch, excl_decode, dropped[list(EXCLUDED_COLUMNS)]], ignore_index=True
+    )
+    excluded = excluded.sort_values(
+        ["source_name", "upstream_path", "reason"],
+        key=lambda c: c.map(order) if c.name == "source_name" else c,
+    )
+    excluded = excluded.reset_index(drop=True)
+    duplicates = (
+        dd.pairs[list(DUPLICATES_COLUMNS)].sort_values(["a", "b", "kind", "method"]).reset_index(drop=True)
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(manifest, out_dir / "manifest.csv")
+    write_csv_atomic(excluded, out_dir / "excluded.csv")
+    write_csv_atomic(duplicates, out_dir / "duplicates.csv")
+    lap("write")
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+
+    fetch_status = pd.Series([f.status for f in fetched]).value_counts().to_dict()
+    proc_status = pd.Series([p.status for p in processed], dtype=str).value_counts().to_dict()
+    info = {
+        "base": str(base_obj.local) if base_obj.local is not None else base_obj.value,
+        "commits": {s.name: {"repo": s.repo, "commit": s.commit} for s in sources},
+        "auxiliary": sorted({f"{f.repo}@{f.commit}:{f.path}" for s in sources for f in s.auxiliary}),
+        "short_side": short_side,
+        "split_seed": split_seed,
+        "workers": workers,
+        "counts": {
+            "candidates": int(len(cands.rows)),
+            "manifest": int(len(manifest)),
+            "by_source_label": {
+                f"{r.source_name}/{r.label}": {"images": int(r.images), "patients": int(r.patients)}
+                for r in summary_counts(manifest).itertuples()
+            },
+            "split": manifest["split"].value_counts().sort_index().to_dict(),
+            "excluded_by_reason": reason_category(excluded["reason"]).value_counts().sort_index().to_dict(),
+            "fetch_status": fetch_status,
+            "process_status": proc_status,
+            "http_requests": dl.requests_made,
+            "stale_temp_removed": stale,
+        },
+        "timings_s": timings,
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+    }
+    atomic_write_text(out_dir / "build_info.json", json.dumps(info, indent=2, sort_keys=False))
+    return BuildResult(manifest, excluded, duplicates, info, out_dir)
+
+
+def counts_by_split(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images and patient groups per label x source x split (long table)."""
+    g = manifest.groupby(["label", "source_name", "split"])
+    return pd.DataFrame({"images": g.size(), "patients": g["patient_group"].nunique()}).reset_index()
+
+
+def reason_category(reasons: pd.Series) -> pd.Series:
+    """Short category of exclusion reasons: absent, lateral, label rule, duplicate, label conflict, ..."""
+    cat = reasons.str.split(":").str[0]
+    return cat.str.replace(r"^(duplicate|label conflict)\b.*", r"\1", regex=True)
+
+
+def exclusion_summary(excluded: pd.DataFrame) -> pd.DataFrame:
+    """Excluded rows per source and reason category (the text before the first colon)."""
+    return pd.crosstab(excluded["source_name"], reason_category(excluded["reason"])).rename_axis(
+        columns="reason"
+    )
+
+
+def dropped_copies(excluded: pd.DataFrame) -> pd.DataFrame:
+    """Duplicates dropped: counts per (dropped copy's source, kept copy's source) from ``duplicate of`` reasons."""
+    dup = excluded[excluded["reason"].str.startswith("duplicate of ")]
+    names = {s.repo: s.name for s in SOURCES.values()} | {s.name: s.name for s in SOURCES.values()}
+    kept = (
+        dup["reason"].str.removeprefix("duplicate of ").str.split(":").str[0].map(lambda k: names.get(k, k))
+    )
+    out = pd.DataFrame({"dropped_from": dup["source_name"], "kept_from": kept})
+    return out.value_counts().rename("images").reset_index()
+
+
+def label_shares(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Share of each label's images coming from each source (rows: label; columns: source_name)."""
+    return pd.crosstab(manifest["label"], manifest["source_name"], normalize="index").round(3)
+
+
+def duplicate_examples(
+    duplicates: pd.DataFrame, image_root: Path, n: int = 6, seed: int = 0
+) -> list[tuple[Path, Path, str]]:
+    """Up to ``n`` random cross-source same-image pairs as (png a, png b, caption) for a figure."""
+
+    def png(key: str) -> Path:
+        src, path = key.split(":", 1)
+        return Path(image_root) / processed_names([src], [path])[0]
+
+    def short(key: str) -> str:
+        return key.split(":", 1)[0] + ":" + key.rsplit("/", 1)[-1][:24]
+
+    d = duplicates[duplicates["kind"] == "same_image"]
+    d = d[d["a"].str.split(":").str[0] != d["b"].str.split(":").str[0]]
+    d = d.sample(n=min(n, len(d)), random_state=seed)
+    return [
+        (png(r.a), png(r.b), f"{short(r.a)} ~ {short(r.b)}\n{r.method} {r.score:.2f}")
+        for r in d.itertuples()
+        if png(r.a).is_file() and png(r.b).is_file()
+    ]
+
+
+def format_summary(result: BuildResult) -> str:
+    """Plain-text summary: images/patients per source x label, absent counts, split sizes and timings."""
+    c = result.counts()
+    cell = c.assign(cell=c["images"].astype(str) + " / " + c["patients"].astype(str))
+    table = cell.pivot(index="source_name", columns="label", values="cell").fillna("0")
+    table = table.reindex([*[n for n in SOURCES if n in table.index], "total"])
+    absent = result.absent()
+    lines = ["images / patient groups per source and label:", table.to_string(), ""]
+    if len(absent):
+        a = absent.assign(label=absent["label"].replace("", "?")).groupby(["source_name", "label"]).size()
+        lines += ["absent upstream entries (rows of excluded.csv) per source and label:", a.to_string(), ""]
+    reasons = result.info["counts"]["excluded_by_reason"]
+    lines += [
+        "excluded by reason: " + ", ".join(f"{k}={v}" for k, v in reasons.items()),
+        "split sizes: " + ", ".join(f"{k}={v}" for k, v in result.info["counts"]["split"].items()),
+        f"written to {result.out_dir} in {result.info['timings_s']['total']:.1f} s "
+        + "("
+        + ", ".join(f"{k} {v:.1f}" for k, v in result.info["timings_s"].items() if k != "total")
+        + ")",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: build the dataset and print the summary."""
+    p = argparse.ArgumentParser(prog="python -m cxrstudy.data.build", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--mirror",
+        default=None,
+        help="base path or URL (default: $CXR_MIRROR, else the previous build's base, else raw.githubusercontent.com)",
+    )
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=config.PROCESSED_DIR)
+    p.add_argument("--raw-dir", type=Path, default=config.RAW_DIR)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    try:
+        result = build_dataset(
+            args.mirror,
+            out_dir=args.out_dir,
+            raw_dir=args.raw_dir,
+            workers=args.workers,
+            split_seed=args.split_seed,
+            progress=not args.no_progress,
+        )
+    except MirrorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
