@@ -56,7 +56,6 @@ CELLS = [
         "display(table)\n"
         "display(result.counts().pivot(index='source_name', columns='label', values='images').fillna(0).astype(int))\n"
         "fig = plot_counts_by_source(manifest, title='images per source and label, by split')\n"
-        "display(fig)\n"
         'save_figure(fig, out / "counts_by_source.png")'
     ),
     new_markdown_cell(
@@ -72,7 +71,6 @@ CELLS = [
     ),
     new_code_cell(
         "fig = plot_sample_grid(manifest, result.out_dir, per_cell=5, seed=seed)\n"
-        "display(fig)\n"
         'save_figure(fig, out / "samples.png")'
     ),
     new_markdown_cell(
@@ -98,7 +96,6 @@ CELLS = [
         "pairs = duplicate_examples(duplicates, result.out_dir, n=6, seed=seed)\n"
         "if pairs:\n"
         "    fig = plot_image_pairs(pairs, ncols=2)\n"
-        "    display(fig)\n"
         '    save_figure(fig, out / "duplicate_pairs.png")'
     ),
     new_markdown_cell(
