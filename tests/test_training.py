@@ -1,0 +1,318 @@
+"""Training scenarios on a tiny real dataset (mirror images, 32 px): what each scenario may change, outputs, seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrstudy import config, training
+from cxrstudy.decomposition import Decomposition, save_decomposition
+from cxrstudy.images import load_xray, resize_short_side
+from cxrstudy.models import Classifier, create_backbone, get_spec, model_transform
+
+BACKBONE = "efficientnet_lite0"
+DARKCOVID = ("muhammedtalo/COVID-19", "ee3e2cffc0824711bed675275506b26f19be7198", "X-Ray Image DataSet")
+FOLDERS = {"covid": "Covid-19", "normal": "No_findings"}
+SPLIT_OF = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+COMMON = dict(task="covid_vs_normal", backbone=BACKBONE, image_size=32, batch_size=8, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the CPU is shared, and two spinning OpenMP threads under contention crawl."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, mirror_root: Path) -> tuple[pd.DataFrame, Path]:
+    """8 covid + 8 normal real X-rays (4 train, 2 val, 2 test each) as small PNGs with a manifest."""
+    repo, commit, top = DARKCOVID
+    root = tmp_path_factory.mktemp("processed")
+    rows = []
+    for label, folder in FOLDERS.items():
+        src = sorted((mirror_root / repo / commit / top / folder).iterdir())[: len(SPLIT_OF)]
+        assert len(src) == len(SPLIT_OF), f"mirror folder {folder} has too few images"
+        for i, (path, split) in enumerate(zip(src, SPLIT_OF, strict=True)):
+            rel = f"images/darkcovid/{label}_{i}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            resize_short_side(load_xray(path), 48).save(root / rel)
+            rows.append(
+                {
+                    "image": rel,
+                    "label": label,
+                    "split": split,
+                    "source": repo,
+                    "source_name": "darkcovid",
+                    "patient_group": f"g_{label}_{i}",
+                    "sha256": f"{label}{i:02d}",
+                }
+            )
+    # a pneumonia row must be dropped by the two-class task
+    rows.append({**rows[0], "image": "images/not/there.png", "label": "pneumonia", "patient_group": "gp"})
+    return pd.DataFrame(rows), root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("features")
+
+
+def _run(tiny, out: Path, scenario: str, **kw) -> training.RunResult:
+    manifest, root = tiny
+    return training.train_run(
+        manifest[manifest["label"] != "pneumonia"] if scenario == "shallow" else manifest,
+        root,
+        scenario=scenario,
+        out_root=out,
+        **{**COMMON, **kw},
+    )
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def deep_run(tiny, tmp_path_factory) -> training.RunResult:
+    # 8 training images, batch 8: exactly one optimiser step; wd=0 so any change comes from gradients
+    return _run(tiny, tmp_path_factory.mktemp("runs"), "deep", epochs=1, wd=0.0)
+
+
+@pytest.fixture(scope="module")
+def decomp_profile(tiny, tmp_path_factory) -> Path:
+    """A profile folder with a k=2 decomposition of the training images (alternating subclasses)."""
+    manifest, _ = tiny
+    train = manifest[(manifest["split"] == "train") & (manifest["label"] != "pneumonia")]
+    subs = [f"{lab}_{1 + i % 2}" for i, lab in enumerate(train["label"])]
+    dec = Decomposition(
+        k={"covid": 2, "normal": 2},
+        subclasses=["covid_1", "covid_2", "normal_1", "normal_2"],
+        parent_of={"covid_1": "covid", "covid_2": "covid", "normal_1": "normal", "normal_2": "normal"},
+        silhouettes={},
+        classes=["covid", "normal"],
+    )
+    profile = tmp_path_factory.mktemp("profile")
+    save_decomposition(profile, dec, pd.Series(subs, index=pd.Index(train["image"], name="image")))
+    return profile
+
+
+def test_composed_loss_is_cross_entropy_without_decomposition_and_composed_nll_for_unlabelled_rows():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, -2.0, 3.0]])
+    ident = training.ComposedLoss(np.eye(2, dtype=np.float32))
+    tgt = torch.tensor([[0, 0], [-1, 1]])
+    assert torch.allclose(
+        ident(logits[:2, :2], tgt), torch.nn.functional.cross_entropy(logits[:2, :2], tgt[:, 1])
+    )
+    m = training.LabelSpace(("covid", "normal"), ("covid_1", "covid_2", "normal_1", "normal_2"), {}).matrix()
+    loss = training.ComposedLoss(m)
+    p = torch.softmax(logits, 1)
+    # row 0: known subclass 1 (covid_2); row 1: val row of class normal; row 2: val row of class covid
+    got = torch.stack(
+        [loss(logits[i : i + 1], t[None]) for i, t in enumerate(torch.tensor([[1, 0], [-1, 1], [-1, 0]]))]
+    )
+    want = -torch.log(torch.stack([p[0, 1], p[1, 2] + p[1, 3], p[2, 0] + p[2, 1]]))
+    assert torch.allclose(got, want, atol=1e-6)
+    acc = loss.composed_accuracy(logits, torch.tensor([[-1, 0], [-1, 1], [-1, 0]]))
+    assert acc.item() == pytest.approx(2 / 3)  # row 2: e^1+e^1 (covid) < e^-2+e^3 (normal): wrong
+
+
+def test_targets_carry_subclasses_for_training_rows_only(tiny, decomp_profile):
+    manifest, _ = tiny
+    rows = training.task_rows(manifest, "covid_vs_normal")
+    assert "pneumonia" not in set(rows["label"])
+    space, sub_of = training.decomposition_labels(decomp_profile, ("covid", "normal"))
+    t = training.make_targets(rows, space, sub_of)
+    train = (rows["split"] == "train").to_numpy()
+    assert (t[~train, 0] == -1).all() and (t[train, 0] >= 0).all()
+    assert [space.subclasses[i] for i in t[train, 0]] == sub_of.loc[rows.loc[train, "image"]].tolist()
+    assert (t[:, 1] == rows["label"].map({"covid": 0, "normal": 1})).all()
+    with pytest.raises(ValueError, match="no subclass in the decomposition"):
+        training.make_targets(rows, space, sub_of.iloc[1:])
+
+
+def test_shallow_changes_the_head_and_no_backbone_weight(tiny, tmp_path, cache_dir):
+    r = _run(tiny, tmp_path, "shallow", epochs=2, feature_cache_dir=cache_dir)
+    state = torch.load(r.run_dir / "model.pth", weights_only=True)
+    pretrained = create_backbone(BACKBONE).state_dict()
+    assert pretrained, "backbone has no state"
+    for k, v in pretrained.items():  # weights and batch-norm statistics alike
+        assert torch.equal(state[f"backbone.{k}"], v), f"shallow changed backbone.{k}"
+    config.seed_everything(0)
+    initial = Classifier(BACKBONE, 2).head
+    assert _changed(state["head.weight"], initial.weight.detach())
+    assert _changed(state["head.bias"], initial.bias.detach())
+    assert r.info["params"]["augmentation"].startswith("none")
+
+
+def test_deep_updates_every_layer_after_one_step(deep_run):
+    state = torch.load(deep_run.run_dir / "model.pth", weights_only=True)
+    config.seed_everything(0)
+    ref = Classifier(BACKBONE, 2)
+    unchanged = [n for n, p in ref.named_parameters() if not _changed(state[n], p.detach())]
+    assert not unchanged, f"deep left {len(unchanged)} parameter tensors unchanged, e.g. {unchanged[:3]}"
+    assert _changed(
+        state["backbone.bn1.running_mean"], ref.backbone.bn1.running_mean
+    )  # BN statistics train too
+    assert deep_run.history["trainable_params"].tolist() == [sum(p.numel() for p in ref.parameters())]
+
+
+def test_finetune_unfreezes_group_by_group_and_frozen_groups_stay_frozen(tiny, tmp_path):
+    r = _run(tiny, tmp_path, "finetune", epochs=1, finetune_stages=(1, 2, 3))
+    ref = Classifier(BACKBONE, 2)
+    sizes = [sum(p.numel() for p in g.parameters()) for g in ref.layer_groups()]
+    assert len(sizes) == 4 and training.finetune_schedule(4) == [1, 2, 4]
+    assert r.history["stage"].tolist() == [1, 2, 3]
+    assert r.history["trainable_params"].tolist() == [sum(sizes[-n:]) for n in (1, 2, 3)]
+    assert r.history["trainable_params"].is_monotonic_increasing
+    # the first group never opened: weights and batch-norm statistics as pretrained; the third did change
+    state = torch.load(r.run_dir / "model.pth", weights_only=True)
+    pretrained = {f"backbone.{k}": v for k, v in create_backbone(BACKBONE).state_dict().items()}
+    first = [
+        k
+        for k in pretrained
+        if k.startswith(("backbone.conv_stem", "backbone.bn1.", *(f"backbone.blocks.{i}." for i in range(3))))
+    ]
+    assert first and all(torch.equal(state[k], pretrained[k]) for k in first)
+    assert _changed(state["backbone.conv_head.weight"], pretrained["backbone.conv_head.weight"])
+    assert r.info["params"]["finetune_stages"] == [1, 2, 3]
+
+
+def test_outputs_follow_the_contract_and_reload(deep_run, tiny):
+    manifest, root = tiny
+    d = deep_run.run_dir
+    assert d.name == "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0"
+    assert {p.name for p in d.iterdir()} == {
+        "run.json",
+        "model.pth",
+        "history.csv",
+        "learning_curve.png",
+        "predictions.csv",
+    }
+    assert (d / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hist = pd.read_csv(d / "history.csv")
+    assert list(hist.columns[:7]) == [
+        "epoch",
+        "stage",
+        "train_loss",
+        "valid_loss",
+        "valid_accuracy",
+        "lr",
+        "seconds",
+    ]
+    preds = pd.read_csv(d / "predictions.csv")
+    assert list(preds.columns) == [
+        "image",
+        "split",
+        "label",
+        "source",
+        "patient_group",
+        "prob_covid",
+        "prob_normal",
+        "pred",
+    ]
+    assert sorted(preds["split"].unique()) == ["test", "val"] and len(preds) == 8
+    assert np.allclose(preds[["prob_covid", "prob_normal"]].sum(axis=1), 1, atol=1e-5)
+    info = json.loads((d / "run.json").read_text())
+    for key in (
+        "task",
+        "backbone",
+        "scenario",
+        "decomposition",
+        "seed",
+        "classes",
+        "subclasses",
+        "parent_of",
+        "image_size",
+        "epochs",
+        "lr",
+        "train_seconds",
+        "best_epoch",
+        "n_train",
+        "n_val",
+        "n_test",
+        "params",
+    ):
+        assert key in info, key
+    assert (info["n_train"], info["n_val"], info["n_test"]) == (8, 4, 4)
+    model, info2 = training.load_run_model(d)
+    val = preds[preds["split"] == "val"]
+    probs, sub = training.predict_images(
+        model, [load_xray(root / p) for p in val["image"]], info2, device="cpu"
+    )
+    assert np.allclose(probs, val[["prob_covid", "prob_normal"]].to_numpy(), atol=1e-5)
+    assert np.allclose(sub, probs)  # no decomposition: subclasses are the classes
+
+
+def test_decomposition_on_predicts_subclasses_that_compose_to_classes(
+    tiny, tmp_path, cache_dir, decomp_profile
+):
+    r = _run(
+        tiny,
+        tmp_path,
+        "shallow",
+        epochs=2,
+        decomposition=True,
+        profile_dir=decomp_profile,
+        feature_cache_dir=cache_dir,
+    )
+    assert r.run_dir.name.endswith("__shallow__decomp__seed0")
+    assert r.info["subclasses"] == ["covid_1", "covid_2", "normal_1", "normal_2"]
+    p = pd.read_csv(r.run_dir / "predictions.csv")
+    sub_cols = [f"prob_sub_{s}" for s in r.info["subclasses"]]
+    assert np.allclose(p[sub_cols].sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(p["prob_covid"], p["prob_sub_covid_1"] + p["prob_sub_covid_2"], atol=1e-6)
+    assert np.allclose(p["prob_normal"], p["prob_sub_normal_1"] + p["prob_sub_normal_2"], atol=1e-6)
+    top = p[sub_cols].to_numpy().argmax(1)
+    assert p["pred_hard"].tolist() == [r.info["parent_of"][r.info["subclasses"][i]] for i in top]
+    assert set(p["pred"]) <= {"covid", "normal"}
+
+
+def test_same_seed_same_predictions_and_scratch_starts_random(tiny, tmp_path):
+    a = _run(tiny, tmp_path / "a", "scratch", epochs=1)
+    b = _run(tiny, tmp_path / "b", "scratch", epochs=1)
+    cols = ["prob_covid", "prob_normal"]
+    assert np.array_equal(a.predictions[cols].to_numpy(), b.predictions[cols].to_numpy())
+    assert a.history[["train_loss", "valid_loss"]].equals(b.history[["train_loss", "valid_loss"]])
+    state = torch.load(a.run_dir / "model.pth", weights_only=True)
+    pretrained = create_backbone(BACKBONE).state_dict()
+    assert a.info["pretrained"] is False
+    assert not torch.allclose(state["backbone.conv_stem.weight"], pretrained["conv_stem.weight"], atol=1e-2)
+
+
+def test_bad_requests_fail_clearly(tiny, tmp_path):
+    manifest, root = tiny
+    with pytest.raises(ValueError, match="unknown scenario"):
+        training.train_run(manifest, root, scenario="linear", out_root=tmp_path, **COMMON)
+    with pytest.raises(FileNotFoundError, match="notebook 02"):
+        training.train_run(
+            manifest, root, scenario="deep", decomposition=True, profile_dir=tmp_path, **COMMON
+        )
+    with pytest.raises(ValueError, match="no val images"):
+        training.train_run(
+            manifest[manifest["split"] != "val"], root, scenario="deep", out_root=tmp_path, **COMMON
+        )
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        training.load_run_model(tmp_path)
+
+
+def test_training_images_get_the_one_preprocessing_and_augmentation_keeps_shape(tiny):
+    manifest, root = tiny
+    spec = get_spec(BACKBONE)
+    paths = [root / p for p in manifest["image"].iloc[:2]]
+    plain = training.XrayDataset(paths, np.zeros((2, 2)), spec, 32)
+    for i, p in enumerate(paths):
+        assert torch.equal(plain[i][0], model_transform(spec, 32)(load_xray(p)))
+    torch.manual_seed(0)
+    aug = training.XrayDataset(paths, np.zeros((2, 2)), spec, 32, training.train_augmentation())
+    x1, x2 = aug[0][0], aug[0][0]
+    assert x1.shape == x2.shape == (3, 32, 32) and not torch.equal(x1, x2)
+    # a small perturbation of the same image: closer to it than the other image is
+    assert (x1 - plain[0][0]).abs().mean() < (plain[1][0] - plain[0][0]).abs().mean()
