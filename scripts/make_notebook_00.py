@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+
+from cxrstudy.nbtools import write_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "notebooks" / "00_data.ipynb"
@@ -25,7 +26,7 @@ CELLS = [
         "seed = 0  # seeds the sample-image draw\n"
         "split_seed = 0  # seed of the patient-disjoint train/val/test split\n"
         "workers = 8  # parallel downloads\n"
-        'mirror = ""  # base path or URL of the upstream files; "" = $CXR_MIRROR, else raw.githubusercontent.com',
+        'mirror = ""  # base path or URL of the upstream files; empty: $CXR_MIRROR, else raw.githubusercontent.com',
         metadata={"tags": ["parameters"]},
     ),
     new_code_cell(
@@ -156,19 +157,7 @@ CELLS = [
 
 def main() -> None:
     """Write the notebook with no outputs and no execution counts."""
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs = []
-            cell.execution_count = None
-    nbformat.validate(nb)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_name(f".{OUT.name}.tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    write_notebook(CELLS, OUT)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+
+from cxrstudy.nbtools import write_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "notebooks" / "03_transfer.ipynb"
@@ -40,7 +41,7 @@ CELLS = [
         "batch_size = 32\n"
         "epochs = 3  # maximum epochs (per stage for finetune)\n"
         "lr = 1e-3  # peak one-cycle learning rate (head's; finetune: slice(lr/100, lr))\n"
-        "max_per_class = 0  # images kept per split and class; 0 = all\n"
+        "max_per_class = 0  # images kept per split and class; 0 means all\n"
         "num_workers = 0  # DataLoader workers\n"
         "use_lr_find = False  # finetune: start from fastai's lr_find suggestion\n"
         "patience = 2  # early stopping: epochs without a better validation loss",
@@ -104,15 +105,7 @@ CELLS = [
 
 def main() -> None:
     """Write the notebook with no outputs and no execution counts."""
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    nbformat.validate(nb)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_name(f".{OUT.name}.tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    write_notebook(CELLS, OUT)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+
+from cxrstudy.nbtools import write_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "notebooks" / "04_evaluation.ipynb"
@@ -145,14 +146,8 @@ CELLS = [
 
 
 def main() -> None:
-    """Write the notebook."""
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    nbformat.validate(nb)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, OUT)
-    print(f"wrote {OUT}")
+    """Write the notebook with no outputs and no execution counts."""
+    write_notebook(CELLS, OUT)
 
 
 if __name__ == "__main__":

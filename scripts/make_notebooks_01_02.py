@@ -7,6 +7,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from cxrstudy.nbtools import write_notebook
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
@@ -161,18 +163,8 @@ def decomposition_notebook() -> nbformat.NotebookNode:
 
 def main() -> None:
     """Write both notebooks, validated and without outputs."""
-    NOTEBOOKS.mkdir(exist_ok=True)
-    for name, nb in (
-        ("01_features.ipynb", features_notebook()),
-        ("02_decomposition.ipynb", decomposition_notebook()),
-    ):
-        nb.metadata["language_info"] = {"name": "python"}
-        nbformat.validate(nb)
-        out = NOTEBOOKS / name
-        tmp = out.with_name(f".{name}.tmp")
-        nbformat.write(nb, tmp)
-        tmp.replace(out)
-        print(f"wrote {out}")
+    write_notebook(features_notebook().cells, NOTEBOOKS / "01_features.ipynb")
+    write_notebook(decomposition_notebook().cells, NOTEBOOKS / "02_decomposition.ipynb")
 
 
 if __name__ == "__main__":

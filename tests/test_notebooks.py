@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from cxrstudy import config, pipeline
+from cxrstudy import config, nbtools, pipeline
 
 NOTEBOOKS = sorted(config.NOTEBOOKS_DIR.glob("*.ipynb"))
 PROFILES = sorted(p.stem for p in config.PARAMS_DIR.glob("*.yaml"))
@@ -62,3 +63,27 @@ def test_profile_resolves(name: str):
 
 def test_profiles_exist():
     assert {"smoke", "default", "full"} <= set(PROFILES)
+
+
+GENERATORS = sorted((config.ROOT / "scripts").glob("make_notebook*.py"))
+
+
+@pytest.mark.parametrize("script", GENERATORS, ids=lambda p: p.name)
+def test_committed_notebooks_are_what_their_generator_writes(script: Path, tmp_path: Path, monkeypatch):
+    """Each notebook has one source: its generator script; the committed file must match its output."""
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written: list[Path] = []
+
+    def redirect(cells, path):
+        written.append(path)
+        return nbtools.write_notebook(cells, tmp_path / path.name)
+
+    monkeypatch.setattr(module, "write_notebook", redirect)
+    module.main()
+    assert written, f"{script.name} wrote no notebook"
+    for path in written:
+        assert (tmp_path / path.name).read_text() == path.read_text(), (
+            f"{path.name} differs from what {script.name} writes; run `python {script.relative_to(config.ROOT)}`"
+        )
