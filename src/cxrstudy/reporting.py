@@ -87,6 +87,25 @@ def _fmt(metric: Any) -> str:
     return "–"
 
 
+def _check_cell(value: Any) -> str:
+    """One shortcut check as a short HTML cell: a fraction, an accuracy with CI, or per-source accuracies."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _fmt(value)
+    if isinstance(value, dict) and "accuracy" in value:
+        n = value.get("n_test", value.get("n"))
+        return _fmt(value["accuracy"]) + (f" <small>(n={n})</small>" if n is not None else "")
+    if isinstance(value, dict) and "probe" in value:
+        return _check_cell(value["probe"])
+    if isinstance(value, list):
+        cells = [
+            f"{html.escape(str(e.get('held_out')))}: {_fmt(e['accuracy'])}"
+            for e in value
+            if isinstance(e, dict) and "accuracy" in e
+        ]
+        return "; ".join(cells)
+    return ""
+
+
 def headline_rows(results: dict[str, Any]) -> list[list[str]]:
     """Table rows (as HTML cells) for every run in results.json, best accuracy first within a task."""
     rows = []
@@ -156,15 +175,14 @@ def write_index(out: Path, record: dict[str, Any]) -> Path:
         items = verdict if isinstance(verdict, list) else [verdict]
         parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{esc(str(v))}</li>" for v in items) + "</ul>")
     checks = results.get("shortcut_checks") or {}
-    if checks:
-        parts.append("<h2>Shortcut checks</h2><table><tr><th>check</th><th>result</th></tr>")
-        for key, value in checks.items():
-            shown = (
-                _fmt(value)
-                if isinstance(value, (int, float)) or (isinstance(value, dict) and "value" in value)
-                else f"<code>{esc(json.dumps(value, default=str)[:400])}</code>"
-            )
-            parts.append(f"<tr><td>{esc(key)}</td><td>{shown}</td></tr>")
+    rows = [(k, _check_cell(v)) for k, v in checks.items()]
+    rows = [(k, c) for k, c in rows if c]
+    if rows:
+        parts.append(
+            f"<h2>Shortcut checks</h2><p class='note'>{esc(str(checks.get('level', '')))}</p>"
+            "<table><tr><th>check</th><th>result %</th></tr>"
+        )
+        parts += [f"<tr><td>{esc(k)}</td><td>{c}</td></tr>" for k, c in rows]
         parts.append("</table>")
     extras = [
         p for p in ("model_card.md", "claim_checklist.md", "results.json", "run.json") if (out / p).is_file()

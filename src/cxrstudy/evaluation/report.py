@@ -644,6 +644,15 @@ def verdict(results: dict) -> list[str]:
     if loso:
         parts = [f"{e['held_out']} {fmt_pct(e['accuracy'])} (n={e['n']})" for e in loso]
         out.append("Held-out whole sources (trained without them): accuracy " + "; ".join(parts) + ".")
+        for e in loso:
+            value = e["accuracy"].get("value")
+            if value is not None and value < 0.5:
+                labels = " and ".join(e.get("labels") or []) or "its"
+                out.append(
+                    f"Trained without {e['held_out']}, the linear head recognises only {100 * value:.0f}% of that "
+                    f"source's {labels} images: what it learned for that class is largely how {e['held_out']} "
+                    "films look, not something that transfers to another hospital."
+                )
     sh = checks.get("same_hospital") or {}
     probe = sh.get("probe") or {}
     if probe.get("accuracy"):
@@ -672,17 +681,19 @@ def verdict(results: dict) -> list[str]:
         out.append(sentence)
     dec = (results.get("comparisons") or {}).get("decomposition_effect") or []
     if dec:
-        zero = [
-            d
-            for d in dec
-            if (d["accuracy_difference"].get("ci_low") or 0)
-            <= 0
-            <= (d["accuracy_difference"].get("ci_high") or 0)
-        ]
+        parts, above, below = [], 0, 0
+        for d in dec:
+            diff = d["accuracy_difference"]
+            lo, hi, value = diff.get("ci_low"), diff.get("ci_high"), diff.get("value")
+            if value is None or lo is None or hi is None:
+                continue
+            above += lo > 0
+            below += hi < 0
+            parts.append(f"{d['scenario']} {100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
         out.append(
-            f"Class decomposition (on minus off): {len(zero)} of {len(dec)} comparisons have an interval that includes "
-            "zero"
-            + (", so there is no evidence here that decomposition helps." if len(zero) == len(dec) else ".")
+            "Class decomposition, test accuracy on minus off (points, 95% CI): " + "; ".join(parts) + ". "
+            f"Its interval lies above zero in {above} of {len(parts)} scenarios and below zero in {below}"
+            + (": no evidence here that decomposition helps." if above == 0 else ".")
         )
     out.append(
         "Trust the numbers for comparing scenarios on these images and sources; do not read them as diagnostic "
