@@ -95,3 +95,4 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "| covid_vs_normal | shallow | off | 95.0 [90.0, 99.0] |" in text
     assert "2026-11-26" in text and "abcdef1234" in text and "Verdict" in text
+    assert "0.1 min for all steps" in text

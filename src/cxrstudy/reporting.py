@@ -234,11 +234,12 @@ def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
     """Markdown for the README's results section: every run's headline metrics, the date and machine."""
     dev = record.get("device", {})
     ver = record.get("versions", {})
+    step_seconds = sum(s.get("seconds") or 0 for s in record.get("steps", []))
     lines = [
         f"Latest `{record.get('profile')}` run: {str(record.get('ended', ''))[:10]}, commit "
         f"`{str(record.get('git', {}).get('commit', ''))[:10]}`, {dev.get('resolved', '?')} "
         f"({dev.get('cpu_count', '?')} CPU cores{', ' + dev['gpu'] if dev.get('gpu') else ''}; "
-        f"{ver.get('platform', '')}), wall time {record.get('wall_seconds', 0) / 60:.1f} min. "
+        f"{ver.get('platform', '')}), {step_seconds / 60:.1f} min for all steps. "
         "Test split; 95% intervals from a bootstrap over patient groups.",
         "",
         "| task | scenario | decomposition | accuracy % | balanced accuracy % | ROC-AUC % | ECE % |",
