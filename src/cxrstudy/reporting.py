@@ -251,14 +251,16 @@ def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
         )
         lines.append(f"| {task} | {scenario} | {decomp} | {acc} | {bacc} | {auc} | {ece} |")
     lines.append(
-        f"| paper (Miroshnichenko & Mikhelev 2021) | fine tuning | on | {100 * config.PAPER_ACCURACY:.2f} | | | |"
+        f"| paper (Miroshnichenko & Mikhelev 2021) | reported | | {100 * config.PAPER_ACCURACY:.2f} | | | |"
     )
-    lines.append(f"| DeTraC (Abbas et al. 2021) | | on | {100 * config.DETRAC_ACCURACY:.1f} | | | |")
+    lines.append(f"| DeTraC (Abbas et al. 2021) | reported | on | {100 * config.DETRAC_ACCURACY:.1f} | | | |")
     if results.get("headline", {}).get("text"):
         lines += ["", str(results["headline"]["text"])]
-    verdict = results.get("verdict")
+    verdict = results.get("verdict") or []
+    headline = results.get("headline", {}).get("text")
+    verdict = [v for v in (verdict if isinstance(verdict, list) else [verdict]) if v != headline]
     if verdict:
-        lines += ["", "**Verdict.** " + (" ".join(verdict) if isinstance(verdict, list) else str(verdict))]
+        lines += ["", "**Verdict.**", ""] + [f"- {v}" for v in verdict]
     return "\n".join(lines)
 
 
