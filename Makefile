@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 reproduce: $(STAMP) ## run every notebook with papermill: make reproduce [PROFILE=smoke|default|full] [FORCE=1]
 	$(PY) -m cxrstudy.pipeline reproduce --profile $(PROFILE) $(FORCE_FLAG)
 
-data: $(STAMP) ## build data/processed from the upstream sources ($$CXR_MIRROR to read a local mirror)
+data: $(STAMP) ## build data/processed from the upstream sources (CXR_MIRROR=path to read a local mirror)
 	$(PY) -m cxrstudy.data.build
 
 test: $(STAMP) ## unit tests, then the smoke profile end to end

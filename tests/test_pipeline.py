@@ -179,3 +179,19 @@ def test_declared_parameters_survive_comments_papermill_cannot_parse(tmp_path):
     bad = make_notebook(tmp_path / "bad.ipynb", "x = (", "pass")
     with pytest.raises(ProfileError, match="not valid Python"):
         pipeline.declared_parameters(bad)
+
+
+def test_manifest_is_an_input_of_later_steps_but_not_of_the_data_step(tmp_path, monkeypatch):
+    """A fresh clone's first run has no manifest yet; the data step's key must not depend on it."""
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for name in ("00_data", "01_next"):
+        make_notebook(nbs / f"{name}.ipynb", 'profile = "x"', "pass")
+    manifest = tmp_path / "manifest.csv"
+    monkeypatch.setattr(pipeline.config, "MANIFEST_PATH", manifest)
+    data, later = pipeline.Step("00_data", "00_data"), pipeline.Step("01_next", "01_next")
+    before = pipeline.step_key(data, {}, "", nbs), pipeline.step_key(later, {}, "k", nbs)
+    manifest.write_text("image,label\na.png,covid\n")
+    after = pipeline.step_key(data, {}, "", nbs), pipeline.step_key(later, {}, "k", nbs)
+    assert before[0] == after[0]
+    assert before[1] != after[1]

@@ -245,7 +245,8 @@ def step_key(step: Step, params: dict, previous_key: str, notebooks_dir: Path = 
     for dep in package_dependencies(nb):
         h.update(str(dep.relative_to(root)).encode())
         h.update(_sha256_file(dep).encode())
-    if config.MANIFEST_PATH.is_file():
+    # The manifest is an input of every step after the data step (which writes it, so it is not its input).
+    if not step.notebook.startswith("00_") and config.MANIFEST_PATH.is_file():
         h.update(_sha256_file(config.MANIFEST_PATH).encode())
     return h.hexdigest()
 
