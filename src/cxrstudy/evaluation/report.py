@@ -234,8 +234,10 @@ def headline(entries: Sequence[dict], task: str = PAPER_TASK) -> dict:
         "inside": "inside the interval",
         "unknown": "not comparable (no interval)",
     }[position]
+    task_name = "Paper's task" if task == "covid_vs_normal" else "Three-class task"
     text = (
-        f"Paper's task ({task}): the best transfer model chosen on validation accuracy "
+        f"{task_name} ({task}): the best transfer model "
+        "chosen on validation accuracy "
         f"({best['backbone']}, {best['scenario']}, decomposition {'on' if best['decomposition'] else 'off'}) "
         f"reaches {fmt_pct(acc)} test accuracy (95% CI, patient-group bootstrap, {best['test']['n']} images of "
         f"{best['test']['n_groups']} patient groups). The paper's {100 * config.PAPER_ACCURACY:.2f}% is {where}; "
