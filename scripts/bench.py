@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 
 from cxrstudy import config, training
-from cxrstudy.data.download import atomic_write_text
 from cxrstudy.features import extract_features, forward_throughput
+from cxrstudy.fileio import atomic_write_text
 
 
 def peak_rss_mb() -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cxrstudy import config
 from cxrstudy.data.build import build_dataset, format_summary
-from cxrstudy.data.download import atomic_write_text
+from cxrstudy.fileio import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

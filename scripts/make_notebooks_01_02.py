@@ -30,7 +30,7 @@ LOAD = (
     "import pandas as pd\n"
     "from IPython.display import display\n\n"
     "from cxrstudy import config\n"
-    "from cxrstudy.data.download import atomic_write_text\n"
+    "from cxrstudy.fileio import atomic_write_text\n"
     "from cxrstudy.data.splits import subsample\n"
     "from cxrstudy.features import embed_2d, extract_features, extraction_summary\n"
 )

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from cxrstudy.data.build import BuildResult, build_dataset, default_base, main
-from cxrstudy.data.download import LockFile, sha256_file
+from cxrstudy.data.download import LockFile
 from cxrstudy.data.sources import SOURCES
+from cxrstudy.fileio import sha256_file
 
 # MIRROR.md, "Expected counts on this mirror": images / distinct patient groups (thumbnail-only de-duplication).
 EXPECTED = {

@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from cxrstudy import config
-from cxrstudy.data.download import atomic_write_text
+from cxrstudy.fileio import atomic_write_text
 
 SUBDIR = "decomposition"
 SUBCLASSES_CSV = "subclasses.csv"

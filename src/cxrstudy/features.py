@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxrstudy import config
-from cxrstudy.data.download import atomic_write_bytes
+from cxrstudy.fileio import atomic_write_bytes
 from cxrstudy.images import load_xray
 from cxrstudy.models import create_backbone, get_spec, normalize_batch, resize_to_uint8
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import nbformat
 from nbformat.notebooknode import NotebookNode
 
+from cxrstudy.fileio import atomic_write_text
 from cxrstudy.pipeline import KERNEL_NAME
 
 
@@ -27,9 +27,6 @@ def write_notebook(cells: Sequence[NotebookNode], path: Path) -> Path:
             cell.outputs = []
             cell.execution_count = None
     nbformat.validate(nb)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, nbformat.writes(nb) + "\n")
     print(f"wrote {path}")
     return path

@@ -13,7 +13,6 @@ import argparse
 import ast
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from cxrstudy import config
+from cxrstudy.fileio import atomic_write_json, atomic_write_text, sha256_file
 
 KERNEL_NAME = "cxrstudy"
 PROFILE_KEYS = {"description", "common", "steps"}
@@ -225,38 +225,22 @@ def package_dependencies(notebook: Path) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def step_key(step: Step, params: dict, previous_key: str, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> str:
     """Hash of everything a step's result depends on; equal keys mean the step need not run again."""
     nb = notebook_path(step, notebooks_dir)
     h = hashlib.sha256()
     h.update(previous_key.encode())
-    h.update(_sha256_file(nb).encode())
+    h.update(sha256_file(nb).encode())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(config.mirror_base().encode())
     root = Path(__file__).resolve().parent
     for dep in package_dependencies(nb):
         h.update(str(dep.relative_to(root)).encode())
-        h.update(_sha256_file(dep).encode())
+        h.update(sha256_file(dep).encode())
     # The manifest is an input of every step after the data step (which writes it, so it is not its input).
     if not step.notebook.startswith("00_") and config.MANIFEST_PATH.is_file():
-        h.update(_sha256_file(config.MANIFEST_PATH).encode())
+        h.update(sha256_file(config.MANIFEST_PATH).encode())
     return h.hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def render_html(notebook: Path, html: Path) -> None:
@@ -265,10 +249,7 @@ def render_html(notebook: Path, html: Path) -> None:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html.with_name(f".{html.name}.tmp{os.getpid()}")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, html)
+    atomic_write_text(html, body)
 
 
 def check_kernel(kernel: str = KERNEL_NAME) -> None:
@@ -381,7 +362,7 @@ def run_profile(
             seconds = round(time.perf_counter() - t0, 2)
             render_html(nb_out, html)
             finished = datetime.now(UTC).isoformat(timespec="seconds")
-            _write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
+            atomic_write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
             entry.update(status="ran", seconds=seconds, finished=finished)
             record["steps"].append(entry)
             print(f"  {step.name}: done in {seconds:.1f} s", flush=True)
@@ -392,7 +373,7 @@ def run_profile(
     finally:
         record["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
         record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-        _write_json(out / "run.json", record)
+        atomic_write_json(out / "run.json", record)
         reporting.write_index(out, record)
     return record
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrstudy import config
+from cxrstudy.fileio import atomic_write_text
 
 #: Packages whose versions every report records.
 VERSIONED = (
@@ -220,9 +221,7 @@ def write_index(out: Path, record: dict[str, Any]) -> Path:
     )
     path = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".index.html.tmp{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 
@@ -280,9 +279,7 @@ def update_readme(profile: str = "default", readme: Path = config.ROOT / "README
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     new = f"{head}{README_START}\n{readme_results(results, record)}\n{README_END}{tail}"
-    tmp = readme.with_name(f".{readme.name}.tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, readme)
+    atomic_write_text(readme, new)
 
 
 if __name__ == "__main__":

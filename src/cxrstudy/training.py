@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2 as T
 
 from cxrstudy import config
-from cxrstudy.data.download import atomic_write_bytes, atomic_write_text
+from cxrstudy.fileio import atomic_write_bytes, atomic_write_text
 from cxrstudy.images import load_xray
 from cxrstudy.models import (
     BackboneSpec,

@@ -27,11 +27,11 @@ from cxrstudy.data.download import (
     FetchItem,
     FetchResult,
     MirrorError,
-    atomic_write_text,
     resolve_base,
 )
 from cxrstudy.data.preprocess import TARGET_SHORT_SIDE, ProcessJob, preprocess_images, processed_names
 from cxrstudy.data.sources import EXCLUDED_COLUMNS, SOURCES, Source, SourceInputs, all_candidates
+from cxrstudy.fileio import atomic_write_text
 
 #: Manifest columns in order (docs/ARCHITECTURE.md), followed by the adapters' extra columns.
 MANIFEST_COLUMNS: tuple[str, ...] = (

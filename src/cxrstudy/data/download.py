@@ -30,6 +30,7 @@ import requests
 from tqdm import tqdm
 
 from cxrstudy.config import DEFAULT_BASE_URL, github_api, mirror_base
+from cxrstudy.fileio import atomic_write_text, sha256_file
 from cxrstudy.images import sniff_format
 
 log = logging.getLogger(__name__)
@@ -152,32 +153,6 @@ def safe_destination(root: Path, rel: str) -> Path:
     if not dest.is_relative_to(root):
         raise UnsafePathError(f"refused path {rel!r}: resolves to {dest}, outside {root}")
     return dest
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary name in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text atomically (temporary file in the same folder + rename)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
-from cxrstudy.data.download import atomic_write_text
+from cxrstudy.fileio import atomic_write_text
 from cxrstudy.images import ImageDecodeError, load_xray, resize_short_side
 
 #: Default shorter side of processed images (the mirror's images already have it).

@@ -135,7 +135,7 @@ def evaluate_external(
     readable, resized, unreadable = decode_images(rows, keys)
     unreadable_path = out / "unreadable.csv"
     out.mkdir(parents=True, exist_ok=True)
-    from cxrstudy.data.download import atomic_write_text
+    from cxrstudy.fileio import atomic_write_text
 
     atomic_write_text(unreadable_path, unreadable.to_csv(index=False))
     entries = []

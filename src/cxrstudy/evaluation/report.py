@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy import config
-from cxrstudy.data.download import atomic_write_text
 from cxrstudy.evaluation.metrics import (
     evaluate_predictions,
     mcnemar,
@@ -25,6 +24,7 @@ from cxrstudy.evaluation.metrics import (
     probs_from_frame,
     seed_spread,
 )
+from cxrstudy.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 PAPER_TASK = "covid_vs_normal"
