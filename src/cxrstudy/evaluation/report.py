@@ -56,6 +56,11 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def _pct_or_na(value: Any) -> str:
+    """A fraction as a percentage with one decimal, or ``n/a``."""
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
+
+
 def write_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as indented strict JSON, atomically."""
     atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
@@ -691,7 +696,8 @@ def verdict(results: dict) -> list[str]:
                 continue
             above += lo > 0
             below += hi < 0
-            parts.append(f"{d['scenario']} {100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+            name = f"{d['scenario']} ({d['task']})" if len({e["task"] for e in dec}) > 1 else d["scenario"]
+            parts.append(f"{name} {100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
         out.append(
             "Class decomposition, test accuracy on minus off (points, 95% CI): " + "; ".join(parts) + ". "
             f"Its interval lies above zero in {above} of {len(parts)} scenarios and below zero in {below}"
@@ -859,13 +865,13 @@ def write_claim_checklist(results: dict, path: Path) -> Path:
         ("Headline", head.get("text", "n/a")),
         (
             "Robustness / shortcut analysis",
-            f"Source identification accuracy {checks.get('source_identification_accuracy')}; "
+            f"Source identification accuracy {_pct_or_na(checks.get('source_identification_accuracy'))}; "
             "masked-lungs and lungs-only experiments; leave-one-source-out; same-hospital subset.",
         ),
         (
             "Failure analysis",
             f"Grad-CAM of correct and wrong test images per class; in-lung saliency share "
-            f"{checks.get('saliency_in_lung_share')}; per-source accuracy heat map.",
+            f"{_pct_or_na(checks.get('saliency_in_lung_share'))}; per-source accuracy heat map.",
         ),
         (
             "External validation",
