@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
-from cxrstudy import config, nbtools, pipeline
+from cxrstudy import config, pipeline
 
 NOTEBOOKS = sorted(config.NOTEBOOKS_DIR.glob("*.ipynb"))
 PROFILES = sorted(p.stem for p in config.PARAMS_DIR.glob("*.yaml"))
@@ -65,25 +67,30 @@ def test_profiles_exist():
     assert {"smoke", "default", "full"} <= set(PROFILES)
 
 
-GENERATORS = sorted((config.ROOT / "scripts").glob("make_notebook*.py"))
+def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
+    """What a pair must agree on: each cell's type, source and tags."""
+    return [(c.cell_type, c.source.strip(), tuple(c.get("metadata", {}).get("tags", []))) for c in nb.cells]
 
 
-@pytest.mark.parametrize("script", GENERATORS, ids=lambda p: p.name)
-def test_committed_notebooks_are_what_their_generator_writes(script: Path, tmp_path: Path, monkeypatch):
-    """Each notebook has one source: its generator script; the committed file must match its output."""
-    spec = importlib.util.spec_from_file_location(script.stem, script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    written: list[Path] = []
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_and_its_paired_script_agree(path: Path):
+    """Each notebook is its own source, paired by jupytext with a percent script (notebooks/jupytext.toml)."""
+    script = path.with_suffix(".py")
+    assert script.is_file(), f"{path.name} has no paired {script.name}; run `jupytext --sync {path}`"
+    assert _cells(jupytext.read(path)) == _cells(jupytext.read(script)), (
+        f"{path.name} and {script.name} disagree; save the notebook in JupyterLab or run "
+        f"`.venv/bin/jupytext --sync {path.relative_to(config.ROOT)}`"
+    )
 
-    def redirect(cells, path):
-        written.append(path)
-        return nbtools.write_notebook(cells, tmp_path / path.name)
 
-    monkeypatch.setattr(module, "write_notebook", redirect)
-    module.main()
-    assert written, f"{script.name} wrote no notebook"
-    for path in written:
-        assert (tmp_path / path.name).read_text() == path.read_text(), (
-            f"{path.name} differs from what {script.name} writes; run `python {script.relative_to(config.ROOT)}`"
-        )
+def test_every_paired_script_has_its_notebook():
+    scripts = {p.stem for p in config.NOTEBOOKS_DIR.glob("*.py")}
+    assert scripts == {p.stem for p in NOTEBOOKS}
+
+
+def test_notebooks_pass_ruff():
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.is_file():
+        pytest.skip("ruff is not installed in this environment (make setup installs the dev extras)")
+    done = subprocess.run([str(ruff), "check", "notebooks"], cwd=config.ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
