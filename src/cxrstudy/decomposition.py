@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from cxrstudy import config
-from cxrstudy.fileio import atomic_write_text
+from cxrstudy.fileio import atomic_write_text, write_json
 
 SUBDIR = "decomposition"
 SUBCLASSES_CSV = "subclasses.csv"
@@ -234,7 +234,7 @@ def save_decomposition(profile_dir: Path, decomposition: Decomposition, subclass
         c: {str(k): (v if np.isfinite(v) else None) for k, v in d.items()}
         for c, d in decomposition.silhouettes.items()
     }
-    atomic_write_text(out / DECOMPOSITION_JSON, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    write_json(out / DECOMPOSITION_JSON, record)
     return out
 
 
@@ -244,7 +244,7 @@ def load_decomposition(profile_dir: Path) -> tuple[Decomposition, pd.Series]:
     jpath, cpath = out / DECOMPOSITION_JSON, out / SUBCLASSES_CSV
     for p in (jpath, cpath):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: run notebook 02_decomposition for this profile first")
+            raise FileNotFoundError(f"{p} not found: run notebook 03_decomposition for this profile first")
     record = json.loads(jpath.read_text())
     record["silhouettes"] = {
         c: {int(k): (float("nan") if v is None else v) for k, v in d.items()}

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from cxrstudy import config
-from cxrstudy.fileio import atomic_write_json, atomic_write_text, sha256_file
+from cxrstudy.fileio import atomic_write_text, sha256_file, write_json
 
 KERNEL_NAME = "cxrstudy"
 PROFILE_KEYS = {"description", "common", "steps"}
@@ -362,7 +362,7 @@ def run_profile(
             seconds = round(time.perf_counter() - t0, 2)
             render_html(nb_out, html)
             finished = datetime.now(UTC).isoformat(timespec="seconds")
-            atomic_write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
+            write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
             entry.update(status="ran", seconds=seconds, finished=finished)
             record["steps"].append(entry)
             print(f"  {step.name}: done in {seconds:.1f} s", flush=True)
@@ -373,7 +373,7 @@ def run_profile(
     finally:
         record["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
         record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-        atomic_write_json(out / "run.json", record)
+        write_json(out / "run.json", record)
         reporting.write_index(out, record)
     return record
 

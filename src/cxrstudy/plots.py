@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 # ---------------------------------------------------------------------------------------------------------
-# training (notebook 03)
+# training (notebook 04)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -47,23 +47,18 @@ def plot_learning_curve(history: pd.DataFrame, title: str | None = None) -> Figu
 
 
 # ---------------------------------------------------------------------------------------------------------
-# evaluation (notebook 04, make evaluate)
+# evaluation (notebook 05, make evaluate)
 # ---------------------------------------------------------------------------------------------------------
 
 
 def save_figure(fig: Figure, path, dpi: int = 110, close: bool = False) -> None:
     """Save a figure as PNG through a temporary file in the same folder; ``close`` frees it (loops, scripts)."""
-    import os
-    from pathlib import Path
+    from cxrstudy.fileio import atomic_path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         if close:
             plt.close(fig)
 
@@ -302,7 +297,7 @@ def plot_image_pairs(pairs: list[tuple[object, object, str]], ncols: int = 2) ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# features and decomposition (notebooks 01, 02)
+# features and decomposition (notebooks 02, 03)
 # ---------------------------------------------------------------------------------------------------------
 
 

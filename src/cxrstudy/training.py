@@ -2,7 +2,7 @@
 
 One code path: the network always predicts *subclasses* and a fixed composition matrix sums their
 probabilities into the task's classes. Decomposition off means one subclass per class (identity).
-Training rows carry their subclass (from notebook 02's k-means on training features); validation
+Training rows carry their subclass (from notebook 03's k-means on training features); validation
 and test rows never get one: they carry subclass ``-1`` and only their class, so the loss is the
 composed negative log-likelihood there and every validation number is about the real classes.
 
@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2 as T
 
 from cxrstudy import config
-from cxrstudy.fileio import atomic_write_bytes, atomic_write_text
+from cxrstudy.fileio import atomic_write_bytes, atomic_write_text, write_json
 from cxrstudy.images import load_xray
 from cxrstudy.models import (
     BackboneSpec,
@@ -101,7 +101,7 @@ def identity_labels(classes: Sequence[str]) -> LabelSpace:
 
 
 def decomposition_labels(profile_dir: Path, classes: Sequence[str]) -> tuple[LabelSpace, pd.Series]:
-    """Notebook 02's decomposition restricted to the task's classes, and the subclass of each training image."""
+    """Notebook 03's decomposition restricted to the task's classes, and the subclass of each training image."""
     from cxrstudy.decomposition import load_decomposition
 
     dec, subclass_of = load_decomposition(Path(profile_dir))
@@ -128,7 +128,7 @@ def make_targets(rows: pd.DataFrame, space: LabelSpace, subclass_of: pd.Series |
         if names.isna().any():
             lost = rows.loc[train, "image"][names.isna()].tolist()
             raise ValueError(
-                f"{len(lost)} training image(s) have no subclass in the decomposition (was notebook 02 run on the "
+                f"{len(lost)} training image(s) have no subclass in the decomposition (was notebook 03 run on the "
                 f"same manifest, max_per_class and seed?), e.g. {lost[:3]}"
             )
         wrong = [
@@ -517,7 +517,7 @@ def _train_shallow(
     """Train only ``model.head`` (after its dropout) on frozen-backbone features of train and val.
 
     Features come from ``extract_features`` on ``feature_manifest`` (the whole manifest the run was given,
-    so notebook 01's cache is reused when it saw the same rows).
+    so notebook 02's cache is reused when it saw the same rows).
     """
     from cxrstudy.features import extract_features
 
@@ -641,7 +641,7 @@ def train_run(
     """Train one scenario with decomposition on or off, save the run folder, return its record.
 
     ``manifest``: rows with image, label, split, source, patient_group (subsample it beforehand);
-    ``profile_dir``: where notebook 02's decomposition lives (needed when ``decomposition``);
+    ``profile_dir``: where notebook 03's decomposition lives (needed when ``decomposition``);
     ``out_root``: folder of run folders (default ``<profile_dir>/runs``). ``epochs`` is per stage for
     finetune. ``wd`` None = fastai's default (0.01, decoupled). ``feature_cache_dir`` (shallow) None =
     the features module's default cache.
@@ -651,7 +651,7 @@ def train_run(
     if epochs < 1 or batch_size < 2 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 2 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     if decomposition and profile_dir is None:
-        raise ValueError("decomposition=True needs profile_dir (where notebook 02 wrote decomposition/)")
+        raise ValueError("decomposition=True needs profile_dir (where notebook 03 wrote decomposition/)")
     if out_root is None:
         if profile_dir is None:
             raise ValueError("give out_root or profile_dir")
@@ -795,7 +795,7 @@ def train_run(
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
     save_figure(plot_learning_curve(hist, title=run_id), run_dir / "learning_curve.png")
     atomic_write_text(run_dir / "predictions.csv", preds.to_csv(index=False))
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")  # last: marks the run finished
+    write_json(run_dir / "run.json", info)  # last: marks the run finished
     return RunResult(run_id, run_dir, info, hist, preds)
 
 
@@ -822,7 +822,7 @@ def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
 
 
 def describe_decomposition_effect(summary: pd.DataFrame) -> str:
-    """Plain-language comparison of decomposition on vs off (point estimates; intervals come in notebook 04)."""
+    """Plain-language comparison of decomposition on vs off (point estimates; intervals come in notebook 05)."""
     on, off = summary[summary["decomposition"]], summary[~summary["decomposition"]]
     if on.empty or off.empty:
         return "Only one decomposition setting was run: no comparison."

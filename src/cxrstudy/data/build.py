@@ -31,7 +31,7 @@ from cxrstudy.data.download import (
 )
 from cxrstudy.data.preprocess import TARGET_SHORT_SIDE, ProcessJob, preprocess_images, processed_names
 from cxrstudy.data.sources import EXCLUDED_COLUMNS, SOURCES, Source, SourceInputs, all_candidates
-from cxrstudy.fileio import atomic_write_text
+from cxrstudy.fileio import atomic_write_text, write_json
 
 #: Manifest columns in order (docs/ARCHITECTURE.md), followed by the adapters' extra columns.
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -283,7 +283,7 @@ def build_dataset(
             "platform": platform.platform(),
         },
     }
-    atomic_write_text(out_dir / "build_info.json", json.dumps(info, indent=2, sort_keys=False))
+    write_json(out_dir / "build_info.json", info)
     return BuildResult(manifest, excluded, duplicates, info, out_dir)
 
 

@@ -2,10 +2,10 @@
 
 Two tests find copies; both work on the processed 8-bit grayscale PNGs (shorter side 256).
 
-1. **Thumbnail correlation** (MIRROR.md's test): 32x32 bilinear thumbnail, z-normalised, Pearson r
+1. **Thumbnail correlation** (the reference test, docs/DATA.md): 32x32 bilinear thumbnail, z-normalised, Pearson r
    for every pair. ``r >= 0.975``: the same image. ``0.96 <= r < 0.975``: probably the same patient
    (a follow-up film), except for pairs involving NIH or Actualmed, whose unrelated films reach
-   0.95-0.96. On the mirror this alone reproduces MIRROR.md's expected table exactly.
+   0.95-0.96. On the mirror this alone reproduces the expected table of docs/DATA.md exactly.
 2. **Local features with a geometric check**, for re-cropped, re-scaled, re-windowed copies that the
    thumbnail test misses. Images outside NIH get 500 ORB keypoints (FAST threshold 5).
    *Shortlist*: each image's 100 strongest ORB descriptors are cut into 16-bit words; images become
@@ -25,7 +25,7 @@ Two tests find copies; both work on the processed 8-bit grayscale PNGs (shorter 
    below against all 194 MHH films:
 
    - positives: of the 138 CXNet files numbered 510-673 and 686-706 (every one a copy of a Hannover
-     film, MIRROR.md), 130 match an MHH film as the same image (135-484 inliers, aligned r
+     film), 130 match an MHH film as the same image (135-484 inliers, aligned r
      0.958-1.000; for 96 of them the thumbnail r is below 0.975, down to -0.22). 6 match only other
      films of one MHH patient (27-222 inliers, aligned r 0.81-0.935: their originals are absent from
      the mirror), so they are linked as the same patient; 2 match nothing.
@@ -44,11 +44,11 @@ Otherwise one copy is kept by source priority MHH > ieee8023 > Figure1 > Actualm
 (ties by upstream path): rows are visited in that order and a row with a same-image link to an
 already visited row is dropped as a duplicate of that row's kept copy. Verified local-feature copies
 are dropped like thumbnail copies. On the mirror (2,321 candidate images) the thumbnail test alone
-drops 227 copies and the 2 rows of the one label conflict (MIRROR.md's table, which counts the
+drops 227 copies and the 2 rows of the one label conflict (the table in docs/DATA.md, which counts the
 conflict's CXNet row among its 228: equal cell by cell); with local features the data build drops 385
-copies and the 2 conflict rows, i.e. 158 more (MIRROR.md: 160), nearly all CXNet plus 2
+copies and the 2 conflict rows, i.e. 158 more (docs/DATA.md: about 160), nearly all CXNet plus 2
 ieee8023 and 1 Figure1 copies of ieee8023 films. CXNet falls from 565 / 418 to 410 / 265 (images /
-patient groups; MIRROR.md: about 405 / 259), its image-level-ID files from 189 to 47 (about 40).
+patient groups; docs/DATA.md: about 405 / 259), its image-level-ID files from 189 to 47 (about 40).
 Patient groups are the connected components (over all input rows, dropped ones included, so a dropped
 copy still links its neighbours) of: equal ``patient_id``, equal non-empty ``case_url``, every
 same-image pair and every same-patient pair. A group is named ``pg_`` + the first 10 hex digits of
@@ -66,7 +66,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +79,8 @@ import scipy.sparse as sp
 from PIL import Image
 from scipy.sparse.csgraph import connected_components
 from sklearn.feature_extraction.text import TfidfTransformer
+
+from cxrstudy.fileio import atomic_writer, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ class ImageFeatures:
 
     def save(self, path: Path) -> None:
         """Write atomically as an uncompressed ``.npz``."""
-        _atomic_write(path, lambda f: np.savez(f, **asdict(self)))
+        with atomic_writer(path) as f:
+            np.savez(f, **asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> ImageFeatures:
@@ -202,27 +204,9 @@ def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def row_keys(df: pd.DataFrame) -> pd.Series:
     """Row keys ``<source_name>:<upstream_path>`` used in the pairs table."""
     return df["source_name"].astype(str) + ":" + df["upstream_path"].astype(str)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -449,7 +433,8 @@ def _verify_cached(
                 [(a, b, n, r) for (a, b), (n, r) in sorted(known.items())],
                 columns=["sha_a", "sha_b", "inliers", "aligned_r"],
             )
-            _atomic_write(path, lambda f: out.to_csv(f, index=False))
+            with atomic_writer(path, "w") as f:
+                out.to_csv(f, index=False)
     return [known[(shas[i], shas[j])] for i, j in oriented]
 
 
@@ -521,7 +506,7 @@ def _image_pairs_cached(
             log.warning("ignoring damaged pair cache %s (%s)", path, exc)
     rows, n_cand = find_image_pairs(sources, paths, shas, params, cache_dir, workers, local_features)
     payload = {"n_candidates": n_cand, "pairs": [[keys[i], keys[j], k, m, sc] for i, j, k, m, sc in rows]}
-    _atomic_write(path, lambda f: f.write(json.dumps(payload).encode()))
+    write_json(path, payload, indent=None)
     return rows, n_cand
 
 
@@ -592,7 +577,7 @@ def deduplicate(
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"deduplicate: processed image {p} does not exist")
-    shas = [file_sha256(p) for p in paths]
+    shas = [sha256_file(p) for p in paths]
     pair_rows, n_candidates = _image_pairs_cached(
         keys, sources, paths, shas, params, cache_dir, workers, local_features
     )

@@ -9,9 +9,7 @@ undecodable file is reported (status ``undecodable`` with the decoder's reason),
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
-from cxrstudy.fileio import atomic_write_text
+from cxrstudy.fileio import atomic_path, write_json
 from cxrstudy.images import ImageDecodeError, load_xray, resize_short_side
 
 #: Default shorter side of processed images (the mirror's images already have it).
@@ -74,13 +72,8 @@ def processed_names(source_names: Sequence[str], upstream_paths: Sequence[str]) 
 def process_one(raw_path: Path, out_path: Path, short_side: int = TARGET_SHORT_SIDE) -> tuple[int, int]:
     """Decode one file, resize it and write the PNG atomically; returns (width, height); raises ImageDecodeError."""
     im = resize_short_side(load_xray(raw_path), short_side)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    with atomic_path(out_path) as tmp:
         im.save(tmp, format="PNG", compress_level=1)  # ~3x faster than the default, ~15% larger
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return im.size
 
 
@@ -129,7 +122,7 @@ def preprocess_images(
 
     def save_index() -> None:
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(index_path, json.dumps(dict(sorted(index.items())), indent=0))
+        write_json(index_path, dict(sorted(index.items())), indent=0)
 
     try:
         if todo:

@@ -1,7 +1,7 @@
 """Source adapters: one small declarative `Source` per upstream repository plus the rules that turn that
 repository's own metadata (and, for folder-labelled sources, a file listing) into candidate rows.
 
-Every rule of ``shared/cxr-mirror/MIRROR.md`` lives here: label strings, views (laterals excluded),
+Every rule of docs/DATA.md lives here: label strings, views (laterals excluded),
 source-prefixed patient IDs, licences, case URLs, and the adapter-level exclusions with their reasons
 (``lateral``, ``label rule: ...``, ``hannover copy: ...``, ``absent: ...``). Adding a source is one
 more `Source` with its own `rules` function, registered in `SOURCES`.
@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from cxrstudy.config import CLASSES
 
@@ -201,21 +204,19 @@ def _result(rows: list[dict], excluded: list[dict]) -> Candidates:
 
 def _union_find(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Map every ID in ``pairs`` to one representative of its connected component (the smallest)."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            lo, hi = sorted((ra, rb), key=_natural_key)
-            parent[hi] = lo
-    return {x: find(x) for x in parent}
+    pairs = list(pairs)
+    ids = sorted({x for pair in pairs for x in pair}, key=_natural_key)
+    if not ids:
+        return {}
+    index = {x: i for i, x in enumerate(ids)}
+    rows = [index[a] for a, _ in pairs]
+    cols = [index[b] for _, b in pairs]
+    graph = sp.coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(len(ids), len(ids)))
+    _, component = connected_components(graph, directed=False)
+    first: dict[int, str] = {}
+    for x, c in zip(ids, component, strict=True):  # ids are in natural order: the first seen is the smallest
+        first.setdefault(int(c), x)
+    return {x: first[int(c)] for x, c in zip(ids, component, strict=True)}
 
 
 def _natural_key(s: str) -> tuple[int, str]:
@@ -598,7 +599,7 @@ SOURCES: dict[str, Source] = {
     )
 }
 
-#: Source priority for de-duplication (first = kept), as in MIRROR.md.
+#: Source priority for de-duplication (first = kept), as in docs/DATA.md.
 PRIORITY: tuple[str, ...] = ("mhh", "ieee8023", "figure1", "actualmed", "cxnet", "nih")
 
 

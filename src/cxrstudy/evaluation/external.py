@@ -25,7 +25,8 @@ from PIL import Image
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
-from cxrstudy.evaluation.report import load_runs, run_entry, write_json
+from cxrstudy.evaluation.report import load_runs, run_entry
+from cxrstudy.fileio import write_json
 
 
 def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:

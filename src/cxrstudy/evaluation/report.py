@@ -5,7 +5,6 @@ and CLAIM checklist. The schema is documented in docs/results_schema.md.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from itertools import combinations
@@ -24,7 +23,7 @@ from cxrstudy.evaluation.metrics import (
     probs_from_frame,
     seed_spread,
 )
-from cxrstudy.fileio import atomic_write_text
+from cxrstudy.fileio import atomic_write_text, to_jsonable, write_json
 
 SCHEMA_VERSION = 1
 PAPER_TASK = "covid_vs_normal"
@@ -37,34 +36,9 @@ RUN_KEYS = ("task", "backbone", "scenario", "decomposition", "seed")
 # --------------------------------------------------------------------------- files
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain-JSON copy: numpy scalars to Python, NaN/inf to None, tuples to lists, Paths to str."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _pct_or_na(value: Any) -> str:
     """A fraction as a percentage with one decimal, or ``n/a``."""
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented strict JSON, atomically."""
-    atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
-    return Path(path)
 
 
 def load_runs(profile_dir: Path) -> list[dict]:
@@ -755,7 +729,7 @@ def build_results(
     other = [t for t in config.TASKS if t != PAPER_TASK and any(e["task"] == t for e in entries)]
     results["headline_other_tasks"] = {t: headline(entries, t) for t in other}
     results["verdict"] = verdict(results)
-    results = jsonable(results)
+    results = to_jsonable(results)
     if write:
         write_json(profile_dir / "results.json", results)
     return results
