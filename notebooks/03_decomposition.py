@@ -14,9 +14,9 @@
 # ---
 
 # %% [markdown]
-# # 02 · Class decomposition (DeTraC): k-means subclasses of each class, on training features only
+# # 03 · Class decomposition (DeTraC): k-means subclasses of each class, on training features only
 #
-# Each class's **training** images are clustered with k-means on their pooled features (optionally standardised and PCA-reduced); each training image gets a subclass label such as `covid_1`. Validation and test images are never clustered and never get a subclass. The network of notebook 03 learns the subclasses; its output is composed back to the classes by summing subclass probabilities (DeTraC's hard rule, the parent of the most probable subclass, is reported beside it). Outputs: `reports/<profile>/decomposition/subclasses.csv` and `decomposition.json`.
+# Each class's **training** images are clustered with k-means on their pooled features (optionally standardised and PCA-reduced); each training image gets a subclass label such as `covid_1`. Validation and test images are never clustered and never get a subclass. The network of notebook 04 learns the subclasses; its output is composed back to the classes by summing subclass probabilities (DeTraC's hard rule, the parent of the most probable subclass, is reported beside it). Outputs: `reports/<profile>/decomposition/subclasses.csv` and `decomposition.json`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # reports go to reports/<profile>/
@@ -91,4 +91,4 @@ display(pd.crosstab(subclass_of, train.set_index('image').loc[subclass_of.index,
 # %% [markdown]
 # ## Conclusion
 #
-# The subclass labels above are what notebook 03 trains on when decomposition is on. The crosstab of subclass against source says whether k-means found visual modes of the disease or simply the sources: a subclass that is one hospital is a shortcut the decomposition makes explicit. Low silhouettes mean the classes have no clear internal structure at this resolution, and DeTraC's split is then arbitrary.
+# The subclass labels above are what notebook 04 trains on when decomposition is on. The crosstab of subclass against source says whether k-means found visual modes of the disease or simply the sources: a subclass that is one hospital is a shortcut the decomposition makes explicit. Low silhouettes mean the classes have no clear internal structure at this resolution, and DeTraC's split is then arbitrary.

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 03 · Transfer learning: one scenario, with and without class decomposition
+# # 04 · Transfer learning: one scenario, with and without class decomposition
 #
 # Trains the ImageNet-pretrained backbone on the manifest's patient-disjoint splits with fastai, in one of four scenarios (papermill runs this notebook once per scenario):
 #
@@ -23,7 +23,7 @@
 # * **finetune**: layer groups unfrozen in stages from the head down, discriminative learning rates, one-cycle per stage;
 # * **scratch** (control): the same architecture from random weights, all layers training.
 #
-# Each scenario runs with decomposition **on** (the network learns notebook 02's subclasses, predictions are composed back into classes) and **off** (the original classes), so the effect of decomposition is measured. Validation and test images never get a subclass; every number below is about the real classes. Augmentation (training images only): rotation ±10°, scale ±5 %, shift ±4 %, brightness and contrast ±15 %; no flips (anatomy and burned-in laterality markers are not symmetric). Best checkpoint and early stopping on the validation loss. Outputs: `reports/<profile>/runs/<run_id>/`.
+# Each scenario runs with decomposition **on** (the network learns notebook 03's subclasses, predictions are composed back into classes) and **off** (the original classes), so the effect of decomposition is measured. Validation and test images never get a subclass; every number below is about the real classes. Augmentation (training images only): rotation ±10°, scale ±5 %, shift ±4 %, brightness and contrast ±15 %; no flips (anatomy and burned-in laterality markers are not symmetric). Best checkpoint and early stopping on the validation loss. Outputs: `reports/<profile>/runs/<run_id>/`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # reports go to reports/<profile>/runs/
@@ -104,4 +104,4 @@ print(training.describe_decomposition_effect(summary))
 # %% [markdown]
 # ## Conclusion
 #
-# The table and the sentence above compare decomposition on and off for this scenario on the same patient-disjoint validation and test images. They are point estimates on a few hundred test images at most: differences of a few points are within noise. Notebook 04 puts patient-bootstrap confidence intervals, a McNemar test, calibration and the source-shortcut checks on every run saved here. In the smoke profile these numbers mean nothing; it only proves the chain runs.
+# The table and the sentence above compare decomposition on and off for this scenario on the same patient-disjoint validation and test images. They are point estimates on a few hundred test images at most: differences of a few points are within noise. Notebook 05 puts patient-bootstrap confidence intervals, a McNemar test, calibration and the source-shortcut checks on every run saved here. In the smoke profile these numbers mean nothing; it only proves the chain runs.

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 04 · Evaluation: metrics with patient-bootstrap intervals, shortcut checks, saliency, verdict
+# # 05 · Evaluation: metrics with patient-bootstrap intervals, shortcut checks, saliency, verdict
 #
 # Evaluates every saved run of the profile from its stored predictions (no retraining): accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**; calibration (ECE, Brier, reliability diagrams); McNemar's test between scenarios and the effect of class decomposition (on minus off). Then the shortcut checks on frozen features (source identification, lungs masked / lungs only, leave-one-source-out, the one same-hospital source) and Grad-CAM saliency with the share that falls inside the central lung field. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`.
 
@@ -22,8 +22,8 @@
 profile = "smoke"  # evaluates reports/<profile>/runs/*
 seed = 0  # bootstrap, probes, saliency sample and the subsample
 device = "auto"  # auto, cpu, cuda, cuda:N (features and Grad-CAM)
-backbone = "efficientnet_lite0"  # frozen features for the shortcut checks (as notebook 01)
-image_size = 160  # pixels, as notebook 01 (the feature cache is shared)
+backbone = "efficientnet_lite0"  # frozen features for the shortcut checks (as notebook 02)
+image_size = 160  # pixels, as notebook 02 (the feature cache is shared)
 batch_size = 32
 max_per_class = 0  # images kept per split and class, 0 keeps all; as in the other notebooks
 n_bootstrap = 1000  # patient-group bootstrap resamples
@@ -47,7 +47,7 @@ manifest = subsample(pd.read_csv(config.MANIFEST_PATH), max_per_class, seed)
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
 runs = report.load_runs(out)
 if not runs:
-    raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 03 first")
+    raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 04 first")
 display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "train_seconds", "epochs_run", "n_test")} for r in runs]))
 
 # %% [markdown]

@@ -291,7 +291,7 @@ def test_bad_requests_fail_clearly(tiny, tmp_path):
     manifest, root = tiny
     with pytest.raises(ValueError, match="unknown scenario"):
         training.train_run(manifest, root, scenario="linear", out_root=tmp_path, **COMMON)
-    with pytest.raises(FileNotFoundError, match="notebook 02"):
+    with pytest.raises(FileNotFoundError, match="notebook 03"):
         training.train_run(
             manifest, root, scenario="deep", decomposition=True, profile_dir=tmp_path, **COMMON
         )

@@ -295,7 +295,7 @@ def same_hospital(
     return out
 
 
-# --------------------------------------------------------------------------- all checks for notebook 04
+# --------------------------------------------------------------------------- all checks for notebook 05
 
 
 def folds_from_masks(
