@@ -24,7 +24,10 @@ echo "setup: installing $TORCH and the pinned project (pyproject.toml) into $VEN
 "$VENV/bin/python" -m pip install --quiet $TORCH -e ".[dev]"
 
 # A fixed kernel name inside the venv: papermill then always runs notebooks in this environment.
-"$VENV/bin/python" -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "Python ($KERNEL)" >/dev/null
+# The kernel spec carries the allocator settings of cxrstudy.config.RUNTIME_ENV (JupyterLab kernels get them too).
+# shellcheck disable=SC2046
+"$VENV/bin/python" -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "Python ($KERNEL)" \
+  $("$VENV/bin/python" -c 'from cxrstudy.config import RUNTIME_ENV; print(" ".join(f"--env {k} {v}" for k, v in RUNTIME_ENV.items()))') >/dev/null
 echo "setup: Jupyter kernel '$KERNEL' -> $("$VENV/bin/python" -c 'import sys; print(sys.executable)')"
 
 # nbdime's git drivers, with absolute paths so `git diff` works without activating the venv.

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -185,13 +190,94 @@ def test_manifest_is_an_input_of_later_steps_but_not_of_the_data_step(tmp_path, 
     """A fresh clone's first run has no manifest yet; the data step's key must not depend on it."""
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    for name in ("00_data", "01_next"):
+    for name in ("00_data", "02_features"):
         make_notebook(nbs / f"{name}.ipynb", 'profile = "x"', "pass")
-    manifest = tmp_path / "manifest.csv"
-    monkeypatch.setattr(pipeline.config, "MANIFEST_PATH", manifest)
-    data, later = pipeline.Step("00_data", "00_data"), pipeline.Step("01_next", "01_next")
-    before = pipeline.step_key(data, {}, "", nbs), pipeline.step_key(later, {}, "k", nbs)
-    manifest.write_text("image,label\na.png,covid\n")
-    after = pipeline.step_key(data, {}, "", nbs), pipeline.step_key(later, {}, "k", nbs)
+    monkeypatch.setattr(pipeline.config, "PROCESSED_DIR", tmp_path)
+    data, later = pipeline.Step("00_data", "00_data"), pipeline.Step("02_features", "02_features")
+    before = pipeline.step_key(data, {}, tmp_path, nbs), pipeline.step_key(later, {}, tmp_path, nbs)
+    (tmp_path / "manifest.csv").write_text("image,label\na.png,covid\n")
+    after = pipeline.step_key(data, {}, tmp_path, nbs), pipeline.step_key(later, {}, tmp_path, nbs)
     assert before[0] == after[0]
     assert before[1] != after[1]
+
+
+def test_content_digest_follows_content_not_location(tmp_path):
+    a, b = tmp_path / "a" / "runs", tmp_path / "b" / "runs"
+    for d in (a, b):
+        (d / "r1").mkdir(parents=True)
+        (d / "r1" / "run.json").write_text("{}")
+    (a / ".lock").write_text("ignored")
+    assert pipeline.content_digest([a]) == pipeline.content_digest([b])
+    (b / "r1" / "run.json").write_text('{"x": 1}')
+    assert pipeline.content_digest([a]) != pipeline.content_digest([b])
+    assert pipeline.content_digest([tmp_path / "missing"]) != pipeline.content_digest([a])
+
+
+def test_keys_follow_what_a_step_reads_not_the_previous_step(tmp_path, monkeypatch):
+    """Changing one training's epochs re-runs that training and the evaluation, not the other training."""
+    nbs, params, reports = tmp_path / "notebooks", tmp_path / "params", tmp_path / "reports"
+    for d in (nbs, params, reports):
+        d.mkdir()
+    body = f"from pathlib import Path\nout = Path(r'{reports}') / profile\n"
+    make_notebook(nbs / "train.ipynb", 'profile = "x"\nrun = ""\nepochs = 1',
+                  body + "(out / 'runs').mkdir(parents=True, exist_ok=True)\n"
+                  "(out / 'runs' / f'{run}.txt').write_text(str(epochs))")
+    make_notebook(nbs / "evaluate.ipynb", 'profile = "x"',
+                  body + "(out / 'results.txt').write_text(str(sorted(p.read_text() for p in (out / 'runs').iterdir())))")
+    monkeypatch.setitem(pipeline.READS, "train", ())
+    monkeypatch.setitem(pipeline.READS, "evaluate", ("{profile}/runs",))
+
+    def profile(shallow_epochs: int) -> None:
+        (params / "p.yaml").write_text(
+            "steps:\n  - {notebook: train, name: shallow, params: {run: shallow, epochs: "
+            + str(shallow_epochs)
+            + "}}\n  - {notebook: train, name: deep, params: {run: deep, epochs: 3}}\n  - {notebook: evaluate}\n"
+        )
+
+    def statuses() -> list[str]:
+        rec = pipeline.run_profile("p", kernel="python3", params_dir=params, notebooks_dir=nbs, reports_dir=reports)
+        return [s["status"] for s in rec["steps"]]
+
+    profile(1)
+    assert statuses() == ["ran", "ran", "ran"]
+    assert statuses() == ["cached", "cached", "cached"]
+    profile(5)
+    assert statuses() == ["ran", "cached", "ran"]
+    assert (reports / "p" / "results.txt").read_text() == "['3', '5']"
+
+
+def test_a_running_profile_refuses_a_second_run_and_a_dead_lock_is_taken_over(tmp_path):
+    from cxrstudy.runlock import RunLocked, profile_lock
+
+    out = tmp_path / "reports" / "p"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from cxrstudy.runlock import profile_lock\n"
+         f"with profile_lock(Path(r'{out}'), 'reproduce --profile p'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=rf"process {holder.pid} .*reproduce --profile p"):
+            with profile_lock(out, "evaluate"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / ".lock").is_file()  # left behind by the killed process
+    with profile_lock(out, "evaluate") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not (out / ".lock").exists()
+
+
+def test_reproduce_fails_at_once_when_the_profile_is_locked(project, capsys, monkeypatch):
+    from cxrstudy.runlock import LOCK_NAME
+
+    write_profile(project, "p", "steps:\n  - {notebook: a, params: {marker: MARKER}}\n")
+    out = project["reports"] / "p"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                              "what": "reproduce --profile p", "command": "make reproduce"}))
+    with pytest.raises(RuntimeError, match=f"process {os.getppid()}"):
+        run(project, "p")
+    assert not project["marker"].exists()

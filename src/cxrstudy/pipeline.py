@@ -3,8 +3,10 @@
 A profile (``params/<name>.yaml``) lists steps; each step is one papermill run of a notebook with
 parameters. ``common`` parameters go to every notebook that declares them; a step's own parameters
 must be declared by its notebook, and a common parameter that no notebook declares is an error.
-A step is skipped when its key (notebook, parameters, the package modules it imports, the manifest,
-the previous step's key) matches the stamp of its last successful run and its outputs exist.
+A step is skipped when its key matches the stamp of its last successful run and its outputs exist. The
+key covers the notebook, its parameters, the package modules it imports and the current content of
+what it reads (``READS``: the outputs of earlier steps), not the previous step's key: changing one
+training run's epochs re-runs that run and the evaluation, not the other trainings.
 """
 
 from __future__ import annotations
@@ -225,21 +227,60 @@ def package_dependencies(notebook: Path) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-def step_key(step: Step, params: dict, previous_key: str, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> str:
+#: What each notebook reads that earlier steps write. A step's key covers the current content of these
+#: paths ({processed}: data/processed, {profile}: reports/<profile>); a folder counts with all its files.
+READS: dict[str, tuple[str, ...]] = {
+    "00_data": (),
+    "01_lungs": ("{processed}/manifest.csv",),
+    "02_features": ("{processed}/manifest.csv", "{profile}/lungs"),
+    "03_decomposition": ("{processed}/manifest.csv", "{profile}/lungs"),
+    "04_transfer": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition"),
+    "05_evaluation": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition", "{profile}/runs"),
+}
+#: Notebooks not listed in READS read the manifest (when it exists).
+DEFAULT_READS: tuple[str, ...] = ("{processed}/manifest.csv",)
+
+
+def input_paths(step: Step, profile_dir: Path) -> list[Path]:
+    """The files and folders a step reads, from ``READS``."""
+    stem = Path(step.notebook).stem
+    templates = READS.get(stem, DEFAULT_READS)
+    subs = {"processed": str(config.PROCESSED_DIR), "profile": str(profile_dir)}
+    return [Path(t.format(**subs)) for t in templates]
+
+
+def content_digest(paths: list[Path]) -> str:
+    """SHA-256 over the names and contents of the given files and of every file inside the given folders.
+
+    Names count relative to each given path (moving the project changes nothing); names starting with a
+    dot (temporary files, locks, stamps) are ignored; a missing path counts as absent.
+    """
+    h = hashlib.sha256()
+    for path in paths:
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+            entries = [(f"{path.name}/{f.relative_to(path).as_posix()}", f) for f in files]
+        else:
+            entries = [(path.name, path)] if path.is_file() else []
+        h.update(f"{path.name}:{len(entries)}\n".encode())
+        for name, f in entries:
+            h.update(f"{name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def step_key(step: Step, params: dict, profile_dir: Path, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> str:
     """Hash of everything a step's result depends on; equal keys mean the step need not run again."""
     nb = notebook_path(step, notebooks_dir)
     h = hashlib.sha256()
-    h.update(previous_key.encode())
     h.update(sha256_file(nb).encode())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
-    h.update(config.mirror_base().encode())
+    if Path(step.notebook).stem.startswith("00_"):
+        h.update(config.mirror_base().encode())  # only the data step reads the upstream sources
     root = Path(__file__).resolve().parent
     for dep in package_dependencies(nb):
         h.update(str(dep.relative_to(root)).encode())
         h.update(sha256_file(dep).encode())
-    # The manifest is an input of every step after the data step (which writes it, so it is not its input).
-    if not step.notebook.startswith("00_") and config.MANIFEST_PATH.is_file():
-        h.update(sha256_file(config.MANIFEST_PATH).encode())
+    h.update(content_digest(input_paths(step, profile_dir)).encode())
     return h.hexdigest()
 
 
@@ -265,12 +306,24 @@ def check_kernel(kernel: str = KERNEL_NAME) -> None:
         ) from exc
 
 
+def _ipc_kernel_manager() -> type:
+    """A kernel manager on local IPC sockets (no TCP ports, no ipykernel warning about plain-text TCP)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
 def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step) -> None:
     """Execute one notebook with papermill; on error raise StepFailed naming the step and the cell's error."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     nb_out.parent.mkdir(parents=True, exist_ok=True)
+    config.apply_runtime_env()  # kernels inherit the allocator settings from this process
     try:
         papermill.execute_notebook(
             str(nb_in),
@@ -281,12 +334,67 @@ def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step) -
             progress_bar=False,
             log_output=False,
             report_mode=False,
+            kernel_manager_class=_ipc_kernel_manager(),
         )
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"step {step.name!r} ({nb_in.name}) failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
             f"  the partly executed notebook is kept at {nb_out}"
         ) from exc
+
+
+def _new_record(profile: Profile, steps: list[tuple[Step, dict]]) -> dict[str, Any]:
+    """The run record (run.json) before any step has run."""
+    from cxrstudy import reporting
+
+    return {
+        "profile": profile.name,
+        "description": profile.description,
+        "profile_file": str(profile.path),
+        "parameters": {s.name: p for s, p in steps},
+        "git": reporting.git_info(),
+        "device": reporting.device_info(str(profile.common.get("device", "auto"))),
+        "versions": reporting.versions(),
+        "runtime_env": config.runtime_env(),
+        "data_source": config.mirror_base(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "steps": [],
+        "status": "running",
+    }
+
+
+def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Run one step unless its key matches its stamp (or it is not selected); returns its record entry."""
+    nb_in = notebook_path(step, ctx["notebooks_dir"])
+    nb_out, html = out / "notebooks" / f"{step.name}.ipynb", out / "html" / f"{step.name}.html"
+    stamp_path = out / ".stamps" / f"{step.name}.json"
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+    entry = {
+        "name": step.name,
+        "notebook": nb_in.name,
+        "notebook_out": str(nb_out.relative_to(out)),
+        "html": str(html.relative_to(out)),
+        "parameters": params,
+    }
+    key = step_key(step, params, out, ctx["notebooks_dir"])
+    up_to_date = not ctx["force"] and stamp.get("key") == key and nb_out.is_file() and html.is_file()
+    if up_to_date or (ctx["only"] and step.name not in ctx["only"]):
+        print(f"  {step.name}: unchanged, skipped", flush=True)
+        return {**entry, "status": "cached", "seconds": stamp.get("seconds"), "finished": stamp.get("finished")}
+    print(f"  {step.name}: running {nb_in.name} ...", flush=True)
+    stamp_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    try:
+        _execute(nb_in, nb_out, params, ctx["kernel"], step)
+    except StepFailed:
+        ctx["record"]["steps"].append({**entry, "status": "failed", "seconds": round(time.perf_counter() - t0, 2)})
+        raise
+    seconds = round(time.perf_counter() - t0, 2)
+    render_html(nb_out, html)
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
+    print(f"  {step.name}: done in {seconds:.1f} s", flush=True)
+    return {**entry, "status": "ran", "seconds": seconds, "finished": finished}
 
 
 def run_profile(
@@ -298,83 +406,34 @@ def run_profile(
     notebooks_dir: Path = config.NOTEBOOKS_DIR,
     reports_dir: Path = config.REPORTS_DIR,
 ) -> dict[str, Any]:
-    """Run a profile's steps in order (skipping unchanged ones); write run.json and index.html."""
+    """Run a profile's steps in order (skipping unchanged ones) under the profile's lock; write run.json and index.html."""
     from cxrstudy import reporting
+    from cxrstudy.runlock import profile_lock
 
     profile = load_profile(name, params_dir)
     steps = resolve_parameters(profile, notebooks_dir)
-    if only:
-        missing = sorted(set(only) - {s.name for s, _ in steps})
-        if missing:
-            raise ProfileError(f"--only: no step(s) {missing} in profile {profile.name!r}")
+    missing = sorted(set(only or ()) - {s.name for s, _ in steps})
+    if missing:
+        raise ProfileError(f"--only: no step(s) {missing} in profile {profile.name!r}")
     check_kernel(kernel)
     out = reports_dir / profile.name
-    stamps = out / ".stamps"
-    device = str(profile.common.get("device", "auto"))
-    record: dict[str, Any] = {
-        "profile": profile.name,
-        "description": profile.description,
-        "profile_file": str(profile.path),
-        "parameters": {s.name: p for s, p in steps},
-        "git": reporting.git_info(),
-        "device": reporting.device_info(device),
-        "versions": reporting.versions(),
-        "data_source": config.mirror_base(),
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "steps": [],
-        "status": "running",
-    }
-    t_start = time.perf_counter()
-    previous = ""
-    print(f"reproduce: profile {profile.name!r} ({len(steps)} steps) -> {out}", flush=True)
-    try:
-        for step, params in steps:
-            key = step_key(step, params, previous, notebooks_dir)
-            previous = key
-            nb_in = notebook_path(step, notebooks_dir)
-            nb_out = out / "notebooks" / f"{step.name}.ipynb"
-            html = out / "html" / f"{step.name}.html"
-            stamp_path = stamps / f"{step.name}.json"
-            stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-            selected = not only or step.name in only
-            entry = {
-                "name": step.name,
-                "notebook": nb_in.name,
-                "notebook_out": str(nb_out.relative_to(out)),
-                "html": str(html.relative_to(out)),
-                "parameters": params,
-            }
-            up_to_date = not force and stamp.get("key") == key and nb_out.is_file() and html.is_file()
-            if up_to_date or not selected:
-                entry.update(status="cached", seconds=stamp.get("seconds"), finished=stamp.get("finished"))
-                print(f"  {step.name}: unchanged, skipped", flush=True)
-                record["steps"].append(entry)
-                continue
-            print(f"  {step.name}: running {nb_in.name} ...", flush=True)
-            stamp_path.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            try:
-                _execute(nb_in, nb_out, params, kernel, step)
-            except StepFailed:
-                entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2))
-                record["steps"].append(entry)
-                raise
-            seconds = round(time.perf_counter() - t0, 2)
-            render_html(nb_out, html)
-            finished = datetime.now(UTC).isoformat(timespec="seconds")
-            write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
-            entry.update(status="ran", seconds=seconds, finished=finished)
-            record["steps"].append(entry)
-            print(f"  {step.name}: done in {seconds:.1f} s", flush=True)
-        record["status"] = "ok"
-    except StepFailed:
-        record["status"] = "failed"
-        raise
-    finally:
-        record["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
-        record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-        write_json(out / "run.json", record)
-        reporting.write_index(out, record)
+    with profile_lock(out, f"reproduce --profile {profile.name}"):
+        record = _new_record(profile, steps)
+        ctx = {"notebooks_dir": notebooks_dir, "force": force, "only": only, "kernel": kernel, "record": record}
+        t_start = time.perf_counter()
+        print(f"reproduce: profile {profile.name!r} ({len(steps)} steps) -> {out}", flush=True)
+        try:
+            for step, params in steps:
+                record["steps"].append(_run_step(step, params, out, ctx))
+            record["status"] = "ok"
+        except StepFailed:
+            record["status"] = "failed"
+            raise
+        finally:
+            record["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
+            record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+            write_json(out / "run.json", record)
+            reporting.write_index(out, record)
     return record
 
 
@@ -414,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for step, params in resolve_parameters(load_profile(args.profile)):
                 print(f"{step.name}: {json.dumps(params, default=str)}")
-    except (ProfileError, StepFailed, RuntimeError) as exc:
+    except (ProfileError, StepFailed, RuntimeError) as exc:  # RunLocked is a RuntimeError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
