@@ -15,7 +15,7 @@ endif
 # Remote locations pass through to every step (empty = the default, see README).
 export CXR_MIRROR CXR_GITHUB_API
 
-.PHONY: help setup reproduce data test unit html readme lab bench evaluate lint clean clean-data
+.PHONY: help setup reproduce data test unit html readme lab bench evaluate predict lint clean clean-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,8 +54,12 @@ evaluate: $(STAMP) ## evaluate every saved model of PROFILE on EXTERNAL=labels.c
 	@test -n "$(EXTERNAL)" || { echo "usage: make evaluate EXTERNAL=path/to/labels.csv [PROFILE=default]" >&2; exit 2; }
 	$(PY) -m cxrstudy.evaluation.external --csv "$(EXTERNAL)" --profile $(PROFILE)
 
+predict: $(STAMP) ## probabilities + Grad-CAM overlays: make predict IMAGES="a.png b.jpg" [RUN=run_id] [PROFILE=default] [OUT=dir]
+	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="a.png b.jpg" [RUN=run_id] [PROFILE=default] [OUT=dir]' >&2; exit 2; }
+	$(VENV)/bin/cxrstudy predict $(IMAGES) --profile $(PROFILE) $(if $(RUN),--run $(RUN)) $(if $(OUT),--out $(OUT))
+
 lint: $(STAMP) ## ruff
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts notebooks
 
 clean: ## remove reports (keeps data and .venv)
 	rm -rf reports/*/ reports/*.json

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 #: The offline mirror of the upstream repositories (read-only; never copied into the repository).
 MIRROR_ROOT = Path(__file__).resolve().parents[2] / "shared" / "cxr-mirror"
@@ -36,3 +39,49 @@ def mirror_file(mirror_root: Path):
         return p
 
     return _get
+
+
+# ---------------------------------------------------------------------------------------------------------
+# saved runs (external evaluation, predict)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_untrained_run(profile_dir: Path, task: str, classes: list[str], subclasses: list[str], seed: int) -> str:
+    """A real (untrained, random-head) saved run in the contract's layout at 32 px."""
+    from cxrstudy.models import Classifier
+    from cxrstudy.training import make_run_id
+
+    decomposition = subclasses != classes
+    run_id = make_run_id(task, "efficientnet_lite0", "shallow", decomposition, seed)
+    run_dir = profile_dir / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = Classifier("efficientnet_lite0", len(subclasses), pretrained=False)
+    torch.save(model.state_dict(), run_dir / "model.pth")
+    parent = {s: next(c for c in classes if s == c or s.startswith(c + "_")) for s in subclasses}
+    info = {
+        "run_id": run_id,
+        "task": task,
+        "backbone": "efficientnet_lite0",
+        "scenario": "shallow",
+        "decomposition": decomposition,
+        "seed": seed,
+        "classes": classes,
+        "subclasses": subclasses,
+        "parent_of": parent,
+        "parent_of_subclass": parent,
+        "image_size": 32,
+        "train_seconds": 1.5,
+        "params": {"dropout": 0.2},
+    }
+    (run_dir / "run.json").write_text(json.dumps(info))
+    pd.DataFrame(columns=["image", "split", "label", "source", "patient_group"]).to_csv(
+        run_dir / "predictions.csv", index=False
+    )
+    return run_id
+
+
+@pytest.fixture(scope="session")
+def save_untrained_run():
+    """Function ``(profile_dir, task, classes, subclasses, seed) -> run_id`` writing a real untrained run."""
+    return _save_untrained_run

@@ -9,53 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cxrstudy.evaluation import external as E
 
 NIH = "X-Ray Image DataSet"
 
 
-def _save_run(profile_dir: Path, task: str, classes: list[str], subclasses: list[str], seed: int) -> str:
-    """A real (untrained, random-head) saved run in the contract's layout at 32 px."""
-    from cxrstudy.models import Classifier
-    from cxrstudy.training import make_run_id
-
-    decomposition = subclasses != classes
-    run_id = make_run_id(task, "efficientnet_lite0", "shallow", decomposition, seed)
-    run_dir = profile_dir / "runs" / run_id
-    run_dir.mkdir(parents=True)
-    torch.manual_seed(seed)
-    model = Classifier("efficientnet_lite0", len(subclasses), pretrained=False)
-    torch.save(model.state_dict(), run_dir / "model.pth")
-    parent = {s: next(c for c in classes if s == c or s.startswith(c + "_")) for s in subclasses}
-    info = {
-        "run_id": run_id,
-        "task": task,
-        "backbone": "efficientnet_lite0",
-        "scenario": "shallow",
-        "decomposition": decomposition,
-        "seed": seed,
-        "classes": classes,
-        "subclasses": subclasses,
-        "parent_of": parent,
-        "parent_of_subclass": parent,
-        "image_size": 32,
-        "train_seconds": 1.5,
-        "params": {"dropout": 0.2},
-    }
-    (run_dir / "run.json").write_text(json.dumps(info))
-    pd.DataFrame(columns=["image", "split", "label", "source", "patient_group"]).to_csv(
-        run_dir / "predictions.csv", index=False
-    )
-    return run_id
-
-
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory) -> Path:
+def profile(tmp_path_factory, save_untrained_run) -> Path:
     pdir = tmp_path_factory.mktemp("reports") / "testprofile"
-    _save_run(pdir, "covid_vs_normal", ["covid", "normal"], ["covid_1", "covid_2", "normal_1", "normal_2"], 0)
-    _save_run(
+    save_untrained_run(pdir, "covid_vs_normal", ["covid", "normal"], ["covid_1", "covid_2", "normal_1", "normal_2"], 0)
+    save_untrained_run(
         pdir, "covid_normal_pneumonia", ["covid", "normal", "pneumonia"], ["covid", "normal", "pneumonia"], 0
     )
     return pdir

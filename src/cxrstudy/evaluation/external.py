@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from PIL import Image
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
 from cxrstudy.evaluation.report import load_runs, run_entry
-from cxrstudy.fileio import write_json
+from cxrstudy.fileio import atomic_write_text, write_json
+from cxrstudy.inference import InputKey, decode_for_models, input_key, prediction_frame
 
 
 def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
@@ -63,31 +64,15 @@ def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
     return df[["row", "path", "label", "patient_group"]]
 
 
-def decode_images(rows: pd.DataFrame, keys: set[tuple[int, str]]) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
-    """Decode each row once (study preprocessing) and keep, per (image_size, interpolation), the model-size image.
-
-    Returns (readable rows, {key: [PIL L images aligned with readable rows]}, unreadable rows with reason).
-    Pre-resizing with the model's own ``resize_to_uint8`` makes ``model_transform`` a no-op resize later,
-    so the input is identical to resizing inside it.
-    """
-    from cxrstudy.data.preprocess import TARGET_SHORT_SIDE
-    from cxrstudy.images import ImageDecodeError, load_xray, resize_short_side
-    from cxrstudy.models import resize_to_uint8
-
-    ok, bad = [], []
-    resized: dict[tuple[int, str], list[Image.Image]] = {k: [] for k in keys}
-    for i, r in rows.iterrows():
-        try:
-            img = resize_short_side(load_xray(r["path"]), TARGET_SHORT_SIDE)
-        except ImageDecodeError as exc:
-            bad.append({"row": r["row"], "path": r["path"], "label": r["label"], "reason": exc.reason})
-            continue
-        ok.append(i)
-        for size, interp in keys:
-            arr = resize_to_uint8(img, size, interp)[0].numpy()
-            resized[(size, interp)].append(Image.fromarray(arr, mode="L"))
-    unreadable = pd.DataFrame(bad, columns=["row", "path", "label", "reason"])
-    return rows.loc[ok].reset_index(drop=True), resized, unreadable
+def decode_images(rows: pd.DataFrame, keys: set[InputKey]) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """Decode each row once (study preprocessing); returns (readable rows, {key: model-size L images aligned
+    with readable rows}, unreadable rows with reason)."""
+    ok, resized, bad, _ = decode_for_models(list(rows["path"]), keys)
+    unreadable = pd.DataFrame(
+        [{**rows.iloc[i][["row", "path", "label"]].to_dict(), "reason": reason} for i, reason in bad],
+        columns=["row", "path", "label", "reason"],
+    )
+    return rows.iloc[ok].reset_index(drop=True), resized, unreadable
 
 
 def _figures(out: Path, preds: pd.DataFrame, classes: list[str], metrics: dict, title: str) -> None:
@@ -108,6 +93,44 @@ def _figures(out: Path, preds: pd.DataFrame, classes: list[str], metrics: dict, 
     )
 
 
+def _evaluate_run(
+    run: dict, readable: pd.DataFrame, resized: dict, csv_path: Path, out: Path, opts: dict[str, Any]
+) -> dict:
+    """One saved run on the readable rows of its classes: predictions, metrics, figures; its results entry."""
+    from cxrstudy.training import load_run_model
+
+    info = run["info"]
+    classes = list(info["classes"])
+    keep = readable["label"].isin(classes).to_numpy()
+    extra = {"n_evaluated": int(keep.sum()), "left_out_labels": readable.loc[~keep, "label"].value_counts().to_dict()}
+    if not keep.any():
+        return run_entry(info, {}, **extra, note="no image with a label of this model's classes")
+    run_id = info.get("run_id") or run["dir"].name
+    sel = readable[keep].reset_index(drop=True)
+    meta = pd.DataFrame({"image": sel["path"], "row": sel["row"], "split": "test", "label": sel["label"],
+                         "source": csv_path.name, "patient_group": sel["patient_group"]})
+    images = [im for im, k in zip(resized[input_key(info)], keep, strict=True) if k]
+    model, _ = load_run_model(run["dir"])
+    preds = prediction_frame(model, images, info, meta, opts["device"], opts["batch_size"])
+    metrics = evaluate_predictions(preds, classes, opts["n_bootstrap"], opts["seed"], where=str(csv_path))
+    atomic_write_text(out / run_id / "predictions.csv", preds.to_csv(index=False))
+    if opts["figures"]:
+        _figures(out / run_id, preds, classes, metrics, f"{run_id} on {csv_path.name}")
+    return run_entry(info, metrics, **extra)
+
+
+def _dataset_block(rows: pd.DataFrame, readable: pd.DataFrame, unreadable: pd.DataFrame) -> dict:
+    """Counts of the CSV's rows for results.json."""
+    image_level = rows["patient_group"].str.startswith("image:").all()
+    return {
+        "n_rows": int(len(rows)),
+        "n_readable": int(len(readable)),
+        "n_unreadable": int(len(unreadable)),
+        "by_label": rows["label"].value_counts().to_dict(),
+        "bootstrap_unit": "image" if image_level else "patient_group",
+    }
+
+
 def evaluate_external(
     csv_path: Path | str,
     profile: str = "default",
@@ -120,9 +143,6 @@ def evaluate_external(
     figures: bool = True,
 ) -> dict:
     """Evaluate every saved run of ``profile`` on the CSV's images; write and return the results dict."""
-    from cxrstudy.models import get_spec
-    from cxrstudy.training import load_run_model, predict_images
-
     csv_path = Path(csv_path)
     rows = read_labels_csv(csv_path)
     pdir = Path(profile_dir) if profile_dir is not None else config.profile_dir(profile)
@@ -132,73 +152,18 @@ def evaluate_external(
             f"no saved runs under {pdir / 'runs'}: run `make reproduce PROFILE={pdir.name}` first"
         )
     out = Path(out_dir) if out_dir is not None else pdir / "external" / csv_path.stem
-    keys = {(int(r["info"]["image_size"]), get_spec(r["info"]["backbone"]).interpolation) for r in runs}
-    readable, resized, unreadable = decode_images(rows, keys)
-    unreadable_path = out / "unreadable.csv"
-    out.mkdir(parents=True, exist_ok=True)
-    from cxrstudy.fileio import atomic_write_text
-
-    atomic_write_text(unreadable_path, unreadable.to_csv(index=False))
-    entries = []
-    for run in runs:
-        info = run["info"]
-        classes = list(info["classes"])
-        key = (int(info["image_size"]), get_spec(info["backbone"]).interpolation)
-        keep = readable["label"].isin(classes).to_numpy()
-        left_out = readable.loc[~keep, "label"].value_counts().to_dict()
-        run_id = info.get("run_id") or run["dir"].name
-        sel = readable[keep].reset_index(drop=True)
-        entry_extra = {"n_evaluated": int(keep.sum()), "left_out_labels": left_out}
-        if len(sel) == 0:
-            entries.append(
-                run_entry(info, {}, **entry_extra, note="no image with a label of this model's classes")
-            )
-            continue
-        model, _ = load_run_model(run["dir"])
-        images = [im for im, k in zip(resized[key], keep, strict=True) if k]
-        probs, sub = predict_images(model, images, info, device=device, batch_size=batch_size)
-        preds = pd.DataFrame(
-            {
-                "image": sel["path"],
-                "row": sel["row"],
-                "split": "test",
-                "label": sel["label"],
-                "source": csv_path.name,
-                "patient_group": sel["patient_group"],
-            }
-        )
-        for j, c in enumerate(classes):
-            preds[f"prob_{c}"] = probs[:, j]
-        preds["pred"] = [classes[j] for j in probs.argmax(axis=1)]
-        subclasses = list(info.get("subclasses") or classes)
-        if info.get("decomposition") and subclasses != classes:
-            from cxrstudy.decomposition import compose_hard
-
-            for j, s in enumerate(subclasses):
-                preds[f"prob_sub_{s}"] = sub[:, j]
-            preds["pred_hard"] = [classes[j] for j in compose_hard(sub, subclasses, classes)]
-        metrics = evaluate_predictions(preds, classes, n_bootstrap, seed, where=str(csv_path))
-        atomic_write_text(out / run_id / "predictions.csv", preds.to_csv(index=False))
-        if figures:
-            _figures(out / run_id, preds, classes, metrics, f"{run_id} on {csv_path.name}")
-        entries.append(run_entry(info, metrics, **entry_extra))
+    readable, resized, unreadable = decode_images(rows, {input_key(r["info"]) for r in runs})
+    atomic_write_text(out / "unreadable.csv", unreadable.to_csv(index=False))
+    opts = {"device": device, "batch_size": batch_size, "n_bootstrap": n_bootstrap, "seed": seed, "figures": figures}
     results = {
         "schema_version": 1,
         "profile": pdir.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (py3.10)
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "evaluated_on": str(csv_path.resolve()),
         "params": {"n_bootstrap": n_bootstrap, "seed": seed},
-        "dataset": {
-            "n_rows": int(len(rows)),
-            "n_readable": int(len(readable)),
-            "n_unreadable": int(len(unreadable)),
-            "by_label": rows["label"].value_counts().to_dict(),
-            "bootstrap_unit": "patient_group"
-            if not rows["patient_group"].str.startswith("image:").all()
-            else "image",
-        },
+        "dataset": _dataset_block(rows, readable, unreadable),
         "unreadable": unreadable.to_dict(orient="records"),
-        "runs": entries,
+        "runs": [_evaluate_run(run, readable, resized, csv_path, out, opts) for run in runs],
     }
     write_json(out / "results.json", results)
     return results
@@ -217,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args(argv)
+    from cxrstudy.runlock import RunLocked, profile_lock
+
     try:
-        res = evaluate_external(
-            args.csv, args.profile, args.out, args.n_bootstrap, args.seed, args.device, args.batch_size
-        )
-    except (ValueError, FileNotFoundError) as exc:
+        with profile_lock(config.profile_dir(args.profile), f"evaluate --csv {args.csv}"):
+            res = evaluate_external(
+                args.csv, args.profile, args.out, args.n_bootstrap, args.seed, args.device, args.batch_size
+            )
+    except (ValueError, FileNotFoundError, RunLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else config.profile_dir(args.profile) / "external" / args.csv.stem
@@ -240,4 +208,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    config.reexec_with_runtime_env()
     raise SystemExit(main())
