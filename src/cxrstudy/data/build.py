@@ -18,20 +18,31 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.data.download import (
+    Base,
     Downloader,
     FetchItem,
     FetchResult,
     MirrorError,
     resolve_base,
 )
-from cxrstudy.data.preprocess import TARGET_SHORT_SIDE, ProcessJob, preprocess_images, processed_names
+from cxrstudy.data.preprocess import (
+    TARGET_SHORT_SIDE,
+    ProcessJob,
+    ProcessResult,
+    preprocess_images,
+    processed_names,
+)
 from cxrstudy.data.sources import EXCLUDED_COLUMNS, SOURCES, Source, SourceInputs, all_candidates
 from cxrstudy.fileio import atomic_write_text, write_json
+
+if TYPE_CHECKING:  # the module itself is imported lazily in build_dataset (heavier imports)
+    from cxrstudy.data.dedup import DedupResult
 
 #: Manifest columns in order (docs/ARCHITECTURE.md), followed by the adapters' extra columns.
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -151,47 +162,33 @@ def default_base(out_dir: Path = config.PROCESSED_DIR) -> str:
     return config.mirror_base()
 
 
-def build_dataset(
-    base: str | None = None,
-    out_dir: Path = config.PROCESSED_DIR,
-    raw_dir: Path = config.RAW_DIR,
-    workers: int = 8,
-    split_seed: int = 0,
-    *,
-    cache_dir: Path | None = None,
-    short_side: int = TARGET_SHORT_SIDE,
-    process_workers: int = 2,
-    progress: bool = True,
-) -> BuildResult:
-    """Build the dataset from ``base`` into ``out_dir`` (see the module docstring); ``base=None`` means
-    ``$CXR_MIRROR``, else the base the previous build into ``out_dir`` used, else raw.githubusercontent.com."""
-    timings: dict[str, float] = {}
-    t_start = t = time.perf_counter()
+class _Stopwatch:
+    """Lap timer: :meth:`lap` records the seconds since the previous lap (rounded to ms) under a name."""
 
-    def lap(name: str) -> None:
-        nonlocal t
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap (or the start) as ``timings[name]``."""
         now = time.perf_counter()
-        timings[name] = round(now - t, 3)
-        t = now
+        self.timings[name] = round(now - self.last, 3)
+        self.last = now
 
-    out_dir, raw_dir = Path(out_dir), Path(raw_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache" / "dedup"
-    sources = list(SOURCES.values())
-    base_obj = resolve_base(base if base is not None else default_base(out_dir))
-    dl = Downloader(base_obj, raw_dir, workers=workers, progress=progress)
-    first = sources[0].metadata_files()[0]
-    dl.probe(f"{first.repo}/{first.commit}/{first.path}")
-    stale = _remove_stale_temp(raw_dir) + _remove_stale_temp(out_dir)
-    from cxrstudy.data.dedup import deduplicate  # imported after the fail-fast probe (heavier imports)
-    from cxrstudy.data.splits import make_splits
+    def total(self) -> None:
+        """Record the time since the start as ``timings["total"]``."""
+        self.timings["total"] = round(time.perf_counter() - self.start, 3)
 
-    lap("probe")
 
-    inputs = fetch_source_inputs(dl, sources)
-    cands = all_candidates(inputs, sources)
-    rows = cands.rows
-    lap("metadata_and_adapters")
+def _source_order_key(col: pd.Series) -> pd.Series:
+    """Sort key: ``source_name`` in the order of :data:`SOURCES`, any other column as it is."""
+    order = {name: i for i, name in enumerate(SOURCES)}
+    return col.map(order) if col.name == "source_name" else col
 
+
+def _fetch_images(dl: Downloader, rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[FetchResult]]:
+    """Fetch every candidate's raw image: the rows fetched (plus ``sha256``, ``raw_path``), the
+    exclusions of the others, and every fetch result."""
     fetched = dl.fetch_many(
         [FetchItem(r.source, SOURCES[r.source_name].commit, r.upstream_path) for r in rows.itertuples()],
         desc="images",
@@ -202,8 +199,14 @@ def build_dataset(
     fetched_ok = [f for f in fetched if f.ok]
     rows["sha256"] = [f.sha256 for f in fetched_ok]
     rows["raw_path"] = [str(f.local) for f in fetched_ok]
-    lap("download")
+    return rows, excl_fetch, fetched
 
+
+def _preprocess_rows(
+    rows: pd.DataFrame, out_dir: Path, short_side: int, process_workers: int, progress: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, list[ProcessResult]]:
+    """Decode and write the processed PNGs: the rows decoded (plus ``image``, ``width``, ``height``;
+    ``raw_path`` dropped, index reset), the exclusions of undecodable ones, and every process result."""
     rows["image"] = processed_names(rows["source_name"].tolist(), rows["upstream_path"].tolist())
     jobs = [
         ProcessJob(Path(p), s, i)
@@ -219,63 +222,80 @@ def build_dataset(
     rows["width"] = [p.width for p in processed]
     rows["height"] = [p.height for p in processed]
     rows = rows[decoded].drop(columns=["raw_path"]).reset_index(drop=True)
-    lap("preprocess")
+    return rows, excl_decode, processed
 
-    dd = deduplicate(rows, image_root=out_dir, cache_dir=cache_dir)
-    kept = dd.kept.copy()
-    lap("dedup")
-    kept["split"] = make_splits(kept, seed=split_seed)
-    lap("split")
 
-    order = {name: i for i, name in enumerate(SOURCES)}
-    kept = kept.sort_values(
-        ["source_name", "upstream_path"], key=lambda c: c.map(order) if c.name == "source_name" else c
-    )
+def _output_tables(
+    kept: pd.DataFrame, rows: pd.DataFrame, dd: DedupResult, earlier_exclusions: list[pd.DataFrame]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The manifest, excluded and duplicates tables, in their columns and sort orders; ``earlier_exclusions``
+    (adapters, fetch, decode) come before the rows that de-duplication dropped."""
+    kept = kept.sort_values(["source_name", "upstream_path"], key=_source_order_key)
     manifest = kept[list(MANIFEST_COLUMNS)].reset_index(drop=True)
     labels = rows.set_index(["source", "upstream_path"])[["source_name", "label"]]
     dropped = dd.dropped.join(labels, on=["source", "upstream_path"])
-    excluded = pd.concat(
-        [cands.excluded, excl_fetch, excl_decode, dropped[list(EXCLUDED_COLUMNS)]], ignore_index=True
-    )
-    excluded = excluded.sort_values(
-        ["source_name", "upstream_path", "reason"],
-        key=lambda c: c.map(order) if c.name == "source_name" else c,
-    )
+    excluded = pd.concat([*earlier_exclusions, dropped[list(EXCLUDED_COLUMNS)]], ignore_index=True)
+    excluded = excluded.sort_values(["source_name", "upstream_path", "reason"], key=_source_order_key)
     excluded = excluded.reset_index(drop=True)
     duplicates = (
         dd.pairs[list(DUPLICATES_COLUMNS)].sort_values(["a", "b", "kind", "method"]).reset_index(drop=True)
     )
+    return manifest, excluded, duplicates
 
+
+def _write_tables(
+    out_dir: Path, manifest: pd.DataFrame, excluded: pd.DataFrame, duplicates: pd.DataFrame
+) -> None:
+    """Write ``manifest.csv``, ``excluded.csv`` and ``duplicates.csv`` (atomically) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(manifest, out_dir / "manifest.csv")
     write_csv_atomic(excluded, out_dir / "excluded.csv")
     write_csv_atomic(duplicates, out_dir / "duplicates.csv")
-    lap("write")
-    timings["total"] = round(time.perf_counter() - t_start, 3)
 
+
+def _build_counts(
+    n_candidates: int,
+    manifest: pd.DataFrame,
+    excluded: pd.DataFrame,
+    fetched: list[FetchResult],
+    processed: list[ProcessResult],
+    http_requests: int,
+    stale: int,
+) -> dict:
+    """The ``counts`` section of ``build_info.json``."""
     fetch_status = pd.Series([f.status for f in fetched]).value_counts().to_dict()
     proc_status = pd.Series([p.status for p in processed], dtype=str).value_counts().to_dict()
-    info = {
+    return {
+        "candidates": n_candidates,
+        "manifest": int(len(manifest)),
+        "by_source_label": {
+            f"{r.source_name}/{r.label}": {"images": int(r.images), "patients": int(r.patients)}
+            for r in summary_counts(manifest).itertuples()
+        },
+        "split": manifest["split"].value_counts().sort_index().to_dict(),
+        "excluded_by_reason": reason_category(excluded["reason"]).value_counts().sort_index().to_dict(),
+        "fetch_status": fetch_status,
+        "process_status": proc_status,
+        "http_requests": http_requests,
+        "stale_temp_removed": stale,
+    }
+
+
+def _build_info(
+    base_obj: Base,
+    sources: list[Source],
+    settings: dict[str, int],
+    counts: dict,
+    timings: dict[str, float],
+) -> dict:
+    """Everything ``build_info.json`` records: base, commits, auxiliary files, ``settings`` (short_side,
+    split_seed, workers), ``counts``, timings and the machine."""
+    return {
         "base": str(base_obj.local) if base_obj.local is not None else base_obj.value,
         "commits": {s.name: {"repo": s.repo, "commit": s.commit} for s in sources},
         "auxiliary": sorted({f"{f.repo}@{f.commit}:{f.path}" for s in sources for f in s.auxiliary}),
-        "short_side": short_side,
-        "split_seed": split_seed,
-        "workers": workers,
-        "counts": {
-            "candidates": int(len(cands.rows)),
-            "manifest": int(len(manifest)),
-            "by_source_label": {
-                f"{r.source_name}/{r.label}": {"images": int(r.images), "patients": int(r.patients)}
-                for r in summary_counts(manifest).itertuples()
-            },
-            "split": manifest["split"].value_counts().sort_index().to_dict(),
-            "excluded_by_reason": reason_category(excluded["reason"]).value_counts().sort_index().to_dict(),
-            "fetch_status": fetch_status,
-            "process_status": proc_status,
-            "http_requests": dl.requests_made,
-            "stale_temp_removed": stale,
-        },
+        **settings,
+        "counts": counts,
         "timings_s": timings,
         "machine": {
             "python": platform.python_version(),
@@ -283,6 +303,62 @@ def build_dataset(
             "platform": platform.platform(),
         },
     }
+
+
+def build_dataset(
+    base: str | None = None,
+    out_dir: Path = config.PROCESSED_DIR,
+    raw_dir: Path = config.RAW_DIR,
+    workers: int = 8,
+    split_seed: int = 0,
+    *,
+    cache_dir: Path | None = None,
+    short_side: int = TARGET_SHORT_SIDE,
+    process_workers: int = 2,
+    progress: bool = True,
+) -> BuildResult:
+    """Build the dataset from ``base`` into ``out_dir`` (see the module docstring); ``base=None`` means
+    ``$CXR_MIRROR``, else the base the previous build into ``out_dir`` used, else raw.githubusercontent.com."""
+    watch = _Stopwatch()
+    out_dir, raw_dir = Path(out_dir), Path(raw_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache" / "dedup"
+    sources = list(SOURCES.values())
+    base_obj = resolve_base(base if base is not None else default_base(out_dir))
+    dl = Downloader(base_obj, raw_dir, workers=workers, progress=progress)
+    first = sources[0].metadata_files()[0]
+    dl.probe(f"{first.repo}/{first.commit}/{first.path}")
+    stale = _remove_stale_temp(raw_dir) + _remove_stale_temp(out_dir)
+    from cxrstudy.data.dedup import deduplicate  # imported after the fail-fast probe (heavier imports)
+    from cxrstudy.data.splits import make_splits
+
+    watch.lap("probe")
+
+    inputs = fetch_source_inputs(dl, sources)
+    cands = all_candidates(inputs, sources)
+    watch.lap("metadata_and_adapters")
+
+    rows, excl_fetch, fetched = _fetch_images(dl, cands.rows)
+    watch.lap("download")
+
+    rows, excl_decode, processed = _preprocess_rows(rows, out_dir, short_side, process_workers, progress)
+    watch.lap("preprocess")
+
+    dd = deduplicate(rows, image_root=out_dir, cache_dir=cache_dir)
+    kept = dd.kept.copy()
+    watch.lap("dedup")
+    kept["split"] = make_splits(kept, seed=split_seed)
+    watch.lap("split")
+
+    manifest, excluded, duplicates = _output_tables(kept, rows, dd, [cands.excluded, excl_fetch, excl_decode])
+    _write_tables(out_dir, manifest, excluded, duplicates)
+    watch.lap("write")
+    watch.total()
+
+    counts = _build_counts(
+        int(len(cands.rows)), manifest, excluded, fetched, processed, dl.requests_made, stale
+    )
+    settings = {"short_side": short_side, "split_seed": split_seed, "workers": workers}
+    info = _build_info(base_obj, sources, settings, counts, watch.timings)
     write_json(out_dir / "build_info.json", info)
     return BuildResult(manifest, excluded, duplicates, info, out_dir)
 

@@ -551,40 +551,26 @@ def _star_links(values: pd.Series) -> list[tuple[int, int]]:
     return [(int(f), int(i)) for i, f, s in zip(range(len(v)), first, v, strict=True) if s and f != i]
 
 
-def deduplicate(
-    df: pd.DataFrame,
-    image_root: Path,
-    cache_dir: Path | None = None,
-    *,
-    params: DedupParams = DedupParams(),
-    local_features: bool = True,
-    workers: int | None = None,
-) -> DedupResult:
-    """Find copies (thumbnail correlation, then ORB + RANSAC on a shortlist), drop label conflicts and
-    all but one copy by source priority, and link patients into ``patient_group`` (module docstring)."""
-    _check_input(df)
-    t0 = time.perf_counter()
-    workers = workers or min(2, os.cpu_count() or 1)
-    image_root = Path(image_root)
+def _priority_order(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows (plus ``_prio``) in source priority order, then by source name and upstream path."""
     prio = {s: i for i, s in enumerate(SOURCE_PRIORITY)}
-    # Work in priority order (then path) so every result is independent of the input's row order.
-    work = df.assign(_prio=df["source_name"].map(prio)).sort_values(["_prio", "source_name", "upstream_path"])
-    n = len(work)
-    keys = row_keys(work).to_numpy()
-    sources = work["source_name"].to_numpy()
-    labels = work["label"].astype(str).to_numpy()
+    return df.assign(_prio=df["source_name"].map(prio)).sort_values(["_prio", "source_name", "upstream_path"])
+
+
+def _processed_paths(work: pd.DataFrame, image_root: Path) -> list[Path]:
+    """Each row's processed image under ``image_root``; FileNotFoundError naming the first one missing."""
     paths = [image_root / p for p in work["image"].astype(str)]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"deduplicate: processed image {p} does not exist")
-    shas = [sha256_file(p) for p in paths]
-    pair_rows, n_candidates = _image_pairs_cached(
-        keys, sources, paths, shas, params, cache_dir, workers, local_features
-    )
-    t_pairs = time.perf_counter()
+    return paths
 
-    # label conflicts first, then one copy per same-image cluster by priority
-    same_image = [(i, j) for i, j, kind, _, _ in pair_rows if kind == "same_image"]
+
+def _drop_reasons(work: pd.DataFrame, same_image: Sequence[tuple[int, int]]) -> dict[int, str]:
+    """Why rows (positions in ``work``, which is in priority order) are dropped: label conflicts first,
+    then every copy but the one of highest priority in each same-image cluster."""
+    n = len(work)
+    labels = work["label"].astype(str).to_numpy()
     reason: dict[int, str] = {}
     for i, j in same_image:
         if labels[i] != labels[j]:
@@ -604,31 +590,82 @@ def deduplicate(
             kept_copy[i] = kept_copy[earlier[0]]
             k = kept_copy[i]
             reason[i] = f"duplicate of {work['source'].iat[k]}:{work['upstream_path'].iat[k]}"
+    return reason
 
-    # patient groups
+
+def _patient_links(
+    work: pd.DataFrame, pair_rows: Sequence[tuple[int, int, str, str, float]]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int, str, str, float]]]:
+    """Links for the patient groups (every image pair, then equal ``patient_id``, then equal ``case_url``)
+    and the pair rows of the ``patient_id`` / ``case_url`` links."""
     links = [(i, j) for i, j, *_ in pair_rows]
+    id_rows: list[tuple[int, int, str, str, float]] = []
     for col, method in (("patient_id", "patient_id"), ("case_url", "case_url")):
         star = _star_links(work[col])
         links += star
-        pair_rows += [(i, j, "same_patient", method, 1.0) for i, j in star]
+        id_rows += [(i, j, "same_patient", method, 1.0) for i, j in star]
+    return links, id_rows
+
+
+def _dropped_table(work: pd.DataFrame, reason: dict[int, str], is_dropped: np.ndarray) -> pd.DataFrame:
+    """The dropped rows (``source``, ``upstream_path``, ``reason``) in ``work``'s order."""
+    return pd.DataFrame(
+        {
+            "source": work["source"].to_numpy()[is_dropped],
+            "upstream_path": work["upstream_path"].to_numpy()[is_dropped],
+            "reason": [reason[i] for i in range(len(work)) if is_dropped[i]],
+        },
+        columns=list(DROPPED_COLUMNS),
+    )
+
+
+def _pairs_table(keys: np.ndarray, pair_rows: Sequence[tuple[int, int, str, str, float]]) -> pd.DataFrame:
+    """The pairs table (``a`` the row of higher priority), sorted by ``a``, ``b``, ``kind``, ``method``."""
+    pairs = pd.DataFrame(
+        [(keys[min(i, j)], keys[max(i, j)], kind, m, s) for i, j, kind, m, s in pair_rows],
+        columns=list(PAIR_COLUMNS),
+    )
+    return pairs.sort_values(["a", "b", "kind", "method"]).reset_index(drop=True)
+
+
+def deduplicate(
+    df: pd.DataFrame,
+    image_root: Path,
+    cache_dir: Path | None = None,
+    *,
+    params: DedupParams = DedupParams(),
+    local_features: bool = True,
+    workers: int | None = None,
+) -> DedupResult:
+    """Find copies (thumbnail correlation, then ORB + RANSAC on a shortlist), drop label conflicts and
+    all but one copy by source priority, and link patients into ``patient_group`` (module docstring)."""
+    _check_input(df)
+    t0 = time.perf_counter()
+    workers = workers or min(2, os.cpu_count() or 1)
+    # Work in priority order (then path) so every result is independent of the input's row order.
+    work = _priority_order(df)
+    n = len(work)
+    keys = row_keys(work).to_numpy()
+    sources = work["source_name"].to_numpy()
+    paths = _processed_paths(work, Path(image_root))
+    shas = [sha256_file(p) for p in paths]
+    pair_rows, n_candidates = _image_pairs_cached(
+        keys, sources, paths, shas, params, cache_dir, workers, local_features
+    )
+    t_pairs = time.perf_counter()
+
+    # label conflicts first, then one copy per same-image cluster by priority
+    reason = _drop_reasons(work, [(i, j) for i, j, kind, _, _ in pair_rows if kind == "same_image"])
+    # patient groups
+    links, id_rows = _patient_links(work, pair_rows)
+    pair_rows = pair_rows + id_rows
     groups = _group_names(work, links)
 
     is_dropped = np.array([i in reason for i in range(n)], dtype=bool)
     group_of = pd.Series(groups, index=work.index)
     kept = df.loc[~df.index.isin(work.index[is_dropped])].assign(patient_group=group_of)
-    dropped = pd.DataFrame(
-        {
-            "source": work["source"].to_numpy()[is_dropped],
-            "upstream_path": work["upstream_path"].to_numpy()[is_dropped],
-            "reason": [reason[i] for i in range(n) if is_dropped[i]],
-        },
-        columns=list(DROPPED_COLUMNS),
-    )
-    pairs = pd.DataFrame(
-        [(keys[min(i, j)], keys[max(i, j)], kind, m, s) for i, j, kind, m, s in pair_rows],
-        columns=list(PAIR_COLUMNS),
-    )
-    pairs = pairs.sort_values(["a", "b", "kind", "method"]).reset_index(drop=True)
+    dropped = _dropped_table(work, reason, is_dropped)
+    pairs = _pairs_table(keys, pair_rows)
     info = {
         "n_input": n,
         "n_kept": int(len(kept)),
