@@ -117,3 +117,21 @@ def test_subsample_is_deterministic_and_bounded(table):
     assert len(big) == len(manifest)
     with pytest.raises(ValueError, match="max_per_class"):
         subsample(manifest, -1, seed=0)
+
+
+def test_holdout_sources_are_never_trained_or_validated_on():
+    """On the real manifest: Actualmed (and any patient group it shares) goes to 'holdout' only."""
+    from cxrstudy import config
+
+    if not config.MANIFEST_PATH.is_file():
+        pytest.skip("no data/processed/manifest.csv (run `make data`)")
+    manifest = pd.read_csv(config.MANIFEST_PATH, keep_default_na=False)
+    split = make_splits(manifest, seed=0, holdout_sources=("actualmed",))
+    held = manifest[split == "holdout"]
+    assert set(held["source_name"]) == {"actualmed"} and len(held) == (manifest["source_name"] == "actualmed").sum()
+    assert set(held["label"]) == {"covid", "normal"}
+    rest = manifest[split != "holdout"]
+    assert set(split[split != "holdout"]) == {"train", "val", "test"}
+    assert not set(held["patient_group"]) & set(rest["patient_group"])
+    assert (manifest.assign(split=split).groupby("patient_group")["split"].nunique() == 1).all()
+    pd.testing.assert_series_equal(make_splits(manifest, seed=0), make_splits(manifest, seed=0, holdout_sources=()))

@@ -28,6 +28,10 @@ TASKS: dict[str, tuple[str, ...]] = {
     "covid_normal_pneumonia": ("covid", "normal", "pneumonia"),
 }
 
+#: Sources kept out of training and validation for every run ("holdout" split): Actualmed is the one
+#: hospital with both COVID-19 and normal films, so every model is scored on a hospital it never saw.
+HOLDOUT_SOURCES: tuple[str, ...] = ("actualmed",)
+
 #: Transfer scenarios (``scratch`` is the no-transfer control).
 SCENARIOS: tuple[str, ...] = ("shallow", "deep", "finetune", "scratch")
 
@@ -36,9 +40,11 @@ DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
 #: GitHub's API, used only to list folder-labelled sources online; ``CXR_GITHUB_API`` overrides it.
 DEFAULT_GITHUB_API = "https://api.github.com"
 
-#: Paper figures the study is compared against (accuracy, as fractions).
-PAPER_ACCURACY = 0.9417  # Miroshnichenko & Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010
-DETRAC_ACCURACY = 0.9310  # Abbas, Abdelsamea & Gaber 2021, Applied Intelligence 51:854-864 (DeTraC, VGG19)
+#: Paper figures the study is compared against (accuracy, as fractions), and where they were published.
+PAPER_ACCURACY = 0.9417
+PAPER_CITATION = "Miroshnichenko & Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010"
+DETRAC_ACCURACY = 0.9310
+DETRAC_CITATION = "Abbas, Abdelsamea & Gaber 2021, Applied Intelligence 51:854-864 (DeTraC, VGG19)"
 
 
 #: Environment for every process that runs the models: glibc then keeps freed activation memory instead of

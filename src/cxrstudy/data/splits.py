@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Rows of held-out sources (``make_splits(holdout_sources=...)``): never trained or validated on.
+HOLDOUT = "holdout"
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -57,9 +59,11 @@ def make_splits(
     *,
     image_level_to_train: bool = True,
     stratify: Sequence[str] = ("label", "source_name"),
+    holdout_sources: Sequence[str] = (),
 ) -> pd.Series:
     """``train``/``val``/``test`` per row (index-aligned), disjoint by ``patient_group``, stratified by
-    ``stratify`` columns, seeded and independent of row order (module docstring)."""
+    ``stratify`` columns, seeded and independent of row order (module docstring). Rows of
+    ``holdout_sources``, and every row sharing a patient group with them, get ``holdout``."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"make_splits: need 0 <= val_fraction, test_fraction and their sum < 1 "
@@ -71,10 +75,15 @@ def make_splits(
         raise ValueError("make_splits: empty patient_group in some rows")
     split = np.full(len(df), "train", dtype=object)
     groups = df["patient_group"].astype(str).to_numpy()
-    free = np.ones(len(df), dtype=bool)
+    held = np.zeros(len(df), dtype=bool)
+    if holdout_sources:
+        _require(df, ["source_name"], "make_splits(holdout_sources)")
+        held = np.isin(groups, groups[df["source_name"].isin(list(holdout_sources)).to_numpy()])
+        split[held] = HOLDOUT
+    free = ~held
     if image_level_to_train:
         image_level = df["patient_id_is_image_level"].astype(bool).to_numpy()
-        free = ~np.isin(groups, groups[image_level])
+        free &= ~np.isin(groups, groups[image_level])
     if free.any():
         strata = df.loc[free, list(stratify)].astype(str).agg("|".join, axis=1).to_numpy()
         table = pd.crosstab(groups[free], strata)  # groups (sorted by name) x strata (sorted)
