@@ -62,13 +62,13 @@ display(training.task_rows(manifest, task).groupby(["split", "label"]).size().un
 # One run per decomposition setting; the table gives composed accuracies.
 
 # %%
-results = [
-    training.train_run(manifest, config.PROCESSED_DIR, task=task, scenario=scenario, decomposition=d,
-                       backbone=backbone, image_size=image_size, epochs=epochs, lr=lr,
-                       batch_size=batch_size, seed=seed, device=device, profile_dir=out,
-                       num_workers=num_workers, use_lr_find=use_lr_find, patience=patience)
+configs = [
+    training.TrainConfig(task=task, scenario=scenario, decomposition=d, backbone=backbone,
+                         image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                         device=device, num_workers=num_workers, use_lr_find=use_lr_find, patience=patience)
     for d in decomposition
 ]
+results = [training.train_run(manifest, cfg, config.PROCESSED_DIR, profile_dir=out) for cfg in configs]
 summary = training.summarize_runs(results)
 display(summary)
 

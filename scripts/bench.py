@@ -60,8 +60,8 @@ def sample_rows(n: int, seed: int) -> pd.DataFrame:
     return train.iloc[:n].reset_index(drop=True)
 
 
-def main() -> None:
-    """Measure and write the benchmark record."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=160)
@@ -78,13 +78,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=config.REPORTS_DIR / "bench.json")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    rows = sample_rows(a.n_images, a.seed)
-    host = machine(a.device)
-    t_start = time.perf_counter()
+    return p.parse_args(argv)
 
+
+def feature_rounds(
+    rows: pd.DataFrame, a: argparse.Namespace
+) -> tuple[list[float], list[float], pd.DataFrame]:
+    """Feature-pipeline and bare-forward img/s per round (alternating), and the last round's features."""
     fe, bare = [], []
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         # warm-up: weights, allocator, oneDNN kernels for this shape (not timed)
@@ -122,8 +122,14 @@ def main() -> None:
             print(
                 f"round {i + 1}: pipeline {fe[-1]:.1f} img/s, bare forward {bare[-1]:.1f} img/s", flush=True
             )
+    return fe, bare, feats
 
-    train, stages = {}, {}
+
+def train_rates(
+    rows: pd.DataFrame, feats: pd.DataFrame, a: argparse.Namespace
+) -> tuple[dict[str, float], list[float]]:
+    """Training img/s per scenario, and per finetune stage."""
+    train, stages = {}, []
     for scenario in config.SCENARIOS:
         r = training.training_throughput(
             rows,
@@ -141,9 +147,21 @@ def main() -> None:
         if scenario == "finetune":
             stages = [round(s, 1) for s in r["stages"]]
         print(f"training {scenario}: {train[scenario]} img/s", flush=True)
+    return train, stages
 
+
+def bench_record(
+    a: argparse.Namespace,
+    host: dict,
+    fe: list[float],
+    bare: list[float],
+    train: dict[str, float],
+    stages: list[float],
+    seconds: float,
+) -> dict:
+    """The reports/bench.json record."""
     best_fe, best_bare = max(fe), max(bare)
-    record = {
+    return {
         "machine": host,
         "backbone": a.backbone,
         "image_size": a.image_size,
@@ -164,9 +182,22 @@ def main() -> None:
         "deep/finetune/scratch = augmented images through fastai, data loading included",
         "finetune_stage_img_s": stages,
         "peak_rss_mb": peak_rss_mb(),
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds": round(seconds, 1),
         "loadavg_end": list(os.getloadavg()),
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure and write the benchmark record."""
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = sample_rows(a.n_images, a.seed)
+    host = machine(a.device)
+    t_start = time.perf_counter()
+    fe, bare, feats = feature_rounds(rows, a)
+    train, stages = train_rates(rows, feats, a)
+    record = bench_record(a, host, fe, bare, train, stages, time.perf_counter() - t_start)
     atomic_write_text(a.out, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

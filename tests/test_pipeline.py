@@ -159,7 +159,7 @@ def test_main_reports_errors_with_exit_code(project, capsys, monkeypatch):
 
 def test_package_dependencies_follow_imports():
     deps = {p.name for p in pipeline.package_dependencies(pipeline.config.NOTEBOOKS_DIR / "00_data.ipynb")}
-    assert {"config.py", "build.py"} <= deps and "pipeline.py" not in deps and "training.py" not in deps
+    assert {"config.py", "build.py"} <= deps and "pipeline.py" not in deps and "runs.py" not in deps
 
 
 def test_package_dependencies_are_transitive(tmp_path):

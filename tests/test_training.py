@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +66,19 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("features")
 
 
+PATH_ARGS = ("profile_dir", "feature_cache_dir")  # train_run's own arguments; the rest is TrainConfig
+
+
 def _run(tiny, out: Path, scenario: str, **kw) -> training.RunResult:
     manifest, root = tiny
+    paths = {k: kw.pop(k) for k in PATH_ARGS if k in kw}
+    cfg = training.TrainConfig(scenario=scenario, **{**COMMON, **kw})
     return training.train_run(
         manifest[manifest["label"] != "pneumonia"] if scenario == "shallow" else manifest,
+        cfg,
         root,
-        scenario=scenario,
         out_root=out,
-        **{**COMMON, **kw},
+        **paths,
     )
 
 
@@ -280,7 +286,12 @@ def test_same_seed_same_predictions_and_scratch_starts_random(tiny, tmp_path):
     b = _run(tiny, tmp_path / "b", "scratch", epochs=1)
     cols = ["prob_covid", "prob_normal"]
     assert np.array_equal(a.predictions[cols].to_numpy(), b.predictions[cols].to_numpy())
+    assert (a.run_dir / "predictions.csv").read_bytes() == (b.run_dir / "predictions.csv").read_bytes()
     assert a.history[["train_loss", "valid_loss"]].equals(b.history[["train_loss", "valid_loss"]])
+    c = _run(tiny, tmp_path / "c", "scratch", epochs=1, seed=1)  # the seed reaches weights and shuffling
+    assert c.run_id.endswith("__seed1") and not np.array_equal(
+        a.predictions[cols].to_numpy(), c.predictions[cols].to_numpy()
+    )
     state = torch.load(a.run_dir / "model.pth", weights_only=True)
     pretrained = create_backbone(BACKBONE).state_dict()
     assert a.info["pretrained"] is False
@@ -289,16 +300,24 @@ def test_same_seed_same_predictions_and_scratch_starts_random(tiny, tmp_path):
 
 def test_bad_requests_fail_clearly(tiny, tmp_path):
     manifest, root = tiny
-    with pytest.raises(ValueError, match="unknown scenario"):
-        training.train_run(manifest, root, scenario="linear", out_root=tmp_path, **COMMON)
+    with pytest.raises(ValueError, match="TrainConfig.scenario unknown scenario"):
+        training.TrainConfig(scenario="linear", **COMMON)
+    deep = training.TrainConfig(scenario="deep", **COMMON)
+    with pytest.raises(TypeError, match="cfg must be a TrainConfig"):
+        training.train_run(manifest, root, out_root=tmp_path)  # the old call style: a path, no config
     with pytest.raises(FileNotFoundError, match="notebook 03"):
         training.train_run(
-            manifest, root, scenario="deep", decomposition=True, profile_dir=tmp_path, **COMMON
+            manifest,
+            training.TrainConfig(scenario="deep", decomposition=True, **COMMON),
+            root,
+            profile_dir=tmp_path,
         )
+    with pytest.raises(ValueError, match="needs profile_dir"):
+        training.train_run(manifest, replace(deep, decomposition=True), root, out_root=tmp_path)
+    with pytest.raises(ValueError, match="give out_root or profile_dir"):
+        training.train_run(manifest, deep, root)
     with pytest.raises(ValueError, match="no val images"):
-        training.train_run(
-            manifest[manifest["split"] != "val"], root, scenario="deep", out_root=tmp_path, **COMMON
-        )
+        training.train_run(manifest[manifest["split"] != "val"], deep, root, out_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="not a finished training run"):
         training.load_run_model(tmp_path)
 

@@ -1,0 +1,334 @@
+"""One training run end to end (``train_run``), its folder and record, reloading, and run summaries."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cxrstudy import config
+from cxrstudy.fileio import atomic_write_bytes, atomic_write_text, write_json
+from cxrstudy.models import Classifier, get_spec, model_transform
+from cxrstudy.plots import plot_learning_curve, save_figure
+from cxrstudy.training.data import AUGMENTATION_NOTE, ImageList, XrayDataset, make_loader, task_rows
+from cxrstudy.training.labels import (
+    ComposedLoss,
+    LabelSpace,
+    compose_predictions,
+    decomposition_labels,
+    identity_labels,
+    make_targets,
+)
+from cxrstudy.training.learner import HISTORY_COLUMNS, predict_loader, predictions_frame
+from cxrstudy.training.scenarios import train_images, train_shallow
+from cxrstudy.training.trainconfig import TrainConfig
+
+
+def make_run_id(task: str, backbone: str, scenario: str, decomposition: bool, seed: int) -> str:
+    """``<task>__<backbone>__<scenario>__<decomp|nodecomp>__seed<seed>``."""
+    return f"{task}__{backbone}__{scenario}__{'decomp' if decomposition else 'nodecomp'}__seed{seed}"
+
+
+@dataclass
+class RunResult:
+    """A finished run: its folder, record, per-epoch history and val/test predictions."""
+
+    run_id: str
+    run_dir: Path
+    info: dict[str, Any]
+    history: pd.DataFrame
+    predictions: pd.DataFrame
+
+
+# --------------------------------------------------------------------------------------------- train_run
+
+
+def train_run(
+    manifest: pd.DataFrame,
+    cfg: TrainConfig,
+    image_root: Path | str = config.PROCESSED_DIR,
+    *,
+    out_root: Path | str | None = None,
+    profile_dir: Path | str | None = None,
+    feature_cache_dir: Path | str | None = None,
+) -> RunResult:
+    """Train ``cfg``'s run on ``manifest`` (subsampled beforehand), write ``<out_root>/<run_id>/`` (default
+    ``<profile_dir>/runs``; ``profile_dir`` holds notebook 03's decomposition) and return its record."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train_run: cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if cfg.decomposition and profile_dir is None:
+        raise ValueError("decomposition=True needs profile_dir (where notebook 03 wrote decomposition/)")
+    if out_root is None:
+        if profile_dir is None:
+            raise ValueError("give out_root or profile_dir")
+        out_root = Path(profile_dir) / "runs"
+    image_root = Path(image_root)
+    rows, space, targets = _labelled_rows(manifest, cfg, profile_dir)
+    dev = config.resolve_device(cfg.device)
+
+    run_id = make_run_id(cfg.task, cfg.backbone, cfg.scenario, cfg.decomposition, cfg.seed)
+    run_dir = Path(out_root) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").unlink(missing_ok=True)  # run.json marks a finished run: never leave a stale one
+
+    config.seed_everything(cfg.seed)
+    model = Classifier(
+        cfg.backbone, len(space.subclasses), pretrained=cfg.scenario != "scratch", dropout=cfg.dropout
+    )
+    loss = ComposedLoss(space.matrix())
+    history: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    extra = _fit(model, rows, targets, loss, cfg, manifest, image_root, dev, feature_cache_dir, history)
+    train_seconds = time.perf_counter() - t0
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    hist = pd.DataFrame(history, columns=list(HISTORY_COLUMNS))
+    preds = _predict_eval(model, rows, space, cfg, image_root, dev)
+    info = _run_info(run_id, cfg, space, rows, hist, preds, str(dev), train_seconds, extra)
+    _save_run(run_dir, model, hist, preds, info)
+    return RunResult(run_id, run_dir, info, hist, preds)
+
+
+def _labelled_rows(
+    manifest: pd.DataFrame, cfg: TrainConfig, profile_dir: Path | str | None
+) -> tuple[pd.DataFrame, LabelSpace, np.ndarray]:
+    """The task's rows, the label space (decomposition on or off) and the ``[subclass, parent]`` targets."""
+    classes = config.task_classes(cfg.task)
+    rows = task_rows(manifest, cfg.task)
+    space, subclass_of = (
+        decomposition_labels(Path(profile_dir), classes)  # type: ignore[arg-type]
+        if cfg.decomposition
+        else (identity_labels(classes), None)
+    )
+    return rows, space, make_targets(rows, space, subclass_of)
+
+
+def _fit(
+    model: Classifier,
+    rows: pd.DataFrame,
+    targets: np.ndarray,
+    loss: ComposedLoss,
+    cfg: TrainConfig,
+    manifest: pd.DataFrame,
+    image_root: Path,
+    device: torch.device,
+    feature_cache_dir: Path | str | None,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Run the scenario's fit in a scratch folder (fastai's checkpoints); extra facts for run.json."""
+    with tempfile.TemporaryDirectory(prefix="cxr-train-") as workdir:
+        if cfg.scenario != "shallow":
+            return train_images(
+                model,
+                rows,
+                targets,
+                loss,
+                cfg,
+                image_root=image_root,
+                device=device,
+                workdir=Path(workdir),
+                history=history,
+            )
+        train_shallow(
+            model,
+            rows,
+            targets,
+            loss,
+            cfg,
+            feature_manifest=manifest,
+            image_root=image_root,
+            device=device,
+            feature_cache_dir=Path(feature_cache_dir) if feature_cache_dir else None,
+            workdir=Path(workdir),
+            history=history,
+        )
+    return {}
+
+
+def _predict_eval(
+    model: Classifier,
+    rows: pd.DataFrame,
+    space: LabelSpace,
+    cfg: TrainConfig,
+    image_root: Path,
+    device: torch.device,
+) -> pd.DataFrame:
+    """Predictions table of the val and test rows (no augmentation, no image cache); the model ends on CPU."""
+    eval_rows = rows[rows["split"].isin(["val", "test"])].reset_index(drop=True)
+    eval_ds = XrayDataset(
+        [image_root / p for p in eval_rows["image"]],
+        np.zeros((len(eval_rows), 2)),
+        model.spec,
+        cfg.image_size,
+        cache=False,
+    )
+    loader = make_loader(eval_ds, cfg.batch_size, train=False, seed=cfg.seed, num_workers=cfg.num_workers)
+    sub_probs = predict_loader(model, loader, device)
+    model.to("cpu")
+    return predictions_frame(eval_rows, sub_probs, space, with_subclasses=cfg.decomposition)
+
+
+def _split_accuracy(preds: pd.DataFrame, split: str) -> float | None:
+    """Composed accuracy of one split's predictions; None when the split has none."""
+    rows = preds[preds["split"] == split]
+    return float((rows["pred"] == rows["label"]).mean()) if len(rows) else None
+
+
+def _run_info(
+    run_id: str,
+    cfg: TrainConfig,
+    space: LabelSpace,
+    rows: pd.DataFrame,
+    hist: pd.DataFrame,
+    preds: pd.DataFrame,
+    device: str,
+    train_seconds: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The run.json record (docs/ARCHITECTURE.md)."""
+    n = rows["split"].value_counts()
+    return {
+        "run_id": run_id,
+        "task": cfg.task,
+        "backbone": cfg.backbone,
+        "scenario": cfg.scenario,
+        "decomposition": bool(cfg.decomposition),
+        "seed": cfg.seed,
+        "classes": list(space.classes),
+        "subclasses": list(space.subclasses),
+        "parent_of": dict(space.parent_of),
+        "parent_of_subclass": dict(space.parent_of),
+        "image_size": cfg.image_size,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "pretrained": cfg.scenario != "scratch",
+        "device": device,
+        "train_seconds": round(train_seconds, 3),
+        "epochs_run": len(hist),
+        "best_epoch": int(hist.loc[hist["valid_loss"].idxmin(), "epoch"]),
+        "best_valid_loss": float(hist["valid_loss"].min()),
+        "n_train": int(n.get("train", 0)),
+        "n_val": int(n.get("val", 0)),
+        "n_test": int(n.get("test", 0)),
+        "val_accuracy": _split_accuracy(preds, "val"),
+        "test_accuracy": _split_accuracy(preds, "test"),
+        "params": {
+            "batch_size": cfg.batch_size,
+            "num_workers": cfg.num_workers,
+            "patience": cfg.patience,
+            "use_lr_find": cfg.use_lr_find,
+            "lr_mult": cfg.lr_mult,
+            "wd": cfg.wd,
+            "dropout": cfg.dropout,
+            "augmentation": AUGMENTATION_NOTE if cfg.scenario != "shallow" else "none (cached features)",
+            **extra,
+        },
+    }
+
+
+def _save_run(
+    run_dir: Path, model: nn.Module, hist: pd.DataFrame, preds: pd.DataFrame, info: dict[str, Any]
+) -> None:
+    """Write model.pth, history.csv, learning_curve.png, predictions.csv and, last, run.json."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(run_dir / "model.pth", buf.getvalue())
+    atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
+    save_figure(plot_learning_curve(hist, title=info["run_id"]), run_dir / "learning_curve.png")
+    atomic_write_text(run_dir / "predictions.csv", preds.to_csv(index=False))
+    write_json(run_dir / "run.json", info)  # last: marks the run finished
+
+
+# --------------------------------------------------------------------------------------------- reloading
+
+
+def load_run_model(run_dir: Path | str) -> tuple[Classifier, dict[str, Any]]:
+    """The trained ``Classifier`` of a run folder (eval mode, CPU) and its ``run.json``."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} is missing: {run_dir} is not a finished training run")
+    info = json.loads(info_path.read_text())
+    model = Classifier(
+        info["backbone"],
+        len(info["subclasses"]),
+        pretrained=False,
+        dropout=float(info["params"].get("dropout", 0.2)),
+    )
+    try:
+        state = torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise RuntimeError(
+            f"{run_dir / 'model.pth'}: cannot load into Classifier({info['backbone']!r}): {exc}"
+        ) from exc
+    return model.eval(), info
+
+
+def predict_images(
+    model: nn.Module,
+    images: Sequence[Image.Image],
+    run_info: dict[str, Any],
+    device: str = "auto",
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Composed class probabilities (n, n_classes) and subclass probabilities (n, n_sub) of PIL ``L`` images."""
+    space = LabelSpace(tuple(run_info["classes"]), tuple(run_info["subclasses"]), dict(run_info["parent_of"]))
+    transform = model_transform(get_spec(run_info["backbone"]), int(run_info["image_size"]))
+    loader = DataLoader(ImageList(images, transform), batch_size=batch_size, shuffle=False)
+    sub = predict_loader(model, loader, config.resolve_device(device))
+    return compose_predictions(sub, space), sub
+
+
+# --------------------------------------------------------------------------------------------- summaries
+
+
+def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
+    """One row per run: scenario, decomposition, subclasses, epochs, time and composed val/test accuracy."""
+    keys = (
+        "run_id",
+        "scenario",
+        "decomposition",
+        "epochs_run",
+        "best_epoch",
+        "train_seconds",
+        "n_train",
+        "n_val",
+        "n_test",
+        "val_accuracy",
+        "test_accuracy",
+    )
+    rows = [{**{k: r.info[k] for k in keys}, "n_subclasses": len(r.info["subclasses"])} for r in results]
+    return pd.DataFrame(rows)
+
+
+def describe_decomposition_effect(summary: pd.DataFrame) -> str:
+    """Plain-language comparison of decomposition on vs off (point estimates; intervals come in notebook 05)."""
+    on, off = summary[summary["decomposition"]], summary[~summary["decomposition"]]
+    if on.empty or off.empty:
+        return "Only one decomposition setting was run: no comparison."
+    a, b = on.iloc[0], off.iloc[0]
+    lines = []
+    for split in ("val", "test"):
+        x, y = a[f"{split}_accuracy"], b[f"{split}_accuracy"]
+        if x is None or y is None or pd.isna(x) or pd.isna(y):
+            continue
+        lines.append(
+            f"{split}: {100 * x:.1f}% with decomposition vs {100 * y:.1f}% without "
+            f"({100 * (x - y):+.1f} points, n={int(a[f'n_{split}'])} images)"
+        )
+    return (
+        f"{a['scenario']} ({int(a['n_subclasses'])} subclasses vs {int(b['n_subclasses'])} classes): "
+        + "; ".join(lines)
+    )

@@ -1,0 +1,98 @@
+"""TrainConfig: defaults as before, every bad value refused with the parameter named, the notebook's parameters fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from cxrstudy import config, pipeline, training
+from cxrstudy.training import TrainConfig
+
+
+def test_defaults_are_the_study_defaults():
+    cfg = TrainConfig()
+    assert (cfg.task, cfg.scenario, cfg.decomposition, cfg.backbone) == (
+        "covid_vs_normal",
+        "shallow",
+        False,
+        "efficientnet_lite0",
+    )
+    assert (cfg.image_size, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, cfg.device) == (
+        160,
+        3,
+        1e-3,
+        32,
+        0,
+        "auto",
+    )
+    assert (cfg.num_workers, cfg.patience, cfg.use_lr_find, cfg.finetune_stages) == (0, 2, False, None)
+    assert (cfg.lr_mult, cfg.wd, cfg.dropout) == (100.0, None, 0.2)
+
+
+def test_is_frozen_and_hashable_and_stages_become_a_tuple():
+    cfg = TrainConfig(scenario="finetune", finetune_stages=[1, 2, 4])
+    assert cfg.finetune_stages == (1, 2, 4) and hash(cfg) == hash(
+        TrainConfig(scenario="finetune", finetune_stages=(1, 2, 4))
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 5  # type: ignore[misc]
+    assert dataclasses.replace(cfg, seed=3).seed == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("task", "covid_vs_everything", "unknown task"),
+        ("scenario", "linear", "unknown scenario"),
+        ("backbone", "resnet9000", "unknown backbone"),
+        ("device", "gpu", "is not a device"),
+        ("device", 0, "must be a string"),
+        ("decomposition", 1, "True or False"),
+        ("use_lr_find", "yes", "True or False"),
+        ("image_size", 0, "integer >= 1"),
+        ("epochs", 0, "integer >= 1"),
+        ("epochs", 2.0, "integer >= 1"),
+        ("epochs", True, "integer >= 1"),
+        ("batch_size", 1, "integer >= 2"),
+        ("seed", -1, "integer >= 0"),
+        ("num_workers", -1, "integer >= 0"),
+        ("patience", -1, "integer >= 0"),
+        ("lr", 0.0, "number > 0"),
+        ("lr", -1e-3, "number > 0"),
+        ("lr", float("nan"), "finite number"),
+        ("lr", "0.001", "finite number"),
+        ("lr_mult", 0, "number > 0"),
+        ("wd", -0.1, "number >= 0"),
+        ("dropout", 1.0, "< 1"),
+        ("dropout", -0.1, ">= 0"),
+        ("finetune_stages", [], "strictly increasing"),
+        ("finetune_stages", [2, 1], "strictly increasing"),
+        ("finetune_stages", [0, 1], "strictly increasing"),
+        ("finetune_stages", 3, "sequence of integers"),
+    ],
+)
+def test_bad_values_raise_naming_the_parameter(name: str, value: object, message: str):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{name}\b.*{message}") as err:
+        TrainConfig(**{name: value})
+    if name not in ("backbone",):
+        assert repr(value) in str(err.value)
+
+
+def test_good_edge_values_pass():
+    TrainConfig(lr=1, wd=0.0, dropout=0.0, patience=0, batch_size=2, device="cuda:1", finetune_stages=(2,))
+    for task in config.TASKS:
+        for scenario in config.SCENARIOS:
+            TrainConfig(task=task, scenario=scenario)
+
+
+def test_train_run_takes_the_manifest_a_config_and_paths_only():
+    params = inspect.signature(training.train_run).parameters
+    assert list(params) == ["manifest", "cfg", "image_root", "out_root", "profile_dir", "feature_cache_dir"]
+
+
+def test_the_transfer_notebook_parameters_are_config_fields_or_its_own():
+    declared = set(pipeline.declared_parameters(config.NOTEBOOKS_DIR / "04_transfer.ipynb"))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert declared - fields == {"profile", "max_per_class"}
