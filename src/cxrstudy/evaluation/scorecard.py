@@ -1,0 +1,400 @@
+"""Confound-free scorecard of one trained run: questions that source shortcuts cannot answer for it.
+
+Every model-scored metric uses only the run's **held-out** images: rows of its ``predictions.csv``
+whose ``split`` is neither ``train`` nor ``val`` (``test``, plus any ``holdout`` rows such as an
+evaluation-only source). The run's own split column is the authority on what it trained on.
+Intervals are 95% percentile intervals of the patient-group bootstrap of
+:mod:`cxrstudy.evaluation.metrics`. Metrics (``metric`` of each entry):
+
+* ``paper_task_accuracy``: COVID-19 vs normal on the test split; three-class runs are restricted to
+  covid/normal rows and predict the larger of P(covid) and P(normal).
+* ``ieee8023_covid_vs_pneumonia_auc``: ieee8023 COVID-19 films ranked above ieee8023 other-pneumonia
+  films by P(covid) / (P(covid) + P(pneumonia)) (binary runs: P(covid)). With fewer than
+  :data:`MIN_FILMS` films or :data:`MIN_GROUPS` patient groups of a class among the held-out rows,
+  a patient-grouped cross-validated linear probe on the run's penultimate features of *all* ieee8023
+  covid + pneumonia films answers instead (``method`` = ``probe``).
+* ``actualmed_covid_vs_normal_balanced_accuracy``: held-out Actualmed covid/normal rows, predicting
+  the larger of P(covid) and P(normal); both classes are needed.
+* ``source_id_within_covid_accuracy`` / ``_majority``: a 5-fold StratifiedGroupKFold linear probe
+  predicting the source of COVID-19 films (sources with >= ``min_films`` films) from the run's
+  features, and the share of the largest source; both bootstrapped over patient groups.
+* ``nih_pneumonia_vs_normal_auc`` (three-class runs): held-out NIH rows ranked by
+  P(pneumonia) / (P(pneumonia) + P(normal)); probe fallback as for ieee8023.
+
+A metric that cannot be computed has ``value`` None and a ``note`` saying why; it is never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from cxrstudy import config
+from cxrstudy.evaluation.metrics import _bootstrap_weights, _group_array, _interval, compute_metrics
+from cxrstudy.evaluation.shortcuts import _grouped_cv_predict
+
+#: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
+FIELDS: tuple[str, ...] = ("run_id", "variant", "task", "metric", "value", "ci_low", "ci_high", "n", "method")
+#: Held-out rows below this many films, or ...
+MIN_FILMS = 10
+#: ... this many patient groups, of either class send a ranking metric to the probe fallback.
+MIN_GROUPS = 5
+#: Splits a run learned from; everything else in its predictions is held out.
+SEEN_SPLITS: frozenset[str] = frozenset({"train", "val"})
+#: How many probe folds (StratifiedGroupKFold over patient groups).
+N_SPLITS = 5
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal line: ``metric`` ``op`` ``target`` (S3: target = value of ``relative_to`` + ``margin``)."""
+
+    goal: str
+    metric: str
+    op: str
+    target: float | None
+    relative_to: str | None = None
+    margin: float = 0.0
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("S1", "ieee8023_covid_vs_pneumonia_auc", ">=", 0.80),
+    Goal("S2", "actualmed_covid_vs_normal_balanced_accuracy", ">=", 0.85),
+    Goal("S3", "source_id_within_covid_accuracy", "<=", None, "source_id_within_covid_majority", 0.05),
+    Goal("S4", "nih_pneumonia_vs_normal_auc", ">=", 0.85),
+    Goal("S5", "paper_task_accuracy", ">=", config.PAPER_ACCURACY),
+)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _num(x: object) -> float | None:
+    """A JSON-ready float, None for None / NaN / inf."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _result(interval: dict | None, n: int, method: str, note: str | None = None) -> dict:
+    """Metric part of an entry from a metrics.py interval (None: not computed, ``note`` required)."""
+    iv = interval or {}
+    out = {
+        "value": _num(iv.get("value")),
+        "ci_low": _num(iv.get("ci_low")),
+        "ci_high": _num(iv.get("ci_high")),
+        "n": int(n),
+        "method": method,
+    }
+    if out["value"] is None and not note:
+        note = "metric undefined on these images"
+    if note:
+        out["note"] = note
+    return out
+
+
+def _none(note: str, n: int = 0, method: str = "model") -> dict:
+    """A metric that cannot be computed, with the reason."""
+    return _result(None, n, method, note)
+
+
+def _with_source_names(predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Predictions plus ``source_name`` (from the manifest by image, else by ``source`` = owner/repo)."""
+    df = predictions.reset_index(drop=True).copy()
+    if "source_name" in df.columns:
+        return df
+    by_image = manifest.drop_duplicates("image").set_index("image")["source_name"]
+    df["source_name"] = df["image"].map(by_image)
+    if "source" in df.columns and df["source_name"].isna().any():
+        by_repo = manifest.drop_duplicates("source").set_index("source")["source_name"]
+        df["source_name"] = df["source_name"].fillna(df["source"].map(by_repo))
+    return df
+
+
+def held_out(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a run's predictions it never trained or validated on (split not train/val)."""
+    seen = predictions["split"].astype(str).isin(SEEN_SPLITS)
+    seen_images = set(predictions.loc[seen, "image"])
+    return predictions[~seen & ~predictions["image"].isin(seen_images)]
+
+
+def pair_score(df: pd.DataFrame, positive: str, negative: str) -> np.ndarray:
+    """P(positive) / (P(positive) + P(negative)); P(positive) alone when the run has no ``negative``
+    column; 0.5 where both are zero."""
+    p = df[f"prob_{positive}"].to_numpy(dtype=float)
+    if f"prob_{negative}" not in df.columns:
+        return p
+    q = df[f"prob_{negative}"].to_numpy(dtype=float)
+    total = p + q
+    return np.divide(p, total, out=np.full(len(p), 0.5), where=total > 0)
+
+
+def _binary_metrics(
+    df: pd.DataFrame, score: np.ndarray, positive: str, negative: str, n_bootstrap: int, seed: int
+) -> dict:
+    """compute_metrics of a two-class problem from a positive-class score in [0, 1]."""
+    probs = np.column_stack([score, 1.0 - score])
+    return compute_metrics(df["label"], probs, [positive, negative], df["patient_group"], n_bootstrap, seed)
+
+
+def _too_few(df: pd.DataFrame, classes: Sequence[str]) -> str | None:
+    """Why held-out rows are too few for a model-scored ranking metric (None when enough)."""
+    for c in classes:
+        rows = df[df["label"] == c]
+        if len(rows) < MIN_FILMS or rows["patient_group"].nunique() < MIN_GROUPS:
+            return (
+                f"{len(rows)} held-out {c} films in {rows['patient_group'].nunique()} patient groups "
+                f"(< {MIN_FILMS} films or < {MIN_GROUPS} groups)"
+            )
+    return None
+
+
+def _with_features(rows: pd.DataFrame, features: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Rows whose image has a feature row; a note when some had none."""
+    has = rows["image"].isin(features.index)
+    note = None if has.all() else f"{int((~has).sum())} image(s) without features left out"
+    return rows[has].reset_index(drop=True), note
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+def probe_auc(
+    features: pd.DataFrame,
+    rows: pd.DataFrame,
+    positive: str,
+    negative: str,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Out-of-fold ROC-AUC (``positive`` above ``negative``) of a patient-grouped CV linear probe."""
+    rows = rows[rows["label"].isin([positive, negative])]
+    rows, missing = _with_features(rows, features)
+    groups = rows.groupby("label")["patient_group"].nunique().reindex([positive, negative]).fillna(0)
+    n_splits = int(min(N_SPLITS, groups.min()))
+    if n_splits < 2:
+        return _none(
+            f"probe needs >= 2 patient groups per class; have {groups.astype(int).to_dict()}",
+            len(rows),
+            "probe",
+        )
+    y = rows["label"].to_numpy()
+    X = features.loc[rows["image"]].to_numpy(dtype=np.float64)
+    probs, labels = _grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    res = _binary_metrics(rows, probs[:, labels.index(positive)], positive, negative, n_bootstrap, seed)
+    return _result(res["per_class"][positive]["roc_auc"], len(rows), "probe", missing)
+
+
+def _source_probe(
+    features: pd.DataFrame, rows: pd.DataFrame, min_films: int, n_bootstrap: int, seed: int
+) -> tuple[dict, dict, list[str]]:
+    """Grouped-CV source probe on ``rows``: (accuracy entry, majority entry, sources used)."""
+    rows, missing = _with_features(rows, features)
+    counts = rows["source_name"].value_counts()
+    sources = sorted(counts[counts >= min_films].index)
+    rows = rows[rows["source_name"].isin(sources)].reset_index(drop=True)
+    if len(sources) < 2:
+        note = f"fewer than two sources with >= {min_films} films ({counts.to_dict()})"
+        return _none(note, len(rows), "probe"), _none(note, len(rows), "probe"), sources
+    y = rows["source_name"].astype(str).to_numpy()
+    g = _group_array(rows["patient_group"], len(rows))
+    n_splits = int(min(N_SPLITS, len(np.unique(g))))
+    probs, labels = _grouped_cv_predict(
+        features.loc[rows["image"]].to_numpy(np.float64), y, g, n_splits, seed
+    )
+    correct = (np.asarray(labels)[probs.argmax(axis=1)] == y).astype(float)
+    largest = (y == counts[sources].idxmax()).astype(float)
+    acc, maj = _bootstrap_means([correct, largest], g, n_bootstrap, seed)
+    return _result(acc, len(rows), "probe", missing), _result(maj, len(rows), "probe", missing), sources
+
+
+def _bootstrap_means(
+    values: Sequence[np.ndarray], groups: np.ndarray, n_bootstrap: int, seed: int
+) -> list[dict]:
+    """Mean of each per-image array with one shared patient-group bootstrap interval."""
+    reps: list[list[np.ndarray]] = [[] for _ in values]
+    for W in _bootstrap_weights(groups, n_bootstrap, seed):
+        for i, v in enumerate(values):
+            reps[i].append(W @ v / W.sum(axis=1))
+    return [
+        _interval(float(v.mean()), np.concatenate(r) if r else np.array([]), LEVEL)
+        for v, r in zip(values, reps, strict=True)
+    ]
+
+
+def reading(acc: float | None, ci_low: float | None, majority: float | None) -> str:
+    """Plain reading of a source probe: "no source signal" when its interval reaches the majority
+    baseline or ``acc <= majority + 0.02``, else "source signal present"."""
+    if acc is None or majority is None:
+        return "not computed"
+    if acc <= majority + 0.02 or (ci_low is not None and ci_low <= majority):
+        return "no source signal"
+    return "source signal present"
+
+
+def source_id_within_label(
+    features: pd.DataFrame,
+    manifest: pd.DataFrame,
+    min_films: int = 10,
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> list[dict]:
+    """Source identification within each label (label, n, sources, accuracy, CI, majority, reading);
+    the across-label figure mostly restates the label, this one does not."""
+    out = []
+    for label, rows in manifest.groupby("label", sort=True):
+        acc, maj, sources = _source_probe(features, rows, min_films, n_bootstrap, seed)
+        entry = {
+            "label": str(label),
+            "n": acc["n"],
+            "sources": sources,
+            "accuracy": acc["value"],
+            "ci_low": acc["ci_low"],
+            "ci_high": acc["ci_high"],
+            "majority": maj["value"],
+            "reading": reading(acc["value"], acc["ci_low"], maj["value"]),
+        }
+        if "note" in acc:
+            entry["note"] = acc["note"]
+        out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _paper_task(preds: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
+    """COVID-19 vs normal accuracy on the test split (argmax of P(covid) vs P(normal))."""
+    rows = preds[(preds["split"] == "test") & preds["label"].isin(["covid", "normal"])]
+    if len(rows) == 0:
+        return _none("no covid/normal test rows in the predictions", len(rows))
+    res = _binary_metrics(rows, pair_score(rows, "covid", "normal"), "covid", "normal", n_bootstrap, seed)
+    return _result(res["accuracy"], len(rows), "model")
+
+
+def _ranking(
+    held: pd.DataFrame,
+    manifest: pd.DataFrame,
+    features: pd.DataFrame | None,
+    source: str,
+    positive: str,
+    negative: str,
+    n_bootstrap: int,
+    seed: int,
+) -> dict:
+    """ROC-AUC of ``positive`` above ``negative`` on held-out ``source`` rows, else the probe fallback."""
+    rows = held[(held["source_name"] == source) & held["label"].isin([positive, negative])]
+    why = _too_few(rows, [positive, negative])
+    if why is None:
+        res = _binary_metrics(
+            rows, pair_score(rows, positive, negative), positive, negative, n_bootstrap, seed
+        )
+        return _result(res["per_class"][positive]["roc_auc"], len(rows), "model")
+    if features is None:
+        return _none(f"{why}; no features for the probe fallback", len(rows), "probe")
+    every = manifest[(manifest["source_name"] == source) & manifest["label"].isin([positive, negative])]
+    out = probe_auc(features, every, positive, negative, n_bootstrap, seed)
+    out["note"] = "; ".join(x for x in (f"probe fallback: {why}", out.get("note")) if x)
+    return out
+
+
+def _actualmed(held: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
+    """Balanced accuracy of covid vs normal on held-out Actualmed rows."""
+    rows = held[(held["source_name"] == "actualmed") & held["label"].isin(["covid", "normal"])]
+    if len(rows) == 0:
+        return _none("no held-out Actualmed covid/normal rows in the predictions")
+    if rows["label"].nunique() < 2:
+        return _none(f"held-out Actualmed rows hold only {sorted(rows['label'].unique())}", len(rows))
+    res = _binary_metrics(rows, pair_score(rows, "covid", "normal"), "covid", "normal", n_bootstrap, seed)
+    return _result(res["balanced_accuracy"], len(rows), "model")
+
+
+def scorecard_for_run(
+    run_info: dict,
+    predictions: pd.DataFrame,
+    manifest: pd.DataFrame,
+    features: pd.DataFrame | None,
+    variant: str = "baseline",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
+    """Every scorecard entry of one run (module docstring); ``features`` indexed by image, or None."""
+    classes = tuple(run_info.get("classes") or config.task_classes(run_info["task"]))
+    preds = _with_source_names(predictions, manifest)
+    held = held_out(preds)
+    three = "pneumonia" in classes
+    results: dict[str, dict] = {"paper_task_accuracy": _paper_task(preds, n_bootstrap, seed)}
+    results["ieee8023_covid_vs_pneumonia_auc"] = _ranking(
+        held, manifest, features, "ieee8023", "covid", "pneumonia", n_bootstrap, seed
+    )
+    results["actualmed_covid_vs_normal_balanced_accuracy"] = _actualmed(held, n_bootstrap, seed)
+    if features is None:
+        results["source_id_within_covid_accuracy"] = _none("no features given", method="probe")
+        results["source_id_within_covid_majority"] = _none("no features given", method="probe")
+    else:
+        covid = manifest[manifest["label"] == "covid"]
+        acc, maj, _ = _source_probe(features, covid, 10, n_bootstrap, seed)
+        results["source_id_within_covid_accuracy"] = acc
+        results["source_id_within_covid_majority"] = maj
+    if three:
+        results["nih_pneumonia_vs_normal_auc"] = _ranking(
+            held, manifest, features, "nih", "pneumonia", "normal", n_bootstrap, seed
+        )
+    else:
+        results["nih_pneumonia_vs_normal_auc"] = _none(
+            f"task {run_info.get('task')!r} has no pneumonia class"
+        )
+    head = {"run_id": run_info.get("run_id", ""), "variant": variant, "task": run_info.get("task", "")}
+    return [{**head, "metric": m, **r} for m, r in results.items()]
+
+
+def scorecard_frame(entries: Sequence[dict]) -> pd.DataFrame:
+    """Entries as a table with the contract's columns first (and ``note``, empty where none)."""
+    df = pd.DataFrame(list(entries))
+    for col in (*FIELDS, "note"):
+        if col not in df.columns:
+            df[col] = None
+    return df[[*FIELDS, "note", *[c for c in df.columns if c not in (*FIELDS, "note")]]]
+
+
+def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[dict]:
+    """Each goal per (run_id, variant): value, interval, target and ``met`` (None when not computed)."""
+    out = []
+    keys = list(dict.fromkeys((e.get("run_id"), e.get("variant")) for e in entries))
+    for run_id, variant in keys:
+        mine = {e["metric"]: e for e in entries if (e.get("run_id"), e.get("variant")) == (run_id, variant)}
+        for goal in goals:
+            e = mine.get(goal.metric, {})
+            target = goal.target
+            if goal.relative_to is not None:
+                base = mine.get(goal.relative_to, {}).get("value")
+                target = None if base is None else base + goal.margin
+            value = e.get("value")
+            met = None
+            if value is not None and target is not None:
+                met = bool(value >= target) if goal.op == ">=" else bool(value <= target)
+            out.append(
+                {
+                    "goal": goal.goal,
+                    "run_id": run_id,
+                    "variant": variant,
+                    "metric": goal.metric,
+                    "op": goal.op,
+                    "target": target,
+                    "value": value,
+                    "ci_low": e.get("ci_low"),
+                    "ci_high": e.get("ci_high"),
+                    "met": met,
+                }
+            )
+    return out
+
+
+def goals_table() -> list[dict]:
+    """The goal lines as plain dicts (for reports)."""
+    return [asdict(g) for g in GOALS]

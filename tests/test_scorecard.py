@@ -1,0 +1,349 @@
+"""Scorecard on synthetic predictions with known answers, and on the real manifest with cheap real features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrstudy import config
+from cxrstudy.evaluation import scorecard as SC
+
+NB = 200  # bootstrap replicates in the synthetic tests
+THREE = {"run_id": "r3", "task": "covid_normal_pneumonia", "classes": ["covid", "normal", "pneumonia"]}
+TWO = {"run_id": "r2", "task": "covid_vs_normal", "classes": ["covid", "normal"]}
+
+
+def _rows(source: str, label: str, n: int, split: str, tag: str = "") -> pd.DataFrame:
+    """``n`` films of one source and label, one patient group each."""
+    names = [f"images/{source}/{label}{tag}_{i}.png" for i in range(n)]
+    return pd.DataFrame(
+        {
+            "image": names,
+            "label": label,
+            "source": f"{source}/repo",
+            "source_name": source,
+            "patient_group": [f"pg_{source}_{label}{tag}_{i}" for i in range(n)],
+            "split": split,
+        }
+    )
+
+
+def _manifest(n_ieee_test: int = 20) -> pd.DataFrame:
+    parts = [
+        _rows("cxnet", "covid", 30, "train"),
+        _rows("nih", "normal", 30, "train"),
+        _rows("nih", "pneumonia", 30, "train"),
+        _rows("ieee8023", "covid", 30, "train", "t"),
+        _rows("ieee8023", "pneumonia", 30, "train", "t"),
+        _rows("ieee8023", "covid", n_ieee_test, "test"),
+        _rows("ieee8023", "pneumonia", n_ieee_test, "test"),
+        _rows("nih", "normal", 20, "test", "x"),
+        _rows("nih", "pneumonia", 20, "test", "x"),
+        _rows("cxnet", "covid", 10, "test", "x"),
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _predict(manifest: pd.DataFrame, classes: list[str], score=None) -> pd.DataFrame:
+    """Predictions with the true class at 0.8 (others share 0.2), or from ``score(rows) -> probs``."""
+    rows = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
+    if score is None:
+        probs = np.full((len(rows), len(classes)), 0.2 / (len(classes) - 1))
+        probs[np.arange(len(rows)), [classes.index(c) for c in rows["label"]]] = 0.8
+    else:
+        probs = score(rows)
+    out = rows[["image", "split", "label", "source", "patient_group"]].copy()
+    for j, c in enumerate(classes):
+        out[f"prob_{c}"] = probs[:, j]
+    out["pred"] = [classes[j] for j in probs.argmax(1)]
+    return out
+
+
+def _by_metric(entries: list[dict]) -> dict[str, dict]:
+    return {e["metric"]: e for e in entries}
+
+
+def _label_features(manifest: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Features that separate the labels well (label one-hot + noise), indexed by image."""
+    rng = np.random.default_rng(seed)
+    onehot = pd.get_dummies(manifest["label"]).to_numpy(float)
+    return pd.DataFrame(onehot * 2 + rng.normal(size=onehot.shape), index=manifest["image"].to_numpy())
+
+
+def test_contract_fields_and_perfect_model():
+    m = _manifest()
+    entries = SC.scorecard_for_run(THREE, _predict(m, THREE["classes"]), m, None, n_bootstrap=NB)
+    json.dumps(entries, allow_nan=False)  # JSON-ready: no NaN anywhere
+    for e in entries:
+        assert set(SC.FIELDS) <= set(e), e
+        assert e["run_id"] == "r3" and e["variant"] == "baseline" and e["task"] == THREE["task"]
+        assert e["method"] in ("model", "probe")
+        assert (e["value"] is None) == ("note" in e), e
+    got = _by_metric(entries)
+    assert list(got) == [
+        "paper_task_accuracy",
+        "ieee8023_covid_vs_pneumonia_auc",
+        "actualmed_covid_vs_normal_balanced_accuracy",
+        "source_id_within_covid_accuracy",
+        "source_id_within_covid_majority",
+        "nih_pneumonia_vs_normal_auc",
+    ]
+    ieee = got["ieee8023_covid_vs_pneumonia_auc"]
+    assert ieee["value"] == 1.0 and ieee["method"] == "model" and ieee["n"] == 40  # only test rows
+    assert ieee["ci_low"] == 1.0 == ieee["ci_high"]
+    assert got["nih_pneumonia_vs_normal_auc"]["value"] == 1.0
+    assert got["nih_pneumonia_vs_normal_auc"]["n"] == 40
+    paper = got["paper_task_accuracy"]
+    assert paper["value"] == 1.0 and paper["n"] == 20 + 10 + 20  # ieee + cxnet covid, nih normal
+    # no Actualmed rows and no features: reported with a reason, never dropped
+    am = got["actualmed_covid_vs_normal_balanced_accuracy"]
+    assert am["value"] is None and "Actualmed" in am["note"]
+    assert got["source_id_within_covid_accuracy"]["value"] is None
+    assert "features" in got["source_id_within_covid_accuracy"]["note"]
+
+
+def test_constant_score_gives_auc_half_and_variant_is_kept():
+    m = _manifest()
+    entries = SC.scorecard_for_run(
+        THREE,
+        _predict(m, THREE["classes"], lambda r: np.full((len(r), 3), 1 / 3)),
+        m,
+        None,
+        variant="masked",
+        n_bootstrap=NB,
+    )
+    got = _by_metric(entries)
+    assert got["ieee8023_covid_vs_pneumonia_auc"]["value"] == pytest.approx(0.5)
+    assert got["nih_pneumonia_vs_normal_auc"]["value"] == pytest.approx(0.5)
+    assert {e["variant"] for e in entries} == {"masked"}
+
+
+def test_three_class_score_is_ratio_and_binary_run_uses_p_covid():
+    m = _manifest()
+
+    def score(rows: pd.DataFrame) -> np.ndarray:
+        # P(covid) is small for everyone, but larger than P(pneumonia) exactly for covid films
+        covid = (rows["label"] == "covid").to_numpy()
+        p_c = np.where(covid, 0.2, 0.1)
+        p_p = np.where(covid, 0.1, 0.2)
+        return np.c_[p_c, 1 - p_c - p_p, p_p]
+
+    got = _by_metric(
+        SC.scorecard_for_run(THREE, _predict(m, THREE["classes"], score), m, None, n_bootstrap=NB)
+    )
+    assert got["ieee8023_covid_vs_pneumonia_auc"]["value"] == 1.0
+    # binary run: pneumonia films scored by P(covid) only, when the caller predicted them
+    rows = m[m["label"].isin(["covid", "pneumonia"]) | (m["label"] == "normal")].reset_index(drop=True)
+    p = np.where(rows["label"] == "covid", 0.9, 0.3)
+    preds = rows[["image", "split", "label", "source", "patient_group"]].assign(
+        prob_covid=p, prob_normal=1 - p
+    )
+    got = _by_metric(SC.scorecard_for_run(TWO, preds, m, None, n_bootstrap=NB))
+    assert got["ieee8023_covid_vs_pneumonia_auc"]["value"] == 1.0
+    nih = got["nih_pneumonia_vs_normal_auc"]
+    assert nih["value"] is None and "pneumonia" in nih["note"]
+
+
+def test_actualmed_balanced_accuracy_by_hand():
+    m = pd.concat(
+        [_manifest(), _rows("actualmed", "covid", 4, "holdout"), _rows("actualmed", "normal", 2, "holdout")],
+        ignore_index=True,
+    )
+    am = m["source_name"] == "actualmed"
+    # covid films: 3 of 4 right (the third right although P(pneumonia) is largest); normal: 1 of 2 right
+    table = {
+        "images/actualmed/covid_0.png": (0.7, 0.2, 0.1),
+        "images/actualmed/covid_1.png": (0.6, 0.3, 0.1),
+        "images/actualmed/covid_2.png": (0.3, 0.1, 0.6),
+        "images/actualmed/covid_3.png": (0.2, 0.7, 0.1),
+        "images/actualmed/normal_0.png": (0.1, 0.8, 0.1),
+        "images/actualmed/normal_1.png": (0.5, 0.4, 0.1),
+    }
+    base = _predict(m[~am], THREE["classes"])
+    hand = _predict(m[am], THREE["classes"], lambda r: np.array([table[i] for i in r["image"]]))
+    got = _by_metric(SC.scorecard_for_run(THREE, pd.concat([base, hand]), m, None, n_bootstrap=NB))
+    e = got["actualmed_covid_vs_normal_balanced_accuracy"]
+    assert e["value"] == pytest.approx((3 / 4 + 1 / 2) / 2) and e["n"] == 6 and e["method"] == "model"
+    assert e["ci_low"] <= e["value"] <= e["ci_high"]
+    # rows the run trained on never count: the same rows as a training split give no metric
+    trained = pd.concat([base, hand.assign(split="train")])
+    e = _by_metric(SC.scorecard_for_run(THREE, trained, m, None, n_bootstrap=NB))[
+        "actualmed_covid_vs_normal_balanced_accuracy"
+    ]
+    assert e["value"] is None and e["n"] == 0
+    # one class only: not computed, with a reason
+    only = pd.concat([base, hand[hand["label"] == "covid"]])
+    e = _by_metric(SC.scorecard_for_run(THREE, only, m, None, n_bootstrap=NB))[
+        "actualmed_covid_vs_normal_balanced_accuracy"
+    ]
+    assert e["value"] is None and "only" in e["note"]
+
+
+def test_probe_fallback_when_too_few_held_out_films():
+    m = _manifest(n_ieee_test=6)  # < 10 held-out films per class
+    preds = _predict(m, THREE["classes"])
+    got = _by_metric(SC.scorecard_for_run(THREE, preds, m, None, n_bootstrap=NB))
+    e = got["ieee8023_covid_vs_pneumonia_auc"]
+    assert e["value"] is None and e["method"] == "probe" and "no features" in e["note"]
+    feats = _label_features(m)
+    got = _by_metric(SC.scorecard_for_run(THREE, preds, m, feats, n_bootstrap=NB))
+    e = got["ieee8023_covid_vs_pneumonia_auc"]
+    assert e["method"] == "probe" and "probe fallback" in e["note"]
+    assert e["n"] == 2 * (30 + 6)  # every ieee8023 covid + pneumonia film, all splits
+    assert e["value"] > 0.9
+    assert got["nih_pneumonia_vs_normal_auc"]["method"] == "model"  # 20 + 20 held out: enough
+    # too few patient groups (many films of one patient) also sends it to the probe
+    few = _manifest(n_ieee_test=20)
+    test_ieee = (few["source_name"] == "ieee8023") & (few["split"] == "test")
+    few.loc[test_ieee, "patient_group"] = few.loc[test_ieee, "label"] + "_one_patient"
+    got = _by_metric(SC.scorecard_for_run(THREE, _predict(few, THREE["classes"]), few, feats, n_bootstrap=NB))
+    e = got["ieee8023_covid_vs_pneumonia_auc"]
+    assert e["method"] == "probe" and "in 1 patient groups" in e["note"]
+
+
+def test_source_probe_without_signal_reads_no_source_signal():
+    rng = np.random.default_rng(1)
+    m = pd.concat(
+        [
+            _rows("cxnet", "covid", 60, "train"),
+            _rows("ieee8023", "covid", 30, "train"),
+            _rows("mhh", "covid", 8, "train"),
+        ],
+        ignore_index=True,
+    )
+    feats = pd.DataFrame(rng.normal(size=(len(m), 5)), index=m["image"].to_numpy())
+    got = _by_metric(SC.scorecard_for_run(TWO, _predict(m, ["covid", "normal"]), m, feats, n_bootstrap=NB))
+    acc, maj = got["source_id_within_covid_accuracy"], got["source_id_within_covid_majority"]
+    assert acc["n"] == maj["n"] == 90  # mhh (8 films) is below min_films
+    assert maj["value"] == pytest.approx(60 / 90)
+    assert acc["method"] == "probe"
+    assert SC.reading(acc["value"], acc["ci_low"], maj["value"]) == "no source signal"
+    [row] = SC.source_id_within_label(feats, m, n_bootstrap=NB)
+    assert (
+        row["label"] == "covid"
+        and row["reading"] == "no source signal"
+        and row["sources"] == ["cxnet", "ieee8023"]
+    )
+
+
+def test_reading_helper():
+    assert SC.reading(0.60, 0.58, 0.60) == "no source signal"  # at its majority
+    assert SC.reading(0.61, 0.50, 0.60) == "no source signal"  # within +0.02
+    assert SC.reading(0.70, 0.59, 0.60) == "no source signal"  # interval reaches the majority
+    assert SC.reading(0.80, 0.70, 0.60) == "source signal present"
+    assert SC.reading(None, None, 0.6) == "not computed"
+
+
+def test_check_goals():
+    def e(metric, value, run="a"):
+        return {
+            "run_id": run,
+            "variant": "baseline",
+            "metric": metric,
+            "value": value,
+            "ci_low": None,
+            "ci_high": None,
+        }
+
+    entries = [
+        e("ieee8023_covid_vs_pneumonia_auc", 0.80),
+        e("actualmed_covid_vs_normal_balanced_accuracy", 0.84),
+        e("source_id_within_covid_accuracy", 0.50),
+        e("source_id_within_covid_majority", 0.44),
+        e("nih_pneumonia_vs_normal_auc", None),
+        e("paper_task_accuracy", 0.95),
+        e("source_id_within_covid_accuracy", 0.60, run="b"),
+        e("source_id_within_covid_majority", 0.44, run="b"),
+    ]
+    goals = SC.check_goals(entries)
+    a = {g["goal"]: g for g in goals if g["run_id"] == "a"}
+    b = {g["goal"]: g for g in goals if g["run_id"] == "b"}
+    assert len(goals) == 2 * len(SC.GOALS)
+    assert a["S1"]["met"] is True and a["S1"]["target"] == 0.80  # >= is inclusive
+    assert a["S2"]["met"] is False
+    assert a["S3"]["target"] == pytest.approx(0.49) and a["S3"]["met"] is False
+    assert b["S3"]["met"] is False and b["S1"]["met"] is None  # b has no ieee entry
+    assert a["S4"]["met"] is None
+    assert a["S5"]["met"] is True and a["S5"]["target"] == pytest.approx(0.9417)
+    entries[2]["value"] = 0.48
+    again = {g["goal"]: g for g in SC.check_goals(entries) if g["run_id"] == "a"}
+    assert again["S3"]["met"] is True
+    assert set(goals[0]) >= {"goal", "metric", "target", "value", "ci_low", "ci_high", "met"}
+
+
+def test_scorecard_frame():
+    entries = [
+        {
+            "run_id": "a",
+            "variant": "baseline",
+            "task": "t",
+            "metric": "m",
+            "value": None,
+            "ci_low": None,
+            "ci_high": None,
+            "n": 0,
+            "method": "model",
+            "note": "why",
+        },
+        {
+            "run_id": "a",
+            "variant": "baseline",
+            "task": "t",
+            "metric": "k",
+            "value": 0.5,
+            "ci_low": 0.4,
+            "ci_high": 0.6,
+            "n": 3,
+            "method": "probe",
+        },
+    ]
+    df = SC.scorecard_frame(entries)
+    assert list(df.columns[: len(SC.FIELDS) + 1]) == [*SC.FIELDS, "note"]
+    assert len(df) == 2 and df["note"].iloc[0] == "why"
+
+
+# ------------------------------------------------------------------------------------------ real data
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The real manifest and 8x8 thumbnails of its processed images as a cheap real feature table."""
+    path = config.PROCESSED_DIR / "manifest.csv"
+    if not path.is_file():
+        pytest.skip("no data/processed/manifest.csv (run `make data`)")
+    m = pd.read_csv(path)
+    X = np.stack(
+        [
+            np.asarray(
+                Image.open(config.PROCESSED_DIR / p).convert("L").resize((8, 8), Image.BILINEAR), float
+            ).ravel()
+            for p in m["image"]
+        ]
+    )
+    return m, pd.DataFrame(X / 255.0, index=m["image"].to_numpy())
+
+
+def test_real_source_id_within_covid(real):
+    m, feats = real
+    preds = _predict(m, THREE["classes"], lambda r: np.full((len(r), 3), 1 / 3))
+    got = _by_metric(SC.scorecard_for_run(THREE, preds, m, feats, n_bootstrap=300))
+    acc, maj = got["source_id_within_covid_accuracy"], got["source_id_within_covid_majority"]
+    covid = m[m["label"] == "covid"]
+    counts = covid["source_name"].value_counts()
+    assert acc["n"] == maj["n"] == int(counts[counts >= 10].sum())
+    assert maj["value"] == pytest.approx(counts.max() / counts[counts >= 10].sum())
+    assert acc["value"] >= maj["value"] - 0.05
+    assert acc["ci_low"] <= acc["value"] <= acc["ci_high"]
+    # the real test split holds < 10 ieee8023 pneumonia films: probe on all ieee8023 covid + pneumonia films
+    ieee = got["ieee8023_covid_vs_pneumonia_auc"]
+    assert ieee["method"] == "probe"
+    assert ieee["n"] == int(
+        ((m["source_name"] == "ieee8023") & m["label"].isin(["covid", "pneumonia"])).sum()
+    )
+    assert got["nih_pneumonia_vs_normal_auc"]["method"] == "model"
+    assert got["nih_pneumonia_vs_normal_auc"]["value"] == pytest.approx(0.5)
+    json.dumps(list(got.values()), allow_nan=False)
