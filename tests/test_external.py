@@ -118,3 +118,43 @@ def test_cli_and_missing_profile(tmp_path, mirror_file, profile, capsys, monkeyp
     printed = capsys.readouterr().out
     assert "5 of 7 images readable" in printed and "left out {'pneumonia': 1}" in printed
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
+def test_overlap_with_the_study_is_reported_and_can_be_dropped(tmp_path, mirror_file, profile, capsys, monkeypatch):
+    """Five original upstream files that the study holds are all reported as overlaps, then left out on request."""
+    from cxrstudy import config
+    from cxrstudy.fileio import sha256_file
+
+    files = [
+        ("nih", f"{NIH}/No_findings/00001299_000.png", "normal"),
+        ("nih", f"{NIH}/Pneumonia/00000061_012.png", "pneumonia"),
+        ("mhh", "png/006f3a8a.png", "covid"),
+        ("mhh", "png/00870a9c.png", "covid"),
+        ("nih", f"{NIH}/No_findings/00001280_004.png", "normal"),
+    ]
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    manifest = pd.DataFrame(
+        [{"image": f"images/{s}/{Path(p).name}", "label": lab, "source_name": s, "upstream_path": p,
+          "sha256": sha256_file(mirror_file(s, p))} for s, p, lab in files]
+    )
+    manifest.to_csv(processed / "manifest.csv", index=False)
+    csv = tmp_path / "five.csv"
+    pd.DataFrame({"path": [str(mirror_file(s, p)) for s, p, _ in files], "label": [x[2] for x in files]}).to_csv(
+        csv, index=False
+    )
+    res = E.evaluate_external(csv, profile_dir=profile, out_dir=tmp_path / "o1", n_bootstrap=20, device="cpu",
+                              figures=False, processed_dir=processed)
+    assert res["overlap"]["exact"] == 5 and len(res["overlap"]["images"]) == 5
+    assert {i["kind"] for i in res["overlap"]["images"]} == {"exact"}
+    assert res["dataset"]["n_readable"] == 5
+    dropped = E.evaluate_external(csv, profile_dir=profile, out_dir=tmp_path / "o2", n_bootstrap=20, device="cpu",
+                                  figures=False, processed_dir=processed, drop_overlap=True)
+    assert dropped["overlap"]["dropped"] and dropped["dataset"]["n_rows"] == 0
+    assert all(r["n_evaluated"] == 0 for r in dropped["runs"])
+
+    monkeypatch.setattr(config, "REPORTS_DIR", profile.parent)
+    monkeypatch.setattr(config, "PROCESSED_DIR", processed)
+    assert E.main(["--csv", str(csv), "--profile", profile.name, "--out", str(tmp_path / "o3"), "--n-bootstrap", "20",
+                   "--device", "cpu"]) == 0
+    assert "overlap with the study's images: 5 exact, 0 near copies" in capsys.readouterr().out

@@ -131,6 +131,19 @@ def _dataset_block(rows: pd.DataFrame, readable: pd.DataFrame, unreadable: pd.Da
     }
 
 
+def check_overlap(rows: pd.DataFrame, processed_dir: Path) -> dict:
+    """Exact and near copies of the study's own images among the CSV's files (``overlap`` block)."""
+    from cxrstudy.evaluation.overlap import find_overlaps
+
+    manifest_path = Path(processed_dir) / "manifest.csv"
+    if not manifest_path.is_file():
+        return {"exact": None, "near": None, "images": [], "note": f"no study manifest at {manifest_path}"}
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    found = find_overlaps(list(rows["path"]), manifest, Path(processed_dir))
+    return {"exact": int(found["exact"]), "near": int(found["near"]), "images": found["images"],
+            "same_patient": found.get("same_patient", [])}
+
+
 def evaluate_external(
     csv_path: Path | str,
     profile: str = "default",
@@ -141,8 +154,13 @@ def evaluate_external(
     batch_size: int = 32,
     profile_dir: Path | str | None = None,
     figures: bool = True,
+    drop_overlap: bool = False,
+    processed_dir: Path | str | None = None,
 ) -> dict:
-    """Evaluate every saved run of ``profile`` on the CSV's images; write and return the results dict."""
+    """Evaluate every saved run of ``profile`` on the CSV's images; write and return the results dict.
+
+    The CSV's files are first compared with the study's images (``overlap``); ``drop_overlap`` leaves the
+    exact and near copies out of the evaluation."""
     csv_path = Path(csv_path)
     rows = read_labels_csv(csv_path)
     pdir = Path(profile_dir) if profile_dir is not None else config.profile_dir(profile)
@@ -152,6 +170,10 @@ def evaluate_external(
             f"no saved runs under {pdir / 'runs'}: run `make reproduce PROFILE={pdir.name}` first"
         )
     out = Path(out_dir) if out_dir is not None else pdir / "external" / csv_path.stem
+    overlap = check_overlap(rows, Path(processed_dir or config.PROCESSED_DIR))
+    if drop_overlap and overlap["images"]:
+        rows = rows[~rows["path"].isin({i["path"] for i in overlap["images"]})].reset_index(drop=True)
+        overlap["dropped"] = True
     readable, resized, unreadable = decode_images(rows, {input_key(r["info"]) for r in runs})
     atomic_write_text(out / "unreadable.csv", unreadable.to_csv(index=False))
     opts = {"device": device, "batch_size": batch_size, "n_bootstrap": n_bootstrap, "seed": seed, "figures": figures}
@@ -163,6 +185,7 @@ def evaluate_external(
         "params": {"n_bootstrap": n_bootstrap, "seed": seed},
         "dataset": _dataset_block(rows, readable, unreadable),
         "unreadable": unreadable.to_dict(orient="records"),
+        "overlap": overlap,
         "runs": [_evaluate_run(run, readable, resized, csv_path, out, opts) for run in runs],
     }
     write_json(out / "results.json", results)
@@ -181,19 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--drop-overlap", action="store_true", help="leave out files that copy the study's images")
     args = ap.parse_args(argv)
     from cxrstudy.runlock import RunLocked, profile_lock
 
     try:
         with profile_lock(config.profile_dir(args.profile), f"evaluate --csv {args.csv}"):
             res = evaluate_external(
-                args.csv, args.profile, args.out, args.n_bootstrap, args.seed, args.device, args.batch_size
+                args.csv, args.profile, args.out, args.n_bootstrap, args.seed, args.device, args.batch_size,
+                drop_overlap=args.drop_overlap,
             )
     except (ValueError, FileNotFoundError, RunLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else config.profile_dir(args.profile) / "external" / args.csv.stem
-    ds = res["dataset"]
+    ds, ov = res["dataset"], res["overlap"]
+    if ov.get("exact") is not None:
+        action = "left out (--drop-overlap)" if ov.get("dropped") else "kept; --drop-overlap leaves them out"
+        print(f"overlap with the study's images: {ov['exact']} exact, {ov['near']} near copies ({action})")
     print(
         f"{ds['n_readable']} of {ds['n_rows']} images readable ({ds['n_unreadable']} listed in {out / 'unreadable.csv'})"
     )
