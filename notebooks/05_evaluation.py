@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 05 · Evaluation: metrics with patient-bootstrap intervals, shortcut checks, saliency, verdict
 #
-# Evaluates every saved run of the profile from its stored predictions (no retraining): accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**; calibration (ECE, Brier, reliability diagrams); McNemar's test between scenarios and the effect of class decomposition (on minus off). Then the shortcut checks on frozen features (source identification, lungs masked / lungs only, leave-one-source-out, the one same-hospital source) and Grad-CAM saliency with the share that falls inside the central lung field. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`.
+# Evaluates every saved run of the profile from its stored predictions (no retraining): accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**; calibration (ECE, Brier, reliability diagrams); McNemar's test between scenarios and the effect of class decomposition (on minus off). Then the shortcut checks on frozen features (source identification, lungs masked / lungs only, leave-one-source-out, the one same-hospital source) and Grad-CAM saliency with the share that falls inside the central lung field. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline and shortcut-check figures also appear on the profile's `index.html`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # evaluates reports/<profile>/runs/*
@@ -37,12 +37,12 @@ from IPython.display import Image, Markdown, display
 
 from cxrstudy import config
 from cxrstudy.data.splits import subsample
-from cxrstudy.evaluation import report, saliency, shortcuts
+from cxrstudy.evaluation import figures, report, saliency, shortcuts, tables
 
 config.seed_everything(seed)
 torch.set_num_threads(min(torch.get_num_threads(), 4))
 out = config.profile_dir(profile)
-fig_dir = out / "evaluation"
+fig_dir = out / figures.FIGURE_DIR
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH), max_per_class, seed)
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
 runs = report.load_runs(out)
@@ -57,7 +57,7 @@ display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "train_seconds", 
 
 # %%
 entries = report.evaluate_runs(runs, n_bootstrap, seed)
-display(report.runs_frame(entries))
+display(tables.runs_frame(entries))
 
 # %% [markdown]
 # ## Figures
@@ -65,8 +65,8 @@ display(report.runs_frame(entries))
 # Every run's test accuracy with its interval against the paper's 94.17% and DeTraC's 93.1%; confusion matrices; reliability diagrams (accuracy against confidence; the diagonal is perfect calibration); learning curves; accuracy per source and label (a model that is right only on some sources has learnt sources); ROC and precision-recall curves per run.
 
 # %%
-figures = report.evaluation_figures(runs, entries, fig_dir)
-for name, path in figures.items():
+figure_paths = figures.evaluation_figures(runs, entries, fig_dir)
+for name, path in figure_paths.items():
     display(Markdown(f"**{name.replace('_', ' ')}**"), Image(filename=str(path)))
 
 # %% [markdown]
@@ -75,19 +75,18 @@ for name, path in figures.items():
 # All checks use the shallow level, a logistic regression on frozen ImageNet features, so they are cheap on a CPU; they say what the images make easy, not what each trained network did. *Source identification*: how well the features name the repository (patient-group 5-fold CV). *Masking*: features of images with the central lung field (x and y 15-85%) blacked out, or with only that field kept. *Leave-one-source-out*: a head trained without a whole source, tested on it. *Same hospital*: Actualmed, the only source with COVID-19 and normal films from one site.
 
 # %%
-paper_runs = {r["info"]["run_id"]: r["predictions"] for r in runs if r["info"]["task"] == report.PAPER_TASK}
+paper_runs = {r["info"]["run_id"]: r["predictions"] for r in runs if r["info"]["task"] == tables.PAPER_TASK}
 checks_raw = {}
 if shortcut_checks:
     checks_raw = shortcuts.run_shortcut_checks(
-        manifest, paper_runs, config.PROCESSED_DIR, backbone, image_size, config.TASKS[report.PAPER_TASK],
+        manifest, paper_runs, config.PROCESSED_DIR, backbone, image_size, config.TASKS[tables.PAPER_TASK],
         batch_size=batch_size, device=device, seed=seed, n_bootstrap=n_bootstrap)
     sid = checks_raw["source_identification"]
     display(Markdown(f"Source identification: accuracy {sid.get('accuracy')}, balanced {sid.get('balanced_accuracy')}, "
                      f"majority baseline {sid.get('majority_baseline')} (n={sid['n']})"))
     display(pd.DataFrame({k: v for k, v in sid["within_label"].items()}).T)
-    display(pd.DataFrame({k: {m: report.fmt_pct(v[m]) for m in ("accuracy", "balanced_accuracy", "roc_auc")}
-                          for k, v in checks_raw["masking"].items()}).T)
-    display(report.loso_frame(checks_raw["leave_one_source_out"]))
+    display(tables.masking_frame(checks_raw["masking"]))
+    display(tables.loso_frame(checks_raw["leave_one_source_out"]))
     display(checks_raw["same_hospital"])
 
 # %% [markdown]
@@ -96,7 +95,7 @@ if shortcut_checks:
 # Grad-CAM on the last convolutional stage, explaining the predicted class, for a seeded sample of correct and wrong test images per class and run. The dashed rectangle is the lung region used for masking; *in-lung* is the share of saliency inside it (a uniform map gives 0.49).
 
 # %%
-head_run = report.headline(entries).get("run_id")
+head_run = tables.headline(entries).get("run_id")
 sal = saliency.saliency_for_runs(runs, config.PROCESSED_DIR, saliency_per_class, fig_dir, seed,
                                  config.resolve_device(device))
 display(sal.groupby(["run_id", "outcome"])["lung_share"].agg(["mean", "count"]).unstack())
@@ -107,7 +106,7 @@ if head_run:
 # ## results.json, headline, comparisons, model card and checklist
 
 # %%
-checks = report.assemble_shortcut_checks(
+checks = tables.assemble_shortcut_checks(
     checks_raw.get("source_identification"), checks_raw.get("masking"), checks_raw.get("leave_one_source_out"),
     checks_raw.get("same_hospital"), sal, saliency_run=head_run)
 results = report.build_results(
@@ -116,8 +115,18 @@ results = report.build_results(
 report.write_model_card(results, out / "model_card.md")
 report.write_claim_checklist(results, out / "claim_checklist.md")
 display(Markdown(results["headline"]["text"]))
-display(report.headline_frame(results))
-display(report.comparisons_frame(results["comparisons"]))
+display(tables.headline_frame(results))
+display(tables.comparisons_frame(results["comparisons"]))
+
+# %% [markdown]
+# ## Shortcut checks at a glance (shown on index.html)
+#
+# Test accuracy of the linear heads with 95% intervals: whole image, lungs masked and lungs only; each source held out of training; and within the one hospital with both classes. Written only when the shortcut checks ran.
+
+# %%
+shortcut_png = figures.shortcut_figure(checks, fig_dir / figures.SHORTCUT_FIGURE)
+if shortcut_png is not None:
+    display(Image(filename=str(shortcut_png)))
 
 # %% [markdown]
 # ## Verdict (generated from the numbers above)

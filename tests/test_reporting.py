@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -96,3 +97,59 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
     assert "| covid_vs_normal | shallow | off | 95.0 [90.0, 99.0] |" in text
     assert "2026-11-26" in text and "abcdef1234" in text and "Verdict" in text
     assert "0.1 min for all steps" in text
+
+
+def test_readme_table_is_markdown_from_data(tmp_path, monkeypatch):
+    results = json.loads(json.dumps(RESULTS))
+    results["runs"][1]["task"] = "a|b"
+    text = reporting.readme_results(results, RECORD)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[2:4] == [
+        "| a\\|b | shallow | off | 95.0 [90.0, 99.0] | – | – | – |",
+        "| covid_vs_normal | deep | on | 90.0 [85.0, 95.0] | 80.0 [70.0, 90.0] | – | 5.0 |",
+    ]
+    assert table[4:] == [
+        f"| {config.PAPER_CITATION} | reported | | 94.17 | | | |",
+        f"| {config.DETRAC_CITATION} | reported | on | 93.1 | | | |",
+    ]
+    assert not any("<" in line or ">" in line for line in table)
+
+
+def _figure_files(out):
+    from cxrstudy.evaluation.figures import FIGURE_DIR, HEADLINE_FIGURE, SHORTCUT_FIGURE
+
+    (out / FIGURE_DIR).mkdir(parents=True)
+    for name in (HEADLINE_FIGURE, SHORTCUT_FIGURE):
+        (out / FIGURE_DIR / name).write_bytes(b"\x89PNG\r\n")
+    return [f"{FIGURE_DIR}/{HEADLINE_FIGURE}", f"{FIGURE_DIR}/{SHORTCUT_FIGURE}"]
+
+
+def test_index_shows_the_figures_that_exist(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS))
+    page = reporting.write_index(tmp_path, RECORD).read_text()
+    assert "<img" not in page and "appears here once the evaluation notebook (05) has run" in page
+    srcs = _figure_files(tmp_path)
+    page = reporting.write_index(tmp_path, RECORD).read_text()
+    found = re.findall(r"<img src='([^']+)'", page)
+    assert found == srcs and all((tmp_path / s).is_file() for s in found)
+    assert page.index(srcs[0]) < page.index("<h2>Verdict</h2>") < page.index("<h2>Shortcut checks</h2>") < page.index(srcs[1])
+    (tmp_path / srcs[1]).unlink()
+    page = reporting.write_index(tmp_path, RECORD).read_text()
+    assert re.findall(r"<img src='([^']+)'", page) == srcs[:1]
+
+
+def test_index_without_results_has_no_broken_images(tmp_path):
+    page = reporting.write_index(tmp_path, RECORD).read_text()
+    assert "<img" not in page and "No results.json yet" in page
+
+
+def test_index_escapes_run_fields_and_record(tmp_path):
+    evil = "<script>alert(1)</script>"
+    results = json.loads(json.dumps(RESULTS))
+    results["runs"][0]["task"] = evil
+    results["headline"]["text"] = f"best {evil}"
+    results["shortcut_checks"]["leave_one_source_out"] = [{"held_out": evil, "accuracy": {"value": 0.5}}]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = reporting.write_index(tmp_path, {**RECORD, "profile": evil, "versions": {evil: evil}}).read_text()
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 7

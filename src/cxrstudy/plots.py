@@ -371,3 +371,49 @@ def plot_subclass_examples(subclass_of: pd.Series, image_root, per_subclass: int
         axes[r][0].set_title(f"{sub} (n={len(members)})", fontsize=8, loc="left")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# figures on the profile's index.html (notebook 05)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plot_intervals(
+    panels: dict[str, pd.DataFrame],
+    reference: dict[str, float] | None = None,
+    xlabel: str = "accuracy (95% CI, patient bootstrap)",
+    title: str | None = None,
+) -> Figure:
+    """Points with horizontal 95% error bars (tables of label, value, ci_low, ci_high; fractions), one panel
+    per table, reference values as vertical lines; the x axis spans intervals and references within [0, 1]."""
+    import numpy as np
+
+    panels = {k: t for k, t in panels.items() if len(t)}
+    rows = [len(t) for t in panels.values()] or [1]
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(6.8, 0.9 + 0.3 * sum(rows) + 0.5 * len(rows)), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": rows},
+    )
+    lows = [float(np.nanmin(t[["value", "ci_low"]].to_numpy(dtype=float))) for t in panels.values()]
+    lows += list((reference or {}).values())
+    lo = max(0.0, min(lows, default=0.0) - 0.05)
+    for ax, (name, t) in zip(axes[:, 0], panels.items(), strict=False):
+        y = np.arange(len(t))
+        v = t["value"].to_numpy(dtype=float)
+        err = np.vstack([v - t["ci_low"].to_numpy(dtype=float), t["ci_high"].to_numpy(dtype=float) - v])
+        ax.errorbar(v, y, xerr=np.nan_to_num(err), fmt="o", color="C0", ms=4, capsize=3, lw=1.2)
+        ax.set_yticks(y, t["label"], fontsize=7)
+        ax.set_ylim(len(t) - 0.5, -0.5)
+        ax.grid(axis="x", color="0.9")
+        if name:
+            ax.set_title(name, fontsize=8, loc="left")
+        for i, (ref, val) in enumerate((reference or {}).items()):
+            ax.axvline(val, color=f"C{i + 1}", ls="-" if i == 0 else "--", lw=1.2, label=f"{ref} {100 * val:.2f}%")
+    axes[-1, 0].set_xlim(lo, 1.0)
+    axes[-1, 0].set_xlabel(xlabel, fontsize=8)
+    if reference:
+        axes[0, 0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,8 +1,10 @@
-"""Run records: versions, git commit, device, and the profile's ``index.html``."""
+"""Run records (versions, git commit, device), the profile's ``index.html`` and the README's results block.
+
+Both pages are rendered from Jinja2 templates in ``cxrstudy/templates/``.
+"""
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import platform
@@ -14,6 +16,7 @@ from typing import Any
 
 from cxrstudy import config
 from cxrstudy.fileio import atomic_write_text
+from cxrstudy.templates import render
 
 #: Packages whose versions every report records.
 VERSIONED = (
@@ -47,6 +50,7 @@ def git_info(root: Path = config.ROOT) -> dict[str, Any]:
     """Commit and dirty flag of the checkout, or ``unknown`` outside git."""
 
     def git(*args: str) -> str:
+        """Output of one git command in ``root``."""
         return subprocess.run(
             ["git", *args], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -76,152 +80,107 @@ def device_info(device: str = "auto") -> dict[str, Any]:
     return info
 
 
-def _fmt(metric: Any) -> str:
-    """A metric dict ``{value, ci_low, ci_high}`` (fractions) as a percentage with its interval."""
+def _metric(metric: Any) -> dict[str, str] | None:
+    """A metric dict ``{value, ci_low, ci_high}`` or a bare fraction as display percentages, None if absent:
+    ``{'value': '96.1', 'interval': '93.2, 98.5'}`` (``interval`` empty when the metric has none)."""
     if isinstance(metric, dict) and metric.get("value") is not None:
-        v, lo, hi = metric.get("value"), metric.get("ci_low"), metric.get("ci_high")
-        if lo is None or hi is None:
-            return f"{100 * v:.1f}"
-        return f"{100 * v:.1f} <small>[{100 * lo:.1f}, {100 * hi:.1f}]</small>"
+        v, lo, hi = metric["value"], metric.get("ci_low"), metric.get("ci_high")
+        interval = "" if lo is None or hi is None else f"{100 * lo:.1f}, {100 * hi:.1f}"
+        return {"value": f"{100 * v:.1f}", "interval": interval}
     if isinstance(metric, (int, float)):
-        return f"{100 * metric:.1f}"
-    return "–"
+        return {"value": f"{100 * metric:.1f}", "interval": ""}
+    return None
 
 
-def _check_cell(value: Any) -> str:
-    """One shortcut check as a short HTML cell: a fraction, an accuracy with CI, or per-source accuracies."""
+def check_items(value: Any) -> list[dict[str, Any]]:
+    """One shortcut check as display items ``{label, metric, n}``: a fraction, an accuracy, per-source accuracies."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _fmt(value)
+        return [{"label": None, "metric": _metric(value), "n": None}]
     if isinstance(value, dict) and "accuracy" in value:
-        n = value.get("n_test", value.get("n"))
-        return _fmt(value["accuracy"]) + (f" <small>(n={n})</small>" if n is not None else "")
+        return [{"label": None, "metric": _metric(value["accuracy"]), "n": value.get("n_test", value.get("n"))}]
     if isinstance(value, dict) and "probe" in value:
-        return _check_cell(value["probe"])
+        return check_items(value["probe"])
     if isinstance(value, list):
-        cells = [
-            f"{html.escape(str(e.get('held_out')))}: {_fmt(e['accuracy'])}"
+        return [
+            {"label": str(e.get("held_out")), "metric": _metric(e["accuracy"]), "n": None}
             for e in value
             if isinstance(e, dict) and "accuracy" in e
         ]
-        return "; ".join(cells)
-    return ""
+    return []
 
 
-def headline_rows(results: dict[str, Any]) -> list[list[str]]:
-    """Table rows (as HTML cells) for every run in results.json, best accuracy first within a task."""
-    rows = []
+def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run in results.json with its display metrics (``_metric``), best accuracy first within a task."""
     runs = sorted(
         results.get("runs", []),
-        key=lambda r: (r.get("task", ""), -(r.get("test", {}).get("accuracy", {}) or {}).get("value", 0)),
+        key=lambda r: (r.get("task", ""), -((r.get("test", {}).get("accuracy") or {}).get("value") or 0)),
     )
-    for r in runs:
-        t = r.get("test", {})
-        rows.append(
-            [
-                html.escape(str(r.get("task"))),
-                html.escape(str(r.get("backbone"))),
-                html.escape(str(r.get("scenario"))),
-                "on" if r.get("decomposition") else "off",
-                str(r.get("seed")),
-                _fmt(t.get("accuracy")),
-                _fmt(t.get("balanced_accuracy")),
-                _fmt(t.get("roc_auc")),
-                _fmt(t.get("ece")),
-            ]
-        )
-    return rows
+    return [
+        {
+            "task": str(r.get("task")),
+            "backbone": str(r.get("backbone")),
+            "scenario": str(r.get("scenario")),
+            "decomposition": "on" if r.get("decomposition") else "off",
+            "seed": str(r.get("seed")),
+            **{k: _metric(r.get("test", {}).get(k)) for k in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
+        }
+        for r in runs
+    ]
+
+
+def index_figures(out: Path) -> dict[str, str | None]:
+    """Paths (relative to index.html) of the headline and shortcut-check figures that exist, else None."""
+    from cxrstudy.evaluation.figures import FIGURE_DIR, HEADLINE_FIGURE, SHORTCUT_FIGURE
+
+    found = {}
+    for key, name in (("headline", HEADLINE_FIGURE), ("shortcuts", SHORTCUT_FIGURE)):
+        found[key] = f"{FIGURE_DIR}/{name}" if (out / FIGURE_DIR / name).is_file() else None
+    return found
+
+
+def _steps(out: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run record's notebook steps for the index: link (when the HTML exists), status, seconds."""
+    return [
+        {
+            "name": s.get("name", ""),
+            "notebook": s.get("notebook", ""),
+            "href": s.get("html") if (out / s.get("html", "-")).is_file() else None,
+            "status": str(s.get("status")),
+            "seconds": "" if s.get("seconds") is None else f"{s['seconds']:.1f}",
+        }
+        for s in record.get("steps", [])
+    ]
+
+
+def index_html(out: Path, record: dict[str, Any]) -> str:
+    """The profile's index.html (template ``index.html.j2``): headline, figures, verdict, checks, steps, record."""
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    verdict = results.get("verdict") or []
+    checks = results.get("shortcut_checks") or {}
+    check_rows = [(k, check_items(v)) for k, v in checks.items()]
+    return render(
+        "index.html.j2",
+        record=record,
+        headline_text=str((results.get("headline") or {}).get("text", "")),
+        rows=headline_rows(results),
+        verdict=[str(v) for v in (verdict if isinstance(verdict, list) else [verdict])],
+        checks_level=str(checks.get("level", "")),
+        check_rows=[(k, items) for k, items in check_rows if items],
+        figures=index_figures(out),
+        steps=_steps(out, record),
+        files=[p for p in ("model_card.md", "claim_checklist.md", "results.json", "run.json") if (out / p).is_file()],
+        device=json.dumps(record.get("device", {})),
+        wall_seconds=f"{record.get('wall_seconds') or 0:.1f}",
+        config=config,
+    )
 
 
 def write_index(out: Path, record: dict[str, Any]) -> Path:
-    """Write ``<profile>/index.html``: headline table, verdict, shortcut checks, links, run record."""
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    esc = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>cxrstudy: {esc(str(record.get('profile')))}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-        "th{background:#f3f3f3}.failed{color:#b00}.note{color:#555}small{color:#666}</style></head><body>",
-        f"<h1>Chest X-ray transfer learning with class decomposition: profile <code>{esc(str(record.get('profile')))}</code></h1>",
-        f"<p class='note'>{esc(str(record.get('description', '')))}</p>",
-    ]
-    status = record.get("status", "unknown")
-    if status != "ok":
-        parts.append(f"<p class='failed'><b>Run status: {esc(str(status))}.</b> See the steps below.</p>")
-    headline = results.get("headline") or {}
-    if results.get("runs"):
-        parts.append("<h2>Headline (test split; 95% CI from a patient-group bootstrap)</h2>")
-        if headline:
-            parts.append(f"<p>{esc(str(headline.get('text', '')))}</p>")
-        parts.append(
-            "<table><tr><th>task</th><th>backbone</th><th>scenario</th><th>decomposition</th><th>seed</th>"
-            "<th>accuracy %</th><th>balanced accuracy %</th><th>ROC-AUC %</th><th>ECE %</th></tr>"
-        )
-        parts += ["<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in headline_rows(results)]
-        parts.append(
-            f"<tr><td colspan='5'>Miroshnichenko &amp; Mikhelev 2021 (reported)</td>"
-            f"<td>{100 * config.PAPER_ACCURACY:.2f}</td><td colspan='3'>–</td></tr>"
-        )
-        parts.append(
-            f"<tr><td colspan='5'>DeTraC, Abbas et al. 2021 (reported)</td>"
-            f"<td>{100 * config.DETRAC_ACCURACY:.1f}</td><td colspan='3'>–</td></tr></table>"
-        )
-    else:
-        parts.append(
-            "<p class='note'>No results.json yet: the evaluation step has not run in this profile.</p>"
-        )
-    if results.get("verdict"):
-        verdict = results["verdict"]
-        items = verdict if isinstance(verdict, list) else [verdict]
-        parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{esc(str(v))}</li>" for v in items) + "</ul>")
-    checks = results.get("shortcut_checks") or {}
-    rows = [(k, _check_cell(v)) for k, v in checks.items()]
-    rows = [(k, c) for k, c in rows if c]
-    if rows:
-        parts.append(
-            f"<h2>Shortcut checks</h2><p class='note'>{esc(str(checks.get('level', '')))}</p>"
-            "<table><tr><th>check</th><th>result %</th></tr>"
-        )
-        parts += [f"<tr><td>{esc(k)}</td><td>{c}</td></tr>" for k, c in rows]
-        parts.append("</table>")
-    extras = [
-        p for p in ("model_card.md", "claim_checklist.md", "results.json", "run.json") if (out / p).is_file()
-    ]
-    parts.append(
-        "<h2>Notebooks</h2><table><tr><th>step</th><th>notebook</th><th>status</th><th>seconds</th></tr>"
-    )
-    for s in record.get("steps", []):
-        link = (
-            f"<a href='{esc(s.get('html', ''))}'>{esc(s.get('name', ''))}</a>"
-            if (out / s.get("html", "-")).is_file()
-            else esc(s.get("name", ""))
-        )
-        cls = " class='failed'" if s.get("status") == "failed" else ""
-        secs = s.get("seconds")
-        parts.append(
-            f"<tr{cls}><td>{link}</td><td>{esc(s.get('notebook', ''))}</td><td>{esc(str(s.get('status')))}</td>"
-            f"<td>{'' if secs is None else f'{secs:.1f}'}</td></tr>"
-        )
-    parts.append("</table>")
-    if extras:
-        parts.append("<p>Files: " + ", ".join(f"<a href='{e}'>{e}</a>" for e in extras) + "</p>")
-    git = record.get("git", {})
-    ver = record.get("versions", {})
-    parts.append(
-        "<h2>Run record</h2><table>"
-        f"<tr><td>git commit</td><td><code>{esc(str(git.get('commit')))}</code>"
-        f"{' (uncommitted changes)' if git.get('dirty') else ''}</td></tr>"
-        f"<tr><td>device</td><td>{esc(json.dumps(record.get('device', {})))}</td></tr>"
-        f"<tr><td>data source</td><td>{esc(str(record.get('data_source', '')))}</td></tr>"
-        f"<tr><td>started / ended</td><td>{esc(str(record.get('started')))} / {esc(str(record.get('ended')))}</td></tr>"
-        f"<tr><td>wall time</td><td>{record.get('wall_seconds', 0):.1f} s</td></tr>"
-        + "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in ver.items())
-        + "</table></body></html>"
-    )
+    """Write ``<profile>/index.html``: headline table and figure, verdict, shortcut checks, links, run record."""
     path = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "\n".join(parts))
+    atomic_write_text(path, index_html(out, record))
     return path
 
 
@@ -229,38 +188,31 @@ README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
 
+def _md_cell(value: Any) -> str:
+    """Text for one Markdown table cell (``|`` escaped)."""
+    return str(value).replace("|", "\\|")
+
+
 def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
-    """Markdown for the README's results section: every run's headline metrics, the date and machine."""
-    dev = record.get("device", {})
-    ver = record.get("versions", {})
-    step_seconds = sum(s.get("seconds") or 0 for s in record.get("steps", []))
-    lines = [
-        f"Latest `{record.get('profile')}` run: {str(record.get('ended', ''))[:10]}, commit "
-        f"`{str(record.get('git', {}).get('commit', ''))[:10]}`, {dev.get('resolved', '?')} "
-        f"({dev.get('cpu_count', '?')} CPU cores{', ' + dev['gpu'] if dev.get('gpu') else ''}; "
-        f"{ver.get('platform', '')}), {step_seconds / 60:.1f} min for all steps. "
-        "Test split; 95% intervals from a bootstrap over patient groups.",
-        "",
-        "| task | scenario | decomposition | accuracy % | balanced accuracy % | ROC-AUC % | ECE % |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for cells in headline_rows(results):
-        task, _backbone, scenario, decomp, _seed, acc, bacc, auc, ece = (
-            c.replace("<small>", "").replace("</small>", "") for c in cells
-        )
-        lines.append(f"| {task} | {scenario} | {decomp} | {acc} | {bacc} | {auc} | {ece} |")
-    lines.append(
-        f"| paper (Miroshnichenko & Mikhelev 2021) | reported | | {100 * config.PAPER_ACCURACY:.2f} | | | |"
-    )
-    lines.append(f"| DeTraC (Abbas et al. 2021) | reported | on | {100 * config.DETRAC_ACCURACY:.1f} | | | |")
-    if results.get("headline", {}).get("text"):
-        lines += ["", str(results["headline"]["text"])]
+    """Markdown for the README's results section (template ``readme_results.md.j2``): metrics, date, machine."""
+    headline = (results.get("headline") or {}).get("text")
     verdict = results.get("verdict") or []
-    headline = results.get("headline", {}).get("text")
     verdict = [v for v in (verdict if isinstance(verdict, list) else [verdict]) if v != headline]
-    if verdict:
-        lines += ["", "**Verdict.**", ""] + [f"- {v}" for v in verdict]
-    return "\n".join(lines)
+    text = render(
+        "readme_results.md.j2",
+        {"cell": _md_cell},
+        record=record,
+        date=str(record.get("ended", ""))[:10],
+        commit=str(record.get("git", {}).get("commit", ""))[:10],
+        dev=record.get("device", {}),
+        ver=record.get("versions", {}),
+        minutes=f"{sum(s.get('seconds') or 0 for s in record.get('steps', [])) / 60:.1f}",
+        rows=headline_rows(results),
+        headline=headline,
+        verdict=verdict,
+        config=config,
+    )
+    return text.rstrip("\n")
 
 
 def update_readme(profile: str = "default", readme: Path = config.ROOT / "README.md") -> None:

@@ -1,0 +1,135 @@
+"""Jinja2 templates: found as package data, rendered from a results dict built by the real code."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import tomllib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrstudy import config, reporting, templates
+from cxrstudy.evaluation import report
+
+TEMPLATES = ("index.html.j2", "model_card.md.j2", "claim_checklist.md.j2", "readme_results.md.j2")
+TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+
+
+def _metric(value, lo, hi):
+    return {"value": value, "ci_low": lo, "ci_high": hi, "n_boot": 50}
+
+
+def _profile(root):
+    """Four saved runs (shallow/deep, decomposition off/on) of the paper's task with 20 test patient groups."""
+    rng = np.random.default_rng(0)
+    labels = np.array(["covid", "normal"] * 20)
+    for sc in ("shallow", "deep"):
+        for dec in (False, True):
+            run_id = f"covid_vs_normal__efficientnet_lite0__{sc}__{'decomp' if dec else 'nodecomp'}__seed0"
+            d = root / "runs" / run_id
+            d.mkdir(parents=True)
+            rows = []
+            for split in ("val", "test"):
+                right = rng.random(len(labels)) < (0.9 if sc == "shallow" else 0.8)
+                p = np.where((labels == "covid") == right, 0.8, 0.3)
+                rows += [
+                    {"image": f"{split}{i}.png", "split": split, "label": labels[i], "source": "s/x",
+                     "patient_group": f"{split}g{i // 2}", "prob_covid": p[i], "prob_normal": 1 - p[i],
+                     "pred": "covid" if p[i] > 0.5 else "normal"}
+                    for i in range(len(labels))
+                ]
+            pd.DataFrame(rows).to_csv(d / "predictions.csv", index=False)
+            info = {"run_id": run_id, "task": "covid_vs_normal", "backbone": "efficientnet_lite0", "scenario": sc,
+                    "decomposition": dec, "seed": 0, "classes": ["covid", "normal"], "image_size": 160,
+                    "train_seconds": 12.5}
+            (d / "run.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """results.json content from build_results on saved runs, with every shortcut check filled in."""
+    pdir = _profile(tmp_path_factory.mktemp("prof") / "default")
+    manifest = pd.DataFrame(
+        {"image": list("abcd"), "label": ["covid", "normal", "normal", "covid"], "split": ["train", "test", "val", "test"],
+         "source_name": ["mhh", "nih", "nih", "actualmed"], "patient_group": ["p1", "p2", "p2", "p3"]}
+    )
+    checks = report.assemble_shortcut_checks(
+        source_identification={"accuracy": 0.71, "balanced_accuracy": 0.53, "majority_baseline": 0.46, "n": 1423},
+        masking={
+            "unmasked": {"accuracy": _metric(0.936, 0.904, 0.965), "n_test": 203},
+            "masked_lungs": {"accuracy": _metric(0.916, 0.88, 0.951), "n_test": 203},
+            "lungs_only": {"accuracy": _metric(0.936, 0.897, 0.97), "n_test": 203},
+        },
+        leave_one_source_out=[
+            {"held_out": "actualmed", "n": 40, "labels": ["covid", "normal"], "accuracy": _metric(0.6, 0.447, 0.75)},
+            {"held_out": "nih", "n": 443, "labels": ["normal"], "accuracy": _metric(0.034, 0.016, 0.055)},
+        ],
+        same_hospital={"source": "actualmed", "n": 40, "probe": {"accuracy": _metric(0.875, 0.757, 0.974)}},
+    )
+    return report.build_results(
+        pdir, manifest, shortcut_checks=checks, n_bootstrap=50, excluded=pd.DataFrame({"reason": ["lateral"]}),
+        params={"max_per_class": 0}, write=False,
+    )
+
+
+def test_templates_are_package_data():
+    names = sorted(p.name for p in templates.TEMPLATE_DIR.glob("*.j2"))
+    assert sorted(TEMPLATES) == names
+    globs = tomllib.loads((config.ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cxrstudy"]
+    for name in names:
+        assert any(fnmatch.fnmatch(f"templates/{name}", g) for g in globs), f"{name} is not in package-data"
+
+
+def test_only_html_templates_autoescape():
+    env = templates.environment()
+    assert env.from_string("{{ x }}").render(x="<b>") == "&lt;b&gt;"  # strings: the safe default
+    assert env.autoescape("index.html.j2") is True
+    assert env.autoescape("model_card.md.j2") is False
+
+
+def test_model_card(results):
+    card = report.model_card(results)
+    head, best = results["headline"], next(r for r in results["runs"] if r["run_id"] == results["headline"]["run_id"])
+    assert card.startswith(f"# Model card: {head['run_id']}\n\n## Model\n- Task: covid_vs_normal; classes: covid, normal.\n")
+    assert f"scenario {best['scenario']}, class decomposition" in card and "input 160 px, seed 0, training 12.5 s." in card
+    assert f"- Accuracy {report.fmt_pct(best['test']['accuracy'])}; balanced accuracy" in card
+    assert f"Calibration: ECE {best['test']['ece']:.3f}, Brier {best['test']['brier']:.3f}." in card
+    assert "(actualmed, mhh, nih)" in card and "**Not for clinical use.**" in card
+    assert f"{config.PAPER_CITATION}: 94.17%; {config.DETRAC_CITATION}: 93.1%." in card
+    bullets = card.split("## Limitations and shortcut checks\n")[1].splitlines()
+    assert bullets == [f"- {s}" for s in results["verdict"][1:]] and card.endswith(".\n")
+
+
+def test_model_card_without_a_headline_run():
+    card = report.model_card({"headline": {"task": "covid_vs_normal", "text": "No transfer run."}, "verdict": ["x"]})
+    assert card.startswith("# Model card: no run\n") and "classes: n/a." in card and "- Accuracy" not in card
+
+
+def test_claim_checklist(results):
+    text = report.claim_checklist({**results, "headline": {**results["headline"], "text": "a | b"}})
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| item")]
+    assert len(rows) == 12 and all(line.count(" | ") == 1 for line in rows)
+    assert "| Headline | a / b |" in rows
+    assert "Source identification accuracy 71.0%" in text and "in-lung saliency share n/a" in text
+    assert "scenarios ['deep', 'shallow']" in text and "1 candidate files excluded (reasons: {'lateral': 1})" in text
+    assert "from 50 patient-group bootstrap resamples" in text
+
+
+def test_index_and_readme_from_results(tmp_path, results):
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    record = {"profile": "default", "status": "ok", "steps": [], "ended": "2026-11-30T10:00:00+00:00",
+              "device": {"resolved": "cpu", "cpu_count": 2}, "git": {"commit": "0123456789abcdef"}}
+    page = reporting.write_index(tmp_path, record).read_text()
+    assert page.count("<tr><td>covid_vs_normal</td>") == 4 and "Verdict" in page and "<h2>Shortcut checks</h2>" in page
+    assert "nih: 3.4 <small>[1.6, 5.5]</small>" in page and "<td>unmasked</td><td>93.6 <small>[90.4, 96.5]</small>" in page
+    assert "&amp; Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010 (reported)</td><td>94.17</td>" in page
+    md = reporting.readme_results(results, record)
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4 + 2 and not any(TAG.search(line) for line in table)
+    assert table[-2] == f"| {config.PAPER_CITATION} | reported | | 94.17 | | | |"
+    assert md.startswith("Latest `default` run: 2026-11-30, commit `0123456789`, cpu (2 CPU cores; ), 0.0 min")
+    assert "**Verdict.**" in md and results["headline"]["text"] in md
