@@ -281,3 +281,21 @@ def test_reproduce_fails_at_once_when_the_profile_is_locked(project, capsys, mon
     with pytest.raises(RuntimeError, match=f"process {os.getppid()}"):
         run(project, "p")
     assert not project["marker"].exists()
+
+
+def test_template_edits_change_the_evaluation_key(tmp_path, monkeypatch):
+    """The report templates are package data: editing one must re-run the notebook that renders it."""
+    from cxrstudy import templates
+
+    nb = make_notebook(tmp_path / "05_evaluation.ipynb", 'profile = "x"', "from cxrstudy.evaluation import report")
+    step = pipeline.Step("05_evaluation", "05_evaluation")
+    before = pipeline.step_key(step, {}, tmp_path, tmp_path)
+    template = next(Path(templates.__file__).parent.glob("*.j2"))
+    original = template.read_text()
+    try:
+        template.write_text(original + "\n")
+        assert pipeline.step_key(step, {}, tmp_path, tmp_path) != before
+    finally:
+        template.write_text(original)
+    assert pipeline.step_key(step, {}, tmp_path, tmp_path) == before
+    assert nb.is_file()

@@ -237,6 +237,8 @@ READS: dict[str, tuple[str, ...]] = {
     "04_transfer": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition"),
     "05_evaluation": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition", "{profile}/runs"),
 }
+#: Package data files that count as code in a step's key (the Jinja2 templates of the written reports).
+PACKAGE_DATA_SUFFIX = ".j2"
 #: Notebooks not listed in READS read the manifest (when it exists).
 DEFAULT_READS: tuple[str, ...] = ("{processed}/manifest.csv",)
 
@@ -280,6 +282,9 @@ def step_key(step: Step, params: dict, profile_dir: Path, notebooks_dir: Path = 
     for dep in package_dependencies(nb):
         h.update(str(dep.relative_to(root)).encode())
         h.update(sha256_file(dep).encode())
+        if dep.name == "__init__.py":  # package data beside a package's modules (templates)
+            for data in sorted(dep.parent.glob(f"*{PACKAGE_DATA_SUFFIX}")):
+                h.update(f"{data.relative_to(root)}\0{sha256_file(data)}".encode())
     h.update(content_digest(input_paths(step, profile_dir)).encode())
     return h.hexdigest()
 

@@ -201,29 +201,6 @@ def plot_saliency_grid(images, cams, titles, ncols: int = 4, region=None) -> Fig
     return fig
 
 
-def plot_metric_bars(
-    table: pd.DataFrame, metric: str = "accuracy", reference: dict | None = None, title: str | None = None
-) -> Figure:
-    """Horizontal bars of ``value`` with CI whiskers (columns label, value, ci_low, ci_high); reference lines."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6.4, 0.8 + 0.32 * len(table)))
-    y = np.arange(len(table))
-    v = table["value"].to_numpy(dtype=float)
-    err = np.vstack([v - table["ci_low"].to_numpy(dtype=float), table["ci_high"].to_numpy(dtype=float) - v])
-    ax.barh(y, v, xerr=err, color="C0", alpha=0.75, capsize=3)
-    ax.set_yticks(y, table["label"], fontsize=7)
-    ax.invert_yaxis()
-    for i, (name, val) in enumerate((reference or {}).items()):
-        ax.axvline(val, color=f"C{i + 1}", ls="--", lw=1, label=f"{name} {100 * val:.2f}%")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"{metric} (95% CI, patient bootstrap)")
-    if reference:
-        ax.legend(fontsize=7, loc="lower left")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------
