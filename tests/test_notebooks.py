@@ -18,7 +18,7 @@ PROFILES = sorted(p.stem for p in config.PARAMS_DIR.glob("*.yaml"))
 
 def test_the_study_has_its_numbered_notebooks():
     names = [p.stem for p in NOTEBOOKS]
-    for prefix in ("00_", "02_", "03_", "04_", "05_"):
+    for prefix in ("00_", "01_", "02_", "03_", "04_", "05_"):
         assert any(n.startswith(prefix) for n in names), f"no notebook {prefix}* in {config.NOTEBOOKS_DIR}"
 
 
