@@ -99,3 +99,32 @@ def test_console_script_is_installed(tmp_path):
     done = subprocess.run([str(script), "predict", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--profile" in done.stdout
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_lung_view_run_segments_new_films_with_the_profiles_lung_model(tmp_path, images, save_untrained_run, monkeypatch):
+    """A run trained on lung-masked, equalised films: predict segments each new film with the saved lung
+    model, applies the same view, and draws the lung outline; without a lung model it says what is missing."""
+    import torch
+
+    from cxrstudy.inference import decode_for_models, input_key
+    from cxrstudy.lungs.model import DEFAULT_DECODER, LungUNet
+
+    pdir = tmp_path / "reports" / "lungprof"
+    run_id = save_untrained_run(pdir, "covid_vs_normal", ["covid", "normal"], ["covid", "normal"], 0)
+    info_path = pdir / "runs" / run_id / "run.json"
+    info = json.loads(info_path.read_text()) | {"input_view": "lung_mask", "equalize": True, "view_margin": 0.05}
+    info_path.write_text(json.dumps(info))
+    monkeypatch.setattr(config, "REPORTS_DIR", tmp_path / "reports")
+    with pytest.raises(FileNotFoundError, match="no saved lung model"):
+        choose_run("lungprof", run_id) and decode_for_models([images[0]], {input_key(info)}, pdir / "lungs")
+    torch.manual_seed(0)
+    lungs = pdir / "lungs"
+    lungs.mkdir()
+    torch.save(LungUNet(pretrained=False).state_dict(), lungs / "model.pth")
+    (lungs / "model.json").write_text(json.dumps({"image_size": 64, "decoder": list(DEFAULT_DECODER), "threshold": 0.5}))
+    dec = decode_for_models(images[:2], {input_key(info)}, lungs)
+    assert dec.ok == [0, 1] and all(m.dtype == bool and min(m.shape) == 256 for m in dec.masks)
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(images[0]), "--profile", "lungprof", "--run", run_id, "--out", str(out),
+                     "--device", "cpu"]) == 0
+    assert len(pd.read_csv(out / "predictions.csv")) == 1 and len(list(out.glob("*_gradcam.png"))) == 1

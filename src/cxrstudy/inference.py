@@ -1,30 +1,59 @@
 """Saved runs on images the study never processed: the one path shared by ``make evaluate`` and ``cxrstudy predict``.
 
 Images go through the study's preprocessing: the one decoder (``load_xray``), the data step's shrink to a
-shorter side of 256 px, then the run's own ``resize_to_uint8`` and ``model_transform``.
+shorter side of 256 px, the run's input view (for a lung view, a mask from the profile's saved lung
+model, then :func:`cxrstudy.lungs.render.render_one`), then the run's own ``resize_to_uint8`` and
+``model_transform``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from cxrstudy import config
 
-#: (image size, interpolation): what a run's input depends on beyond the decoded image.
-InputKey = tuple[int, str]
+#: (image size, interpolation, input view, equalise, view margin): what a run's input depends on beyond
+#: the decoded film.
+InputKey = tuple[int, str, str, bool, float]
 
 
 def input_key(info: dict[str, Any]) -> InputKey:
-    """The (image size, interpolation) a run's model expects."""
+    """What a run's model expects: size, interpolation and input view (runs without a view: the full film)."""
     from cxrstudy.models import get_spec
 
-    return int(info["image_size"]), get_spec(info["backbone"]).interpolation
+    return (
+        int(info["image_size"]),
+        get_spec(info["backbone"]).interpolation,
+        str(info.get("input_view", "full")),
+        bool(info.get("equalize", False)),
+        float(info.get("view_margin", 0.05)),
+    )
+
+
+def needs_lungs(keys: set[InputKey]) -> bool:
+    """Whether any of the runs sees the film through a lung view."""
+    from cxrstudy.lungs.render import is_plain
+
+    return any(not is_plain(k[2], k[3]) for k in keys)
+
+
+def view_mask(mask: np.ndarray, view: str, margin: float) -> np.ndarray:
+    """The lung mask in the coordinates of a view's image (cropped like the film for the lung views)."""
+    from cxrstudy.lungs.views import lung_box
+
+    m = np.asarray(mask, dtype=bool)
+    if view in ("lung_crop", "lung_mask"):
+        x0, y0, x1, y1 = lung_box(m if m.any() else np.ones_like(m), margin)
+        return m[y0:y1, x0:x1]
+    return m
 
 
 def decode_study(path: Path | str) -> Image.Image:
@@ -35,31 +64,57 @@ def decode_study(path: Path | str) -> Image.Image:
     return resize_short_side(load_xray(path), TARGET_SHORT_SIDE)
 
 
+@dataclass
+class Decoded:
+    """Decoded files: readable indices, model-size inputs per key, unreadable (index, reason), lung masks."""
+
+    ok: list[int]
+    inputs: dict[InputKey, list[Image.Image]]
+    bad: list[tuple[int, str]]
+    masks: list[np.ndarray | None]
+
+
 def decode_for_models(
-    paths: Sequence[str | Path], keys: set[InputKey]
-) -> tuple[list[int], dict[InputKey, list[Image.Image]], list[tuple[int, str]], list[Image.Image]]:
-    """Decode each file once; returns (readable indices, model-size images per key, (index, reason) of
-    unreadable files, the decoded study-size images). Pre-resizing with ``resize_to_uint8`` makes the
-    model's own resize a no-op, so the input equals resizing inside ``model_transform``."""
+    paths: Sequence[str | Path], keys: set[InputKey], lungs_dir: Path | None = None, device: str = "cpu"
+) -> Decoded:
+    """Decode each file once and build each key's model-size input; the film's lung mask comes from the
+    saved lung model in ``lungs_dir`` (``reports/<profile>/lungs``) when there is one, and is required
+    by a lung view. Pre-resizing with ``resize_to_uint8`` makes the model's own resize a no-op."""
     from cxrstudy.images import ImageDecodeError
+    from cxrstudy.lungs.render import is_plain, render_one
     from cxrstudy.models import resize_to_uint8
 
-    ok: list[int] = []
-    bad: list[tuple[int, str]] = []
-    decoded: list[Image.Image] = []
-    resized: dict[InputKey, list[Image.Image]] = {k: [] for k in keys}
+    seg = _segmenter(lungs_dir, device, required=needs_lungs(keys))
+    out = Decoded([], {k: [] for k in keys}, [], [])
     for i, path in enumerate(paths):
         try:
             img = decode_study(path)
         except ImageDecodeError as exc:
-            bad.append((i, exc.reason))
+            out.bad.append((i, exc.reason))
             continue
-        ok.append(i)
-        decoded.append(img)
-        for size, interp in keys:
-            arr = resize_to_uint8(img, size, interp)[0].numpy()
-            resized[(size, interp)].append(Image.fromarray(arr, mode="L"))
-    return ok, resized, bad, decoded
+        mask = seg.predict(img) if seg is not None else None
+        out.ok.append(i)
+        out.masks.append(mask)
+        for key in keys:
+            size, interp, view, equalize, margin = key
+            seen = img if is_plain(view, equalize) else render_one(img, mask, view, equalize, margin)
+            arr = resize_to_uint8(seen, size, interp)[0].numpy()
+            out.inputs[key].append(Image.fromarray(arr, mode="L"))
+    return out
+
+
+def _segmenter(lungs_dir: Path | None, device: str, required: bool) -> Any:
+    """The saved lung model in ``lungs_dir``; None when there is none and no run needs it (else the error)."""
+    from cxrstudy.lungs import LungSegmenter
+
+    if lungs_dir is None and not required:
+        return None
+    try:
+        return LungSegmenter.load(Path(lungs_dir or "."), device)
+    except FileNotFoundError:
+        if required:
+            raise
+        return None
 
 
 def prediction_frame(

@@ -27,7 +27,7 @@ from cxrstudy import config
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
 from cxrstudy.evaluation.report import load_runs, run_entry
 from cxrstudy.fileio import atomic_write_text, write_json
-from cxrstudy.inference import InputKey, decode_for_models, input_key, prediction_frame
+from cxrstudy.inference import InputKey, decode_for_models, input_key, needs_lungs, prediction_frame
 
 
 def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
@@ -64,15 +64,17 @@ def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
     return df[["row", "path", "label", "patient_group"]]
 
 
-def decode_images(rows: pd.DataFrame, keys: set[InputKey]) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
-    """Decode each row once (study preprocessing); returns (readable rows, {key: model-size L images aligned
-    with readable rows}, unreadable rows with reason)."""
-    ok, resized, bad, _ = decode_for_models(list(rows["path"]), keys)
+def decode_images(
+    rows: pd.DataFrame, keys: set[InputKey], lungs_dir: Path | None = None
+) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """Decode each row once (study preprocessing, input views); returns (readable rows, {key: model-size L
+    images aligned with readable rows}, unreadable rows with reason)."""
+    dec = decode_for_models(list(rows["path"]), keys, lungs_dir)
     unreadable = pd.DataFrame(
-        [{**rows.iloc[i][["row", "path", "label"]].to_dict(), "reason": reason} for i, reason in bad],
+        [{**rows.iloc[i][["row", "path", "label"]].to_dict(), "reason": reason} for i, reason in dec.bad],
         columns=["row", "path", "label", "reason"],
     )
-    return rows.iloc[ok].reset_index(drop=True), resized, unreadable
+    return rows.iloc[dec.ok].reset_index(drop=True), dec.inputs, unreadable
 
 
 def _figures(out: Path, preds: pd.DataFrame, classes: list[str], metrics: dict, title: str) -> None:
@@ -174,7 +176,8 @@ def evaluate_external(
     if drop_overlap and overlap["images"]:
         rows = rows[~rows["path"].isin({i["path"] for i in overlap["images"]})].reset_index(drop=True)
         overlap["dropped"] = True
-    readable, resized, unreadable = decode_images(rows, {input_key(r["info"]) for r in runs})
+    keys = {input_key(r["info"]) for r in runs}
+    readable, resized, unreadable = decode_images(rows, keys, pdir / "lungs" if needs_lungs(keys) else None)
     atomic_write_text(out / "unreadable.csv", unreadable.to_csv(index=False))
     opts = {"device": device, "batch_size": batch_size, "n_bootstrap": n_bootstrap, "seed": seed, "figures": figures}
     results = {
