@@ -27,29 +27,31 @@ image_size = 160  # squish-resize to image_size x image_size
 batch_size = 32
 num_workers = 0  # DataLoader decode workers (use several on a GPU machine)
 max_per_class = 0  # images kept per split and label; 0 keeps all
+input_view = "full"  # full, lung_crop or lung_mask (lung views need notebook 01's masks)
+equalize = False  # histogram equalisation inside the lung mask
 embedding = "pca"  # 2-D embedding for the figures: pca, tsne or umap
 
 
 # %%
-import json
-
 import pandas as pd
 from IPython.display import display
 
 from cxrstudy import config
 from cxrstudy.data.splits import subsample
 from cxrstudy.features import embed_2d, extract_features, extraction_summary
-from cxrstudy.fileio import atomic_write_text
+from cxrstudy.fileio import write_json
+from cxrstudy.lungs.render import view_cache_tag, view_root
 from cxrstudy.plots import plot_embedding, save_figure
 
 out = config.profile_dir(profile) / "features"
 out.mkdir(parents=True, exist_ok=True)
 config.seed_everything(seed)
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH, keep_default_na=False), max_per_class, seed)
-feats = extract_features(manifest, config.PROCESSED_DIR, backbone, image_size, batch_size=batch_size,
-                         device=device, num_workers=num_workers)
-summary = extraction_summary(feats, backbone, image_size, device)
-atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+image_root = view_root(manifest, profile, input_view, equalize)
+feats = extract_features(manifest, image_root, backbone, image_size, batch_size=batch_size,
+                         device=device, num_workers=num_workers, cache_tag=view_cache_tag(image_root))
+summary = extraction_summary(feats, backbone, image_size, device) | {"input_view": input_view, "equalize": equalize}
+write_json(out / "summary.json", summary)
 summary
 
 # %% [markdown]

@@ -27,6 +27,8 @@ image_size = 160  # squish-resize to image_size x image_size
 batch_size = 32
 num_workers = 0  # DataLoader decode workers (use several on a GPU machine)
 max_per_class = 0  # images kept per split and label; 0 keeps all
+input_view = "full"  # full, lung_crop or lung_mask (lung views need notebook 01's masks)
+equalize = False  # histogram equalisation inside the lung mask
 embedding = "pca"  # 2-D embedding for the figures: pca, tsne or umap
 k = 2  # subclasses per class: an int (DeTraC: 2, 1: no decomposition) or "auto" (best silhouette)
 k_min = 2  # range searched by auto (silhouettes are reported over it in any case)
@@ -44,6 +46,7 @@ from cxrstudy import config
 from cxrstudy.data.splits import subsample
 from cxrstudy.decomposition import fit_decomposition, save_decomposition
 from cxrstudy.features import embed_2d, extract_features, extraction_summary
+from cxrstudy.lungs.render import view_cache_tag, view_root
 from cxrstudy.plots import (
     plot_embedding,
     plot_silhouettes,
@@ -56,8 +59,9 @@ out = config.profile_dir(profile) / "decomposition"
 out.mkdir(parents=True, exist_ok=True)
 config.seed_everything(seed)
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH, keep_default_na=False), max_per_class, seed)
-feats = extract_features(manifest, config.PROCESSED_DIR, backbone, image_size, batch_size=batch_size,
-                         device=device, num_workers=num_workers)
+image_root = view_root(manifest, profile, input_view, equalize)
+feats = extract_features(manifest, image_root, backbone, image_size, batch_size=batch_size,
+                         device=device, num_workers=num_workers, cache_tag=view_cache_tag(image_root))
 print(extraction_summary(feats, backbone, image_size, device))
 train = manifest[manifest["split"] == "train"]
 print(f'{len(train)} training images of {len(manifest)}; only these are clustered')
@@ -66,7 +70,8 @@ print(f'{len(train)} training images of {len(manifest)}; only these are clustere
 decomp, subclass_of = fit_decomposition(feats.loc[train["image"]], train["label"], train["split"],
                                         k=k, k_range=(k_min, k_max), standardize=standardize,
                                         pca_components=pca_components, seed=seed)
-decomp.params.update(backbone=backbone, image_size=image_size, max_per_class=max_per_class)
+decomp.params.update(backbone=backbone, image_size=image_size, max_per_class=max_per_class, input_view=input_view,
+                     equalize=equalize)
 save_decomposition(config.profile_dir(profile), decomp, subclass_of)
 display(pd.DataFrame({'k': decomp.k}).T)
 display(pd.DataFrame(decomp.silhouettes).T.round(3))
@@ -81,7 +86,7 @@ figs = {
                                             title=f'training features ({embedding}) by subclass'),
     'subclass_sizes': plot_subclass_sizes(decomp.sizes, decomp.parent_of),
     'silhouettes': plot_silhouettes(decomp.silhouettes, decomp.k),
-    'subclass_examples': plot_subclass_examples(subclass_of, config.PROCESSED_DIR, per_subclass=5,
+    'subclass_examples': plot_subclass_examples(subclass_of, image_root, per_subclass=5,
                                                 seed=seed),
 }
 for name, fig in figs.items():

@@ -63,6 +63,12 @@ def render_one(img: Image.Image, mask: np.ndarray, view: str, equalize: bool, ma
     return apply_view(img, mask, view, equalize=equalize, margin=margin)
 
 
+def view_cache_tag(image_root: Path) -> str:
+    """Feature-cache tag of an image root: empty for the processed films, else the rendered folder's name."""
+    root = Path(image_root).resolve()
+    return "" if root == Path(config.PROCESSED_DIR).resolve() else root.name
+
+
 def _lung_entry(profile: str) -> str:
     """Name of the lung stage's cache entry the profile used (part of the render key)."""
     path = config.profile_dir(profile) / "lungs" / "summary.json"
