@@ -14,9 +14,9 @@
 # ---
 
 # %% [markdown]
-# # 05 · Evaluation: metrics with patient-bootstrap intervals, shortcut checks, saliency, verdict
+# # 05 · Evaluation: metrics with patient-bootstrap intervals, shortcut checks, saliency, scorecard, verdict
 #
-# Evaluates every saved run of the profile from its stored predictions (no retraining): accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**; calibration (ECE, Brier, reliability diagrams); McNemar's test between scenarios and the effect of class decomposition (on minus off). Then the shortcut checks on frozen features (source identification, lungs masked / lungs only, leave-one-source-out, the one same-hospital source) and Grad-CAM saliency with the share that falls inside the central lung field. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline and shortcut-check figures also appear on the profile's `index.html`.
+# Evaluates every saved run of the profile from its stored predictions (no retraining): accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**, on the test split only (evaluation-only `holdout` rows never enter these); calibration (ECE, Brier, reliability diagrams); McNemar's test clustered on patient groups between scenarios and for class decomposition (on minus off), Holm-adjusted. Then the shortcut checks on frozen features (source identification across and within labels, lungs hidden / lungs only, leave-one-source-out, the one same-hospital source), Grad-CAM saliency with the share inside the lungs (the profile's segmented lungs from notebook 01_lungs when it ran, else a fixed central rectangle), and the confound-free scorecard of every run on its own penultimate features. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline, scorecard and shortcut-check figures also appear on the profile's `index.html`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # evaluates reports/<profile>/runs/*
@@ -37,13 +37,17 @@ from IPython.display import Image, Markdown, display
 
 from cxrstudy import config
 from cxrstudy.data.splits import subsample
-from cxrstudy.evaluation import figures, report, saliency, shortcuts, tables
+from cxrstudy.evaluation import figures, report, runfeatures, saliency, scorecard, shortcuts, tables
 
 config.seed_everything(seed)
 torch.set_num_threads(min(torch.get_num_threads(), 4))
 out = config.profile_dir(profile)
 fig_dir = out / figures.FIGURE_DIR
+image_root = config.PROCESSED_DIR  # the films every check reads
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH), max_per_class, seed)
+lung_masks, lung_key = shortcuts.load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
+lung_info = shortcuts.lung_region_info(lung_masks, manifest["image"].tolist())
+display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
 runs = report.load_runs(out)
 if not runs:
@@ -53,7 +57,7 @@ display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "train_seconds", 
 # %% [markdown]
 # ## Test metrics per run
 #
-# Percentages with 95% percentile intervals from resampling whole patient groups (an image enters a resample as often as its patient group was drawn). *hard-rule acc.* is DeTraC's rule (the parent of the most probable subclass) beside the composed probabilities' arg-max.
+# Percentages with 95% percentile intervals from resampling whole patient groups (an image enters a resample as often as its patient group was drawn). *val. accuracy* is what the headline run is chosen on; *accuracy* is the arg-max of the summed subclass probabilities and *hard-rule acc.* DeTraC's rule (the parent of the most probable subclass).
 
 # %%
 entries = report.evaluate_runs(runs, n_bootstrap, seed)
@@ -72,19 +76,21 @@ for name, path in figure_paths.items():
 # %% [markdown]
 # ## Shortcut checks (linear heads on frozen features)
 #
-# All checks use the shallow level, a logistic regression on frozen ImageNet features, so they are cheap on a CPU; they say what the images make easy, not what each trained network did. *Source identification*: how well the features name the repository (patient-group 5-fold CV). *Masking*: features of images with the central lung field (x and y 15-85%) blacked out, or with only that field kept. *Leave-one-source-out*: a head trained without a whole source, tested on it. *Same hospital*: Actualmed, the only source with COVID-19 and normal films from one site.
+# All checks use the shallow level, a logistic regression on frozen ImageNet features, so they are cheap on a CPU; they say what the images make easy, not what each trained network did. *Source identification*: how well the features name the repository (patient-group 5-fold CV); across labels against the rule that knows only the label, and within each label against always naming its largest source. *Masking*: features of films with the lungs hidden, or with only the lungs kept (segmented lungs when the profile ran notebook 01_lungs, films failing its QC and profiles without it: the central rectangle, x and y 15-85%). *Leave-one-source-out*: a head trained without a whole source, tested on it, with the training composition. *Same hospital*: Actualmed, the only source with COVID-19 and normal films from one site.
 
 # %%
 paper_runs = {r["info"]["run_id"]: r["predictions"] for r in runs if r["info"]["task"] == tables.PAPER_TASK}
 checks_raw = {}
 if shortcut_checks:
     checks_raw = shortcuts.run_shortcut_checks(
-        manifest, paper_runs, config.PROCESSED_DIR, backbone, image_size, config.TASKS[tables.PAPER_TASK],
-        batch_size=batch_size, device=device, seed=seed, n_bootstrap=n_bootstrap)
+        manifest, paper_runs, image_root, backbone, image_size, config.TASKS[tables.PAPER_TASK],
+        batch_size=batch_size, device=device, seed=seed, n_bootstrap=n_bootstrap, lung_masks=lung_masks,
+        lung_key=lung_key)
     sid = checks_raw["source_identification"]
-    display(Markdown(f"Source identification: accuracy {sid.get('accuracy')}, balanced {sid.get('balanced_accuracy')}, "
-                     f"majority baseline {sid.get('majority_baseline')} (n={sid['n']})"))
-    display(pd.DataFrame({k: v for k, v in sid["within_label"].items()}).T)
+    display(Markdown(f"Source identification across labels: accuracy {sid.get('accuracy')}, balanced "
+                     f"{sid.get('balanced_accuracy')}, majority baseline {sid.get('majority_baseline')}, label-only "
+                     f"rule {sid.get('label_only_baseline')} (n={sid['n']})"))
+    display(pd.DataFrame(checks_raw["source_id_within_label"]).set_index("label"))
     display(tables.masking_frame(checks_raw["masking"]))
     display(tables.loso_frame(checks_raw["leave_one_source_out"]))
     display(checks_raw["same_hospital"])
@@ -92,15 +98,26 @@ if shortcut_checks:
 # %% [markdown]
 # ## Saliency (Grad-CAM)
 #
-# Grad-CAM on the last convolutional stage, explaining the predicted class, for a seeded sample of correct and wrong test images per class and run. The dashed rectangle is the lung region used for masking; *in-lung* is the share of saliency inside it (a uniform map gives 0.49).
+# Grad-CAM on the last convolutional stage, explaining the predicted class, on each run's films as it saw them (its input view), for a seeded random sample of test images stratified by true class and outcome (up to `saliency_per_class` correct and as many wrong per class) of every run. The dashed outline is the film's lung region (segmented lungs resized to the map's grid, or the central rectangle); *in-lung* is the share of saliency inside it and *uniform* the region's area (what a uniform map would give). The maps come from `image_size / 32` cells per side (5x5 at 160 px), which limits what the share can say.
 
 # %%
 head_run = tables.headline(entries).get("run_id")
-sal = saliency.saliency_for_runs(runs, config.PROCESSED_DIR, saliency_per_class, fig_dir, seed,
-                                 config.resolve_device(device))
-display(sal.groupby(["run_id", "outcome"])["lung_share"].agg(["mean", "count"]).unstack())
+sal = saliency.saliency_for_runs(runs, image_root, saliency_per_class, fig_dir, seed,
+                                 config.resolve_device(device), masks=lung_masks, manifest=manifest, profile=profile)
+display(sal.groupby(["run_id", "outcome"])[["lung_share", "uniform_share"]].mean().unstack())
 if head_run:
     display(Image(filename=str(fig_dir / f"saliency_{head_run}.png")))
+
+# %% [markdown]
+# ## Confound-free scorecard
+#
+# Per run, on films it never trained on (its predictions' rows outside train/val), with patient-group bootstrap intervals: S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC (>= 0.80), S2 Actualmed balanced accuracy (>= 0.85, evaluation-only hospital), S3 source identification within COVID-19 films (<= its majority share + 5 points), S4 NIH pneumonia vs normal ROC-AUC (>= 0.85, three-class runs), S5 the paper's task accuracy (>= 94.17%). Where too few held-out films exist, a patient-grouped linear probe on the run's **own** penultimate features answers (`method` = probe); those features are computed once per run, on the films through the run's input view, and cached in `runs/<run_id>/features.npz`.
+
+# %%
+card = runfeatures.scorecard_entries(runs, manifest, image_root, device, batch_size, n_bootstrap, seed, profile)
+display(scorecard.scorecard_frame(card).set_index(["run_id", "variant", "metric"]))
+display(pd.DataFrame(scorecard.check_goals(card)).pivot_table(index=["run_id", "variant"], columns="goal",
+                                                              values="met", aggfunc="first"))
 
 # %% [markdown]
 # ## results.json, headline, comparisons, model card and checklist
@@ -108,10 +125,12 @@ if head_run:
 # %%
 checks = tables.assemble_shortcut_checks(
     checks_raw.get("source_identification"), checks_raw.get("masking"), checks_raw.get("leave_one_source_out"),
-    checks_raw.get("same_hospital"), sal, saliency_run=head_run)
+    checks_raw.get("same_hospital"), sal, saliency_run=head_run, lung_region=lung_info,
+    source_id_within_label=checks_raw.get("source_id_within_label"), n_bootstrap=n_bootstrap, seed=seed)
 results = report.build_results(
     out, manifest, shortcut_checks=checks, n_bootstrap=n_bootstrap, seed=seed, excluded=excluded, runs=runs,
-    entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size})
+    entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size},
+    scorecard=card)
 report.write_model_card(results, out / "model_card.md")
 report.write_claim_checklist(results, out / "claim_checklist.md")
 display(Markdown(results["headline"]["text"]))
@@ -119,9 +138,19 @@ display(tables.headline_frame(results))
 display(tables.comparisons_frame(results["comparisons"]))
 
 # %% [markdown]
+# ## Scorecard at a glance (shown on index.html)
+#
+# Every scorecard metric per run and variant with its 95% interval; dashed lines are the goals (S3: the share of the largest source among COVID-19 films plus 5 points).
+
+# %%
+scorecard_png = figures.scorecard_figure(results["scorecard"], results["goals"], fig_dir / figures.SCORECARD_FIGURE)
+if scorecard_png is not None:
+    display(Image(filename=str(scorecard_png)))
+
+# %% [markdown]
 # ## Shortcut checks at a glance (shown on index.html)
 #
-# Test accuracy of the linear heads with 95% intervals: whole image, lungs masked and lungs only; each source held out of training; and within the one hospital with both classes. Written only when the shortcut checks ran.
+# Test accuracy of the linear heads with 95% intervals: whole film, lungs hidden and lungs only; each source held out of training; and within the one hospital with both classes. Written only when the shortcut checks ran.
 
 # %%
 shortcut_png = figures.shortcut_figure(checks, fig_dir / figures.SHORTCUT_FIGURE)
@@ -137,4 +166,4 @@ display(Markdown("\n".join(f"- {s}" for s in results["verdict"])))
 # %% [markdown]
 # ## What the accuracy can and cannot be trusted for
 #
-# The test accuracy is an honest estimate **for images like these**: patient-disjoint splits, near-duplicates removed across sources, decomposition fitted on training images only, and intervals that resample patients rather than images. It supports comparing transfer scenarios and the effect of class decomposition on this data. It does **not** measure diagnostic accuracy: in these public collections COVID-19, normal and pneumonia films largely come from different repositories, and the checks above show how much of the label can be read from the source, from the image borders and text, or with the lungs blacked out. A claim about patients needs an external test set from a hospital the model never saw (`make evaluate EXTERNAL=labels.csv`).
+# The test accuracy is an honest estimate **for these runs on images like these**: patient-disjoint splits, near-duplicates removed across sources, decomposition fitted on training images only, the headline run chosen on validation, and intervals that resample patients rather than images. The intervals cover only the sampling of test patients: with one seed per configuration and unequal training budgets per scenario (both stated in `results.json`, `comparisons.design`), a difference between scenarios or between decomposition on and off mixes the method with seed-to-seed variation and budget, so the numbers do not rank them. They do **not** measure diagnostic accuracy: in these public collections COVID-19, normal and pneumonia films largely come from different repositories, and the checks above show how much of the label can be read from the source, from every part of the film, or with the lungs hidden. The scorecard asks the questions a source shortcut cannot answer (within one source, within one label, on a held-out hospital). A claim about patients needs an external test set from a hospital the model never saw (`make evaluate EXTERNAL=labels.csv`).

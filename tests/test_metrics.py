@@ -132,6 +132,36 @@ def test_mcnemar_exact_and_chi_square_by_hand():
     assert M.mcnemar(a, a, y)["p_value"] == 1.0
 
 
+def test_clustered_mcnemar_by_hand():
+    # four patient groups: c1 three images a-only right, c2 one b-only, c3 two concordant, c4 one a-only + one concordant
+    groups = ["c1"] * 3 + ["c2"] + ["c3"] * 2 + ["c4"] * 2
+    y = np.zeros(8, dtype=int)
+    a = np.array([0, 0, 0, 1, 0, 1, 0, 0])
+    b = np.array([1, 1, 1, 0, 0, 1, 1, 0])
+    res = M.clustered_mcnemar(a, b, y, groups)
+    assert (res["a_only_correct"], res["b_only_correct"], res["n_clusters"]) == (4, 1, 4)
+    # D = 3 - 1 + 0 + 1 = 3; residuals d_i - n_i D/N: 1.875, -1.375, -0.75, 0.25; variance sum x K/(K-1)
+    var = (1.875**2 + 1.375**2 + 0.75**2 + 0.25**2) * 4 / 3
+    assert res["statistic"] == pytest.approx(9 / var)
+    assert res["p_value"] == pytest.approx(0.2902, abs=1e-3) and "Obuchowski" in res["method"]
+    # each image its own cluster: McNemar's statistic up to the (N-1)/N and (B-C)^2/N terms
+    y = np.zeros(40, dtype=int)
+    a = np.r_[np.zeros(30), np.ones(10)]
+    single = M.clustered_mcnemar(a, 1 - a, y, None)
+    assert single["statistic"] == pytest.approx(400 * 39 / 40 / (40 - 400 / 40))
+    # the same discordance inside one patient counts as one patient, not thirty images
+    one_patient = M.clustered_mcnemar(a, 1 - a, y, ["p"] * 30 + [f"q{i}" for i in range(10)])
+    assert one_patient["p_value"] > single["p_value"]
+    assert M.clustered_mcnemar(a, a, y, None)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="aligned"):
+        M.clustered_mcnemar(a, a[:3], y, None)
+
+
+def test_holm_adjustment():
+    assert M.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert M.holm([0.5, 0.9]) == [1.0, 1.0] and M.holm([]) == []
+
+
 def test_paired_difference_uses_one_shared_bootstrap():
     groups = np.repeat([f"p{i}" for i in range(8)], 3)
     y = np.array(["covid", "normal", "covid"] * 8)
@@ -301,17 +331,46 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     assert head["paper_position"] in {"above", "below", "inside"} and "94.17%" in head["text"]
     cmp = res["comparisons"]
     assert len(cmp["decomposition_effect"]) == 4 and len(cmp["scenarios_mcnemar"]) == 12
+    mc = cmp["scenarios_mcnemar"][0]["mcnemar"]
+    assert mc["unit"] == "patient_group" and mc["n_clusters"] == 12 and "p_holm" in mc
+    assert cmp["multiplicity"]["n_tests"] == 16
+    assert cmp["design"]["seeds_per_configuration"] == {"min": 1, "max": 1}
+    assert res["runs"][0]["variant"] == "baseline" and res["scorecard"] == [] and res["goals"] == []
     assert res["shortcut_checks"]["source_identification_accuracy"] == 0.97
     assert res["shortcut_checks"]["saliency_in_lung_share"] == pytest.approx(0.5)
+    assert res["shortcut_checks"]["lung_region"] == "fixed rectangle"
     text = " ".join(res["verdict"])
-    assert "hospital rather than the disease" in text and "does not need the lungs" in text
+    assert "mostly restates the label" in text and "signal is everywhere" in text
+    assert "Each configuration ran once (one seed)" in text and "Trust the numbers" not in text
     card = R.write_model_card(res, pdir / "model_card.md").read_text()
     assert head["run_id"] in card and "Not for clinical use" in card
     checklist = R.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
     for item in ("Data sources", "Data partitions", "Reference standard", "Metrics", "Failure analysis"):
         assert f"| {item} |" in checklist
     table = R.headline_frame(res)
-    assert len(table) == 10 and table["accuracy"].iloc[-2] == "94.17%"
+    assert len(table) == 10 and table["accuracy (summed probabilities)"].iloc[-2] == "94.17%"
+    assert table["accuracy (DeTraC hard rule)"].iloc[-1] == "93.1%" and "val. accuracy" in table.columns
+
+
+def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
+    """An evaluation-only source (split "holdout") never enters test metrics, comparisons or figures' tables."""
+    from cxrstudy.evaluation import report as R
+    from cxrstudy.evaluation import tables as T
+
+    pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
+    for path in (pdir / "runs").glob("*/predictions.csv"):
+        df = pd.read_csv(path)
+        extra = df[df["split"] == "test"].assign(
+            split="holdout", image=lambda d: "holdout_" + d["image"], source="actualmed/x",
+            patient_group=lambda d: "h" + d["patient_group"], prob_covid=0.0, prob_normal=1.0, pred="normal",
+        )
+        pd.concat([df, extra]).to_csv(path, index=False)
+    runs = R.load_runs(pdir)
+    entries = R.evaluate_runs(runs, n_bootstrap=20)
+    assert all(e["test"]["n"] == 24 for e in entries)
+    cmp = T.compare_runs(runs, n_bootstrap=20)
+    assert all(c["n"] == 24 for c in cmp["scenarios_mcnemar"] + cmp["decomposition_effect"])
+    assert "actualmed" not in " ".join(T.per_source_table(runs).columns)
 
 
 def test_evaluation_figures_are_written(tmp_path):

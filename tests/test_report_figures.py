@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from cxrstudy import reporting
@@ -57,3 +58,42 @@ def test_shortcut_figure_without_checks_removes_a_stale_one(tmp_path):
     path = tmp_path / F.SHORTCUT_FIGURE
     path.write_bytes(b"old")
     assert F.shortcut_figure({"level": "linear heads"}, path) is None and not path.exists()
+
+
+def _entry(run, metric, value, variant="baseline", method="model"):
+    return {"run_id": run, "variant": variant, "task": "covid_vs_normal", "metric": metric, "value": value,
+            "ci_low": None if value is None else value - 0.05, "ci_high": None if value is None else value + 0.04,
+            "n": 50, "method": method}
+
+
+def test_scorecard_panels_and_figure(tmp_path):
+    from cxrstudy.evaluation.scorecard import check_goals
+
+    a = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0"
+    b = "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0"
+    entries = [
+        _entry(a, "ieee8023_covid_vs_pneumonia_auc", 0.82, method="probe"),
+        _entry(a, "source_id_within_covid_accuracy", 0.62, method="probe"),
+        _entry(a, "source_id_within_covid_majority", 0.43, method="probe"),
+        _entry(a, "paper_task_accuracy", 0.95),
+        _entry(a, "nih_pneumonia_vs_normal_auc", None),
+        _entry(b, "paper_task_accuracy", 0.93, variant="lung_crop"),
+        _entry(b, "source_id_within_covid_accuracy", 0.5, variant="lung_crop", method="probe"),
+        _entry(b, "source_id_within_covid_majority", 0.40, variant="lung_crop", method="probe"),
+    ]
+    goals = check_goals(entries)
+    panels = F.scorecard_panels(entries, goals)
+    names = list(panels)
+    assert len(names) == 5 and names[0].startswith("S1 ieee8023_covid_vs_pneumonia_auc (>= 0.8)")
+    assert names[2] == "S3 source_id_within_covid_accuracy (<= majority + 5 points)"
+    s3 = panels[names[2]]
+    assert list(s3["label"]) == ["deep nodecomp seed0 (covid_vs_normal, probe)",
+                                 "shallow nodecomp seed0 [lung_crop] (covid_vs_normal, probe)"]
+    assert list(s3["target"]) == [pytest.approx(0.48), pytest.approx(0.45)]  # each run's majority + 5 points
+    s5 = panels[names[4]]
+    assert list(s5["value"]) == [0.95, 0.93] and s5["target"].iloc[0] == pytest.approx(0.9417)
+    assert panels[names[3]]["value"].isna().all()  # not computed: kept as a row, shown as n/a
+    path = F.scorecard_figure(entries, goals, tmp_path / F.FIGURE_DIR / F.SCORECARD_FIGURE)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 300 and im.height > 300
+    assert F.scorecard_figure([], [], path) is None and not path.exists()

@@ -94,7 +94,7 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
     reporting.update_readme("default", readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
-    assert "| covid_vs_normal | shallow | off | 95.0 [90.0, 99.0] |" in text
+    assert "| covid_vs_normal | shallow | off | – | 95.0 [90.0, 99.0] |" in text
     assert "2026-11-26" in text and "abcdef1234" in text and "Verdict" in text
     assert "0.1 min for all steps" in text
 
@@ -102,15 +102,19 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
 def test_readme_table_is_markdown_from_data(tmp_path, monkeypatch):
     results = json.loads(json.dumps(RESULTS))
     results["runs"][1]["task"] = "a|b"
+    results["runs"][0]["val_accuracy"] = 0.96
+    results["runs"][0]["test"]["hard_rule"] = {"accuracy": {"value": 0.88, "ci_low": 0.83, "ci_high": 0.93}}
     text = reporting.readme_results(results, RECORD)
     table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| task | scenario | decomposition | validation accuracy % | accuracy % (summed "
+                               "probabilities) | accuracy % (DeTraC hard rule) |")
     assert table[2:4] == [
-        "| a\\|b | shallow | off | 95.0 [90.0, 99.0] | – | – | – |",
-        "| covid_vs_normal | deep | on | 90.0 [85.0, 95.0] | 80.0 [70.0, 90.0] | – | 5.0 |",
+        "| a\\|b | shallow | off | – | 95.0 [90.0, 99.0] | – | – | – | – |",
+        "| covid_vs_normal | deep | on | 96.0 | 90.0 [85.0, 95.0] | 88.0 [83.0, 93.0] | 80.0 [70.0, 90.0] | – | 5.0 |",
     ]
     assert table[4:] == [
-        f"| {config.PAPER_CITATION} | reported | | 94.17 | | | |",
-        f"| {config.DETRAC_CITATION} | reported | on | 93.1 | | | |",
+        f"| {config.PAPER_CITATION} | reported | | | 94.17 | | | | |",
+        f"| {config.DETRAC_CITATION} | reported | on | | | 93.1 | | | |",
     ]
     assert not any("<" in line or ">" in line for line in table)
 
@@ -153,3 +157,61 @@ def test_index_escapes_run_fields_and_record(tmp_path):
     page = reporting.write_index(tmp_path, {**RECORD, "profile": evil, "versions": {evil: evil}}).read_text()
     assert "<script" not in page
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 7
+
+
+def _goal(goal, metric, run, value, met, variant="baseline", target=0.8):
+    return {"goal": goal, "run_id": run, "variant": variant, "metric": metric, "op": ">=", "target": target,
+            "value": value, "ci_low": None if value is None else value - 0.05,
+            "ci_high": None if value is None else value + 0.05, "met": met}
+
+
+HEAD = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0"
+LUNGCROP = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0__lungs"
+GOALS = [
+    _goal("S1", "ieee8023_covid_vs_pneumonia_auc", HEAD, 0.7, False),
+    _goal("S5", "paper_task_accuracy", HEAD, 0.95, True, target=0.9417),
+    _goal("S4", "nih_pneumonia_vs_normal_auc", HEAD, None, None),
+    _goal("S1", "ieee8023_covid_vs_pneumonia_auc", "other_run", 0.9, True),
+    _goal("S1", "ieee8023_covid_vs_pneumonia_auc", LUNGCROP, 0.85, True, variant="lung_crop"),
+]
+
+
+def test_goal_rows_and_headers():
+    headers = reporting.goal_headers()
+    assert [h["goal"] for h in headers] == ["S1", "S2", "S3", "S4", "S5"]
+    assert headers[0]["rule"] == ">= 80" and headers[2]["rule"] == "<= majority + 5 points"
+    assert headers[4]["rule"] == ">= 94.17"
+    results = {"goals": GOALS, "headline": {"run_id": HEAD}}
+    rows = reporting.goal_rows(results)
+    assert [(r["run_id"], r["variant"]) for r in rows] == [(HEAD, "baseline"), ("other_run", "baseline"),
+                                                            (LUNGCROP, "lung_crop")]
+    head = rows[0]
+    assert head["run"] == "deep nodecomp seed0 (covid_vs_normal)"
+    assert [c["met"] for c in head["goals"]] == ["missed", "n/a", "n/a", "n/a", "met"]
+    assert head["goals"][0]["metric"] == {"value": "70.0", "interval": "65.0, 75.0"}
+    assert head["n_met"] == 1 and head["n_judged"] == 2
+    readme = reporting.readme_goal_rows(results)
+    assert [r["run_id"] for r in readme] == [HEAD, LUNGCROP]  # the headline run and every variant
+
+
+def test_index_and_readme_show_the_scorecard(tmp_path):
+    from cxrstudy.evaluation.figures import FIGURE_DIR, SCORECARD_FIGURE
+
+    results = {**json.loads(json.dumps(RESULTS)), "goals": GOALS, "headline": {"text": "h", "run_id": HEAD}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = reporting.write_index(tmp_path, RECORD).read_text()
+    assert "<h2>Confound-free scorecard</h2>" in page and "<img" not in page
+    assert "<th>S3 &lt;= majority + 5 points</th>" in page
+    assert "<td>deep nodecomp seed0 (covid_vs_normal)</td><td>baseline</td><td>70.0 <small>[65.0, 75.0]</small> " \
+        "<b>missed</b></td>" in page
+    assert page.index("<h2>Confound-free scorecard</h2>") < page.index("<h2>Verdict</h2>")
+    (tmp_path / FIGURE_DIR).mkdir()
+    (tmp_path / FIGURE_DIR / SCORECARD_FIGURE).write_bytes(b"\x89PNG\r\n")
+    page = reporting.write_index(tmp_path, RECORD).read_text()
+    assert f"<img src='{FIGURE_DIR}/{SCORECARD_FIGURE}'" in page
+    md = reporting.readme_results(results, RECORD)
+    assert "**Confound-free scorecard**" in md
+    rows = [line for line in md.splitlines() if line.startswith("| deep nodecomp")]
+    assert rows[0] == "| deep nodecomp seed0 (covid_vs_normal) | baseline | 70.0 [65.0, 75.0] missed | – n/a | " \
+        "– n/a | – n/a | 95.0 [90.0, 100.0] met | 1 of 2 |"
+    assert len(rows) == 2 and "lung_crop" in rows[1] and "other_run" not in md

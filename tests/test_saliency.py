@@ -105,3 +105,57 @@ def test_sample_for_saliency_takes_correct_and_wrong_per_class():
     }
     assert "i7" not in set(s["image"])  # validation rows are not sampled
     assert s.equals(S.sample_for_saliency(preds, ["covid", "normal"], per_class=2, seed=0))
+
+
+def test_cam_region_uses_segmented_lungs_else_the_rectangle():
+    # a film 200 high x 100 wide whose "lungs" are the left half, rows 50-150
+    mask = np.zeros((200, 100), dtype=bool)
+    mask[50:150, :50] = True
+    region, kind = S.cam_region(mask, (100, 200), (20, 20))
+    assert kind == "segmented" and region.shape == (20, 20)
+    assert region[5:15, :10].all() and not region[:5].any() and not region[:, 10:].any()
+    assert region.mean() == pytest.approx(0.25)  # the uniform map's share: the mask's area fraction
+    cam = np.zeros((20, 20))
+    cam[5:15, :10] = 1.0
+    assert S.region_share(cam, region) == pytest.approx(1.0)
+    cam[0, 19] = 1.0
+    assert S.region_share(cam, region) == pytest.approx(100 / 101)
+    with pytest.raises(ValueError, match="shape"):
+        S.region_share(cam, region[:10])
+    # no mask, the QC fallback (all True) or a mask of another film size: the rectangle
+    for m in (None, np.ones((200, 100), bool), mask[:100]):
+        rect, kind = S.cam_region(m, (100, 200), (20, 20))
+        assert kind == "rectangle" and np.array_equal(rect, lung_mask(20, 20))
+
+
+def test_saliency_summary_has_n_interval_and_uniform_reference():
+    from cxrstudy.evaluation import tables as T
+
+    rng = np.random.default_rng(0)
+    n = 16
+    table = pd.DataFrame({
+        "run_id": ["r"] * n + ["other"] * 2,
+        "image": [f"i{i}" for i in range(n + 2)],
+        "label": (["covid"] * 8 + ["normal"] * 8) + ["covid"] * 2,
+        "outcome": (["correct"] * 4 + ["wrong"] * 4) * 2 + ["correct"] * 2,
+        "lung_share": np.r_[rng.uniform(0.6, 0.8, n), [0.1, np.nan]],
+        "uniform_share": np.r_[np.full(n, 0.3), [0.3, 0.3]],
+        "region": ["segmented"] * (n - 1) + ["rectangle"] + ["segmented"] * 2,
+        "cam_grid": 5,
+        "image_size": 160,
+    })
+    checks = T.assemble_shortcut_checks(saliency=table, saliency_run="r", n_bootstrap=200, seed=0,
+                                        lung_region={"kind": "segmented", "n_images": 18})
+    sal = checks["saliency"]
+    assert checks["lung_region"] == "segmented" and checks["lung_region_detail"]["n_images"] == 18
+    assert sal["n_images"] == sal["n_used"] == n and sal["cam_grid"] == 5 and sal["image_size"] == 160
+    share = sal["in_lung_share"]
+    assert share["value"] == pytest.approx(table["lung_share"][:n].mean()) and share["n"] == n
+    assert share["ci_low"] < share["value"] < share["ci_high"] and share["ci_high"] - share["ci_low"] < 0.1
+    assert sal["uniform_reference"]["value"] == pytest.approx(0.3)
+    assert sal["excess_over_uniform"]["ci_low"] > 0
+    assert sal["per_stratum"] == {"covid/correct": 4, "covid/wrong": 4, "normal/correct": 4, "normal/wrong": 4}
+    assert sal["regions"] == {"segmented": 15, "rectangle": 1}
+    assert checks["saliency_in_lung_share"] == share["value"] and checks["saliency_uniform_reference"] == pytest.approx(0.3)
+    assert "stratified by true class and outcome" in sal["sample"]
+    assert set(sal["by_run"]) == {"r", "other"}

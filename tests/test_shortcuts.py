@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from cxrstudy.evaluation import shortcuts as SC
 
@@ -156,3 +157,85 @@ def test_same_hospital_probe_and_run_predictions(manifest, features):
     }
     probe = res["probe"]
     assert probe["n_splits"] == 5 and 0 <= probe["accuracy"]["value"] <= 1
+
+
+def test_loso_names_the_training_composition(manifest, features):
+    folds = [("nih", manifest[manifest["source_name"] != "nih"], manifest[manifest["source_name"] == "nih"])]
+    (nih,) = SC.leave_one_source_out(features["unmasked"], manifest, folds, ["covid", "normal"], n_bootstrap=20)
+    assert nih["train_counts"] == {"covid": 2 * N_PER, "normal": N_PER}
+    assert nih["train_sources"]["normal"] == {"actualmed": N_PER}
+    assert nih["train_sources"]["covid"] == {"actualmed": N_PER, "mhh": N_PER}
+
+
+def test_label_only_baseline_and_within_label_probe(manifest, features):
+    # covid: actualmed 10 / mhh 10; normal: actualmed 10 / nih 10 -> knowing the label gives 20 of 40
+    assert SC.label_only_baseline(manifest) == pytest.approx(0.5)
+    assert SC.label_only_baseline(manifest[manifest["source_name"] != "mhh"]) == pytest.approx(20 / 30)
+    res = SC.source_identification(features["unmasked"], manifest, seed=0)
+    assert res["label_only_baseline"] == pytest.approx(0.5)
+
+
+def _films(tmp_path, n=3, shape=(40, 30)):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "films"
+    names = [f"images/s/f{i}.png" for i in range(n)]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(1, 255, shape, dtype=np.uint8), mode="L").save(root / name)
+    return root, pd.DataFrame({"image": names})
+
+
+def test_segmented_masks_render_hidden_and_only_views_with_rectangle_fallback(tmp_path):
+    from cxrstudy.images import load_xray
+
+    root, rows = _films(tmp_path)
+    seg = np.zeros((40, 30), bool)
+    seg[5:30, 3:12] = True
+    masks = {rows["image"][0]: seg, rows["image"][1]: np.ones((40, 30), bool)}  # film 1: QC fallback; film 2: none
+    views = SC.render_masked_views(rows, masks, root, "k", views_dir=tmp_path / "views")
+    assert set(views) == set(SC.MASK_VARIANTS)
+    for i, expected in enumerate((seg, SC.lung_mask(40, 30), SC.lung_mask(40, 30))):
+        film = np.asarray(load_xray(root / rows["image"][i]))
+        hidden = np.asarray(load_xray(views["masked_lungs"] / rows["image"][i]))
+        only = np.asarray(load_xray(views["lungs_only"] / rows["image"][i]))
+        assert (hidden[expected] == 0).all() and (hidden[~expected] == film[~expected]).all()
+        assert (only[~expected] == 0).all() and (only[expected] == film[expected]).all()
+    stamp = (views["lungs_only"] / rows["image"][0]).stat().st_mtime_ns
+    SC.render_masked_views(rows, masks, root, "k", views_dir=tmp_path / "views")  # existing files are kept
+    assert (views["lungs_only"] / rows["image"][0]).stat().st_mtime_ns == stamp
+    info = SC.lung_region_info(masks, rows["image"].tolist())
+    assert info["kind"] == "segmented" and info["n_segmented"] == 1 and info["n_rectangle_fallback"] == 2
+    assert info["mean_area_share"] == pytest.approx(seg.mean())
+    assert SC.lung_region_info(None)["kind"] == "fixed rectangle"
+    assert SC.lung_region_info(None)["rectangle"]["area_share"] == pytest.approx(0.49)
+
+
+def test_masking_features_switch_between_rectangle_and_segmented(tmp_path, monkeypatch):
+    root, rows = _films(tmp_path, n=2)
+    monkeypatch.setattr(SC, "LUNG_VIEWS_DIR", tmp_path / "views")
+    calls = []
+
+    def feats(where, transform=None, tag=""):
+        calls.append((where, transform, tag))
+        return pd.DataFrame()
+
+    SC.masking_features(rows, feats, root, None)
+    assert [(c[0], c[2]) for c in calls] == [(root, "mask_lungs"), (root, "lungs_only")]
+    assert calls[0][1] is SC.mask_lungs
+    calls.clear()
+    seg = np.zeros((40, 30), bool)
+    seg[10:20, 5:25] = True
+    SC.masking_features(rows, feats, root, {rows["image"][0]: seg, rows["image"][1]: seg}, "lungkey")
+    (hidden, _, tag_h), (only, _, tag_o) = calls
+    assert hidden.name == "masked_lungs" and only.name == "lungs_only" and hidden.parent.parent == tmp_path / "views"
+    assert tag_h.startswith("seg_masked_lungs_") and tag_o.startswith("seg_lungs_only_")  # never the rectangle's tags
+    calls.clear()
+    SC.masking_features(rows, feats, root, {rows["image"][0]: seg, rows["image"][1]: seg}, "other masks")
+    assert calls[0][2] != tag_h  # other masks: other views and feature cache entries
+
+
+def test_load_lung_masks_without_a_lung_stage(tmp_path, monkeypatch):
+    from cxrstudy import config
+
+    monkeypatch.setattr(config, "REPORTS_DIR", tmp_path)
+    assert SC.load_lung_masks(pd.DataFrame({"image": ["a.png"]}), "nolungs") == (None, "")

@@ -70,9 +70,19 @@ def results(tmp_path_factory):
         ],
         same_hospital={"source": "actualmed", "n": 40, "probe": {"accuracy": _metric(0.875, 0.757, 0.974)}},
     )
+    head = "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0"
+    card = [
+        {"run_id": run, "variant": "baseline", "task": "covid_vs_normal", "metric": metric, "value": value,
+         "ci_low": None if value is None else value - 0.1, "ci_high": None if value is None else value + 0.05,
+         "n": 40, "method": method, **({"note": "no pneumonia class"} if value is None else {})}
+        for run in (head, head.replace("shallow", "deep"))
+        for metric, value, method in (("ieee8023_covid_vs_pneumonia_auc", 0.75, "probe"),
+                                      ("nih_pneumonia_vs_normal_auc", None, "model"),
+                                      ("paper_task_accuracy", 0.95, "model"))
+    ]
     return report.build_results(
         pdir, manifest, shortcut_checks=checks, n_bootstrap=50, excluded=pd.DataFrame({"reason": ["lateral"]}),
-        params={"max_per_class": 0}, write=False,
+        params={"max_per_class": 0}, scorecard=card, write=False,
     )
 
 
@@ -102,6 +112,15 @@ def test_model_card(results):
     assert f"{config.PAPER_CITATION}: 94.17%; {config.DETRAC_CITATION}: 93.1%." in card
     bullets = card.split("## Limitations and shortcut checks\n")[1].splitlines()
     assert bullets == [f"- {s}" for s in results["verdict"][1:]] and card.endswith(".\n")
+    assert f"on validation accuracy ({100 * best['val_accuracy']:.1f}%), never on test." in card
+    goals = card.split("## Confound-free scorecard (films the run never trained on, 95% CI)\n")[1].split("\n\n")[0]
+    assert goals.splitlines()[0] == (
+        "- S1 ieee8023_covid_vs_pneumonia_auc: 75.0% [65.0, 80.0] (linear probe on the run's features), goal >= 80.0%: "
+        "missed."
+    )
+    assert "- S4 nih_pneumonia_vs_normal_auc: n/a, goal >= 85.0%: not judged (no pneumonia class)." in goals
+    assert "- S5 paper_task_accuracy: 95.0% [85.0, 100.0], goal >= 94.2%: met." in goals
+    assert len(goals.splitlines()) == 5 and "not free of ImageNet" not in card
 
 
 def test_model_card_without_a_headline_run():
@@ -129,7 +148,17 @@ def test_index_and_readme_from_results(tmp_path, results):
     assert "&amp; Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010 (reported)</td><td>94.17</td>" in page
     md = reporting.readme_results(results, record)
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 4 + 2 and not any(TAG.search(line) for line in table)
-    assert table[-2] == f"| {config.PAPER_CITATION} | reported | | 94.17 | | | |"
+    assert len(table) == 2 + 4 + 2 + 2 + 1 and not any(TAG.search(line) for line in table)
+    assert table[6] == f"| {config.PAPER_CITATION} | reported | | | 94.17 | | | | |"
+    assert "**Confound-free scorecard**" in md and "<h2>Confound-free scorecard</h2>" in page
+    head = results["headline"]["run_id"]
+    assert "accuracy % (DeTraC hard rule)</th>" in page and "validation accuracy %</th>" in page
+    assert sum(r["run_id"] == head for r in reporting.readme_goal_rows(results)) == 1
     assert md.startswith("Latest `default` run: 2026-11-30, commit `0123456789`, cpu (2 CPU cores; ), 0.0 min")
     assert "**Verdict.**" in md and results["headline"]["text"] in md
+
+
+def test_model_card_names_imagenet_subclasses_of_the_scratch_control(results):
+    runs = [*results["runs"], {**results["runs"][0], "scenario": "scratch", "decomposition": True}]
+    card = report.model_card({**results, "runs": runs})
+    assert "The scratch control with class decomposition (covid_vs_normal) is not free of ImageNet" in card

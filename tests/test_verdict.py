@@ -24,57 +24,117 @@ def results(**checks):
 
 
 def test_empty_results_give_only_the_closing_sentence():
-    assert V.verdict({}) == [V.CLOSING]
+    assert V.verdict({}) == [V.NOT_DIAGNOSTIC]
     assert report.verdict is V.verdict  # still reachable where notebooks and tests looked for it
+    assert not any("Trust the numbers" in s for s in V.verdict(results()))
 
 
 def test_headline_first_then_interval_warning_then_closing():
     out = V.verdict(results())
     assert out[0] == "Headline sentence."
     assert out[1].startswith("The interval is 15 points wide")
-    assert out[-1] == V.CLOSING
+    assert out[-1] == V.NOT_DIAGNOSTIC
     assert "deep -3.9 [-8.6, +0.0]; finetune -3.4 [-5.8, -1.1]" in out[-2]
     assert "above zero in 0 of 2 scenarios and below zero in 1: no evidence" in out[-2]
 
 
-def test_source_identification_strength():
-    strong = V.source_identification({"source_identification": {"accuracy": 0.71, "majority_baseline": 0.46}})
-    assert "71% accuracy (majority baseline 46%" in strong[0] and "hospital rather than the disease" in strong[0]
-    assert strong[1].startswith("The shortcut checks use linear heads")
-    weak = V.source_identification({"source_identification": {"accuracy": 0.5, "majority_baseline": 0.45}})
-    assert "not trivially visible" in weak[0]
+def test_closing_states_what_one_seed_and_unequal_budgets_support():
+    design = {
+        "seeds_per_configuration": {"min": 1, "max": 1},
+        "epochs_run_by_scenario": {"shallow": [14], "deep": [3], "finetune": [3], "scratch": [3]},
+    }
+    (text,) = V.closing({"comparisons": {"design": design}})
+    assert "Trust the numbers" not in text
+    assert "Each configuration ran once (one seed), so seed-to-seed variation is not measured" in text
+    assert "unequal numbers of epochs (shallow 14, deep 3, finetune 3, scratch 3)" in text
+    assert "do not rank the scenarios" in text and text.endswith(V.NOT_DIAGNOSTIC)
+    design = {"seeds_per_configuration": {"min": 3, "max": 3}, "epochs_run_by_scenario": {"deep": [3], "scratch": [3]}}
+    (text,) = V.closing({"comparisons": {"design": design}})
+    assert "3 to 3 seeds" in text and "epochs" not in text
+
+
+def test_source_identification_across_labels_is_read_against_the_label_only_rule():
+    sid = {"accuracy": 0.71, "majority_baseline": 0.46, "label_only_baseline": 0.672}
+    out = V.source_identification({"source_identification": sid})
+    assert "71% accuracy across all labels" in out[0] and "knew only the label" in out[0] and "67%" in out[0]
+    assert "mostly restates the label" in out[0] and "hospital rather than the disease" not in out[0]
+    assert "easy to see" not in " ".join(out)
+    assert out[-1].startswith("The shortcut checks use linear heads")
+    far = V.source_identification({"source_identification": {**sid, "accuracy": 0.95}})
+    assert "only the 28 points above that rule come from the images" in far[0]
     assert V.source_identification({}) == []
 
 
-def test_masking_says_whether_the_lungs_matter():
+def test_source_identification_within_label_reads_against_the_majority():
+    within = [
+        # at its majority: no source signal, whatever the across-label figure says
+        {"label": "normal", "n": 457, "sources": ["actualmed", "nih"], "accuracy": 0.97, "ci_low": 0.95,
+         "ci_high": 0.99, "majority": 0.969},
+        {"label": "covid", "n": 963, "sources": ["cxnet", "ieee8023"], "accuracy": 0.62, "ci_low": 0.58,
+         "ci_high": 0.65, "majority": 0.43},
+        {"label": "pneumonia", "n": 3, "sources": [], "accuracy": None, "majority": None, "note": "too few"},
+    ]
+    checks = {"source_identification": {"accuracy": 0.71, "majority_baseline": 0.46}, "source_id_within_label": within}
+    text = V.source_identification(checks)[1]
+    assert "normal films (actualmed, nih; n=457) 97.0% [95.0, 99.0] against 96.9% for always naming the largest " \
+        "source: no source signal" in text
+    assert "covid films (cxnet, ieee8023; n=963) 62.0% [58.0, 65.0] against 43.0%" in text
+    assert "source signal present" in text and "pneumonia" not in text
+    assert "easy to see" not in text
+    assert text.endswith("Among covid films the repositories look different beyond the label: a model can tell "
+                         "sources apart there, which becomes a shortcut wherever label and source go together.")
+    only_normal = V.source_identification({"source_id_within_label": within[:1]})[0]
+    assert only_normal.endswith("no source signal.")
+
+
+def test_masking_claims_only_what_the_three_views_support():
     checks = {
         "unmasked": {"accuracy": m(0.936, 0.904, 0.965)},
         "masked_lungs": {"accuracy": m(0.916, 0.88, 0.951)},
         "lungs_only": {"accuracy": m(0.936, 0.897, 0.97)},
+        "lung_region": "fixed rectangle",
     }
     (sentence,) = V.masking(checks)
-    assert "still reaches 91.6% [88.0, 95.1] test accuracy (whole image: 93.6% [90.4, 96.5]" in sentence
-    assert "does not need the lungs" in sentence
+    assert "93.6% [90.4, 96.5] test accuracy on the whole film, 91.6% [88.0, 95.1] with the lungs hidden" in sentence
+    assert "central rectangle" in sentence and "signal is everywhere" in sentence
+    assert "not show that the lungs are unused" in sentence and "does not need the lungs" not in sentence
     checks["masked_lungs"] = {"accuracy": m(0.6, 0.5, 0.7)}
-    assert "lung field matters" in V.masking(checks)[0]
+    checks["lung_region"] = "segmented"
+    hidden = V.masking(checks)[0]
+    assert "Hiding the lungs costs 34 points" in hidden and "(lung region: segmented lungs)" in hidden
+    checks["masked_lungs"], checks["lungs_only"] = {"accuracy": m(0.93)}, {"accuracy": m(0.7)}
+    assert "outside the lung region" in V.masking(checks)[0]
+    checks["masked_lungs"] = {"accuracy": m(0.7)}
+    assert "spread over the lungs and their surroundings" in V.masking(checks)[0]
     assert V.masking({"masked_lungs": {"accuracy": m(None)}}) == []
 
 
-def test_leave_one_source_out_flags_sources_the_head_misses():
-    out = V.leave_one_source_out(
-        {
-            "leave_one_source_out": [
-                {"held_out": "actualmed", "n": 40, "labels": ["covid", "normal"], "accuracy": m(0.6, 0.45, 0.75)},
-                {"held_out": "nih", "n": 443, "labels": ["normal"], "accuracy": m(0.034, 0.016, 0.055)},
-                {"held_out": "x", "n": 3, "labels": ["covid"], "skipped": "too few"},
-            ]
-        }
-    )
+def test_leave_one_source_out_reports_sensitivity_with_the_training_composition():
+    nih = {
+        "held_out": "nih", "n": 443, "labels": ["normal"], "accuracy": m(0.034, 0.016, 0.055),
+        "sensitivity": {"normal": m(0.034, 0.016, 0.055)}, "n_train": 980,
+        "train_counts": {"covid": 963, "normal": 17}, "train_sources": {"normal": {"actualmed": 14, "figure1": 3}},
+    }
+    am = {
+        "held_out": "actualmed", "n": 40, "labels": ["covid", "normal"], "accuracy": m(0.6, 0.45, 0.75),
+        "sensitivity": {"covid": m(0.808, 0.667, 0.944), "normal": m(0.214, 0.0, 0.429)},
+        "train_counts": {"covid": 937, "normal": 446},
+    }
+    out = V.leave_one_source_out({"leave_one_source_out": [am, nih, {"held_out": "x", "n": 3, "skipped": "few"}]})
     assert out[0] == (
-        "Held-out whole sources (trained without them): accuracy actualmed 60.0% [45.0, 75.0] (n=40); "
-        "nih 3.4% [1.6, 5.5] (n=443)."
+        "Each source held out of training in turn, a linear head on frozen features recognises (sensitivity per "
+        "class on the held-out source): actualmed covid 80.8% [66.7, 94.4], normal 21.4% [0.0, 42.9] (n=40); "
+        "nih normal 3.4% [1.6, 5.5] (n=443)."
     )
-    assert len(out) == 2 and "recognises only 3% of that source's normal images" in out[1]
+    assert len(out) == 3
+    assert "does not carry over to actualmed" in out[1]
+    assert "the head saw 963 covid and 17 normal films (normal: actualmed 14, figure1 3) and calls 3% of nih's " \
+        "normal films normal" in out[2]
+    assert "with only 17 normal films left" in out[2] and "not how nih films look" in out[2]
+    old = V.leave_one_source_out({"leave_one_source_out": [{**nih, "train_counts": None}]})
+    assert "composition was not recorded" in old[1]
+    few = V.leave_one_source_out({"leave_one_source_out": [{**am, "counts": {"covid": 26, "normal": 3}}]})
+    assert "calls 21% of actualmed's 3 normal films normal: with only 3 such films held out, too few" in few[1]
 
 
 def test_same_hospital_and_saliency():
@@ -83,10 +143,74 @@ def test_same_hospital_and_saliency():
         "Within the one hospital with both COVID-19 and normal films (actualmed, n=40), a cross-validated linear "
         "head reaches 87.5% [76.0, 97.0]: too few images for a firm conclusion."
     ]
-    assert V.saliency({"saliency_in_lung_share": 0.68, "saliency_uniform_reference": 0.49})[0].endswith("there).")
-    assert "does not look mainly" in V.saliency({"saliency_in_lung_share": 0.5, "saliency_uniform_reference": 0.49})[0]
-    small = V.saliency({"saliency_in_lung_share": 0.9, "saliency": {"cam_grid": 3}})[0]
-    assert "only 3x3 cells" in small
+    sal = {
+        "n_used": 16, "cam_grid": 5, "image_size": 160,
+        "in_lung_share": {**m(0.73, 0.69, 0.77), "n": 16}, "uniform_reference": {**m(0.49, 0.49, 0.49), "n": 16},
+        "excess_over_uniform": m(0.24, 0.2, 0.28),
+    }
+    coarse = V.saliency({"saliency_in_lung_share": 0.73, "saliency": sal})[0]
+    assert "on 16 test images" in coarse and "stratified by true class and outcome" in coarse
+    assert "73.0% [69.0, 77.0] of the saliency inside the central rectangle, against 49.0% for a uniform" in coarse
+    assert "only 5x5 cells at 160 px input, too coarse" in coarse
+    fine = V.saliency({"lung_region": "segmented", "saliency": {**sal, "cam_grid": 12}})[0]
+    assert "segmented lungs" in fine and fine.endswith("more than a uniform map would put there.")
+    flat = V.saliency({"saliency": {**sal, "cam_grid": 12, "excess_over_uniform": m(0.01, -0.03, 0.05)}})[0]
+    assert flat.endswith("no different from a uniform map.")
+    assert V.saliency({}) == []
+
+
+def test_scorecard_sentence_names_each_goal_of_the_headline_run():
+    res = {
+        "headline": {"run_id": "r", "task": "covid_vs_normal", "scenario": "deep", "decomposition": False},
+        "scorecard": [
+            {"run_id": "r", "variant": "baseline", "metric": "ieee8023_covid_vs_pneumonia_auc", "value": 0.7,
+             "ci_low": 0.6, "ci_high": 0.8, "method": "probe"},
+            {"run_id": "r", "variant": "baseline", "metric": "nih_pneumonia_vs_normal_auc", "value": None,
+             "ci_low": None, "ci_high": None, "method": "model", "note": "no pneumonia class"},
+        ],
+        "goals": [
+            {"goal": "S1", "run_id": "r", "variant": "baseline", "metric": "ieee8023_covid_vs_pneumonia_auc",
+             "op": ">=", "target": 0.8, "value": 0.7, "ci_low": 0.6, "ci_high": 0.8, "met": False},
+            {"goal": "S4", "run_id": "r", "variant": "baseline", "metric": "nih_pneumonia_vs_normal_auc",
+             "op": ">=", "target": 0.85, "value": None, "ci_low": None, "ci_high": None, "met": None},
+            {"goal": "S1", "run_id": "other", "variant": "baseline", "metric": "ieee8023_covid_vs_pneumonia_auc",
+             "op": ">=", "target": 0.8, "value": 0.9, "ci_low": 0.8, "ci_high": 1.0, "met": True},
+        ],
+    }
+    (text,) = V.scorecard(res)
+    assert text.startswith("Confound-free scorecard of the headline covid_vs_normal run (deep, decomposition off")
+    assert "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 80.0] (linear probe on the run's " \
+        "features), goal >= 80%: missed" in text
+    assert "S4 NIH pneumonia vs normal ROC-AUC not computed (no pneumonia class)" in text
+    assert text.endswith("Goals met: 0 of the 1 that could be judged.")
+    assert V.scorecard({"headline": {"run_id": "r"}}) == []
+
+
+def test_comparisons_are_clustered_and_holm_adjusted():
+    comps = {
+        "scenarios_mcnemar": [{"a": "shallow", "b": "scratch", "mcnemar": {"p_value": 0.001, "p_holm": 0.004}}],
+        "decomposition_effect": [{"scenario": "deep", "mcnemar": {"p_value": 0.04, "p_holm": 0.12}}],
+        "multiplicity": {"n_tests": 2, "n_below_0_05_raw": 2, "n_below_0_05_holm": 1},
+    }
+    (text,) = V.comparisons(comps)
+    assert text.startswith("2 paired comparisons") and "clustered on patient groups (Obuchowski 1998)" in text
+    assert "2 have p < 0.05 before and 1 after Holm's adjustment for the 2 tests (shallow vs scratch (decomposition " \
+        "off))." in text
+    comps["decomposition_effect"][0]["mcnemar"]["p_holm"] = 0.01
+    comps["decomposition_effect"][0]["task"] = "covid_normal_pneumonia"
+    comps["scenarios_mcnemar"][0]["task"] = "covid_vs_normal"
+    (text,) = V.comparisons(comps)
+    assert "(shallow vs scratch (decomposition off, covid_vs_normal); decomposition on vs off (deep, " \
+        "covid_normal_pneumonia))." in text
+    assert V.comparisons({}) == []
+
+
+def test_scratch_with_decomposition_is_said_to_use_imagenet_features():
+    runs = [{"task": "covid_vs_normal", "scenario": "scratch", "decomposition": True, "test": {"accuracy": m(0.8, 0.7, 0.9)}},
+            {"task": "covid_vs_normal", "scenario": "scratch", "decomposition": False, "test": {"accuracy": m(0.85)}}]
+    (text,) = V.scratch_decomposition({"runs": runs})
+    assert "(covid_vs_normal 80.0% [70.0, 90.0]) is not free of ImageNet" in text and "k-means" in text
+    assert V.scratch_decomposition({"runs": runs[1:]}) == []
 
 
 def test_decomposition_names_tasks_when_there_are_two():

@@ -394,3 +394,67 @@ def plot_intervals(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation: lung regions and the scorecard (notebook 05)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plot_saliency_regions(images, cams, titles, regions, ncols: int = 4) -> Figure:
+    """Images with their Grad-CAM overlaid (jet, 45%) and each film's lung region (boolean, map grid) outlined."""
+    import numpy as np
+
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cam, t, region in zip(axes.flat, images, cams, titles, regions, strict=False):
+        ax.imshow(np.asarray(img.resize((cam.shape[1], cam.shape[0]))), cmap="gray")
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        if region is not None and np.asarray(region).any() and not np.asarray(region).all():
+            ax.contour(np.asarray(region, dtype=float), levels=[0.5], colors="white", linewidths=0.8, linestyles="--")
+        ax.set_title(t, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scorecard(panels: dict[str, pd.DataFrame], xlabel: str = "value (95% CI)", title: str | None = None) -> Figure:
+    """One panel per metric: rows (label, value, ci_low, ci_high, target, op) as points with horizontal
+    intervals; the goal as a vertical line when all rows share it, else a marker per row; missing values
+    are listed as "n/a"."""
+    import numpy as np
+
+    panels = {k: t for k, t in panels.items() if len(t)}
+    rows = [len(t) for t in panels.values()] or [1]
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(7.2, 1.0 + 0.32 * sum(rows) + 0.55 * len(rows)), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": rows},
+    )
+    for ax, (name, t) in zip(axes[:, 0], panels.items(), strict=False):
+        y = np.arange(len(t))
+        v = t["value"].to_numpy(dtype=float)
+        lo, hi = t["ci_low"].to_numpy(dtype=float), t["ci_high"].to_numpy(dtype=float)
+        err = np.nan_to_num(np.vstack([v - lo, hi - v]))
+        ok = np.isfinite(v)
+        ax.errorbar(v[ok], y[ok], xerr=err[:, ok], fmt="o", color="C0", ms=4, capsize=3, lw=1.2)
+        for yi in y[~ok]:
+            ax.text(0.01, yi, "n/a", fontsize=7, va="center", color="0.4")
+        targets = t["target"].to_numpy(dtype=float)
+        known = targets[np.isfinite(targets)]
+        if len(known) and np.allclose(known, known[0]):
+            ax.axvline(known[0], color="C3", ls="--", lw=1.2)  # the goal itself is in the panel title
+        elif len(known):
+            ax.plot(targets, y, "|", color="C3", ms=12, mew=2)  # a goal per row (S3: each run's majority + 5)
+        ax.set_yticks(y, t["label"], fontsize=7)
+        ax.set_ylim(len(t) - 0.5, -0.5)
+        ax.grid(axis="x", color="0.9")
+        ax.set_title(name, fontsize=8, loc="left")
+    axes[-1, 0].set_xlim(0.0, 1.0)
+    axes[-1, 0].set_xlabel(xlabel, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985) if title else None)
+    return fig

@@ -92,6 +92,60 @@ def _metric(metric: Any) -> dict[str, str] | None:
     return None
 
 
+def _short_run(run_id: str) -> str:
+    """``scenario decomp|nodecomp seedN (task)`` from a run_id."""
+    parts = str(run_id).split("__")
+    return f"{' '.join(parts[2:])} ({parts[0]})" if len(parts) >= 5 else str(run_id)
+
+
+def goal_headers() -> list[dict[str, str]]:
+    """The scorecard's goals for table headers: ``goal``, ``metric`` and ``rule`` (e.g. ``>= 80``)."""
+    from cxrstudy.evaluation.scorecard import GOALS
+
+    out = []
+    for g in GOALS:
+        if g.relative_to is not None:
+            rule = f"{g.op} majority + {100 * g.margin:.0f} points"
+        else:
+            rule = f"{g.op} {100 * g.target:.2f}".rstrip("0").rstrip(".")
+        out.append({"goal": g.goal, "metric": g.metric, "rule": rule})
+    return out
+
+
+def headline_run_ids(results: dict[str, Any]) -> list[str]:
+    """run_ids of the headline runs (paper's task first, then the other tasks)."""
+    heads = [results.get("headline") or {}, *(results.get("headline_other_tasks") or {}).values()]
+    return [h["run_id"] for h in heads if h.get("run_id")]
+
+
+def goal_rows(results: dict[str, Any], run_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (run, variant) of results.json ``goals`` (all, or those of ``run_ids``): each goal's
+    value ``_metric``, ``met`` (``met`` / ``missed`` / ``n/a``) and the count met of those judged."""
+    goals = [g for g in results.get("goals") or [] if run_ids is None or g.get("run_id") in run_ids]
+    keys = list(dict.fromkeys((g.get("run_id"), g.get("variant")) for g in goals))
+    if run_ids is not None:
+        keys.sort(key=lambda k: (run_ids.index(k[0]), str(k[1])))
+    rows = []
+    for run_id, variant in keys:
+        mine = {g["goal"]: g for g in goals if (g.get("run_id"), g.get("variant")) == (run_id, variant)}
+        cells = []
+        for h in goal_headers():
+            g = mine.get(h["goal"], {})
+            met = {True: "met", False: "missed"}.get(g.get("met"), "n/a")
+            cells.append({"goal": h["goal"], "metric": _metric(g if g.get("value") is not None else None), "met": met})
+        rows.append(
+            {
+                "run": _short_run(run_id),
+                "run_id": str(run_id),
+                "variant": str(variant),
+                "goals": cells,
+                "n_met": sum(c["met"] == "met" for c in cells),
+                "n_judged": sum(c["met"] != "n/a" for c in cells),
+            }
+        )
+    return rows
+
+
 def check_items(value: Any) -> list[dict[str, Any]]:
     """One shortcut check as display items ``{label, metric, n}``: a fraction, an accuracy, per-source accuracies."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -102,9 +156,9 @@ def check_items(value: Any) -> list[dict[str, Any]]:
         return check_items(value["probe"])
     if isinstance(value, list):
         return [
-            {"label": str(e.get("held_out")), "metric": _metric(e["accuracy"]), "n": None}
+            {"label": str(e.get("held_out", e.get("label"))), "metric": _metric(e["accuracy"]), "n": e.get("n")}
             for e in value
-            if isinstance(e, dict) and "accuracy" in e
+            if isinstance(e, dict) and "accuracy" in e and e["accuracy"] is not None
         ]
     return []
 
@@ -122,6 +176,9 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "scenario": str(r.get("scenario")),
             "decomposition": "on" if r.get("decomposition") else "off",
             "seed": str(r.get("seed")),
+            "variant": str(r.get("variant") or "baseline"),
+            "val_accuracy": _metric(r.get("val_accuracy")),
+            "hard_rule_accuracy": _metric((r.get("test", {}).get("hard_rule") or {}).get("accuracy")),
             **{k: _metric(r.get("test", {}).get(k)) for k in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
         }
         for r in runs
@@ -129,11 +186,11 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def index_figures(out: Path) -> dict[str, str | None]:
-    """Paths (relative to index.html) of the headline and shortcut-check figures that exist, else None."""
-    from cxrstudy.evaluation.figures import FIGURE_DIR, HEADLINE_FIGURE, SHORTCUT_FIGURE
+    """Paths (relative to index.html) of the headline, scorecard and shortcut-check figures that exist, else None."""
+    from cxrstudy.evaluation.figures import FIGURE_DIR, HEADLINE_FIGURE, SCORECARD_FIGURE, SHORTCUT_FIGURE
 
     found = {}
-    for key, name in (("headline", HEADLINE_FIGURE), ("shortcuts", SHORTCUT_FIGURE)):
+    for key, name in (("headline", HEADLINE_FIGURE), ("scorecard", SCORECARD_FIGURE), ("shortcuts", SHORTCUT_FIGURE)):
         found[key] = f"{FIGURE_DIR}/{name}" if (out / FIGURE_DIR / name).is_file() else None
     return found
 
@@ -167,6 +224,9 @@ def index_html(out: Path, record: dict[str, Any]) -> str:
         verdict=[str(v) for v in (verdict if isinstance(verdict, list) else [verdict])],
         checks_level=str(checks.get("level", "")),
         check_rows=[(k, items) for k, items in check_rows if items],
+        lung_region=str(checks.get("lung_region") or ""),
+        goal_headers=goal_headers(),
+        goal_rows=goal_rows(results),
         figures=index_figures(out),
         steps=_steps(out, record),
         files=[p for p in ("model_card.md", "claim_checklist.md", "results.json", "run.json") if (out / p).is_file()],
@@ -210,9 +270,18 @@ def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
         rows=headline_rows(results),
         headline=headline,
         verdict=verdict,
+        goal_headers=goal_headers(),
+        goal_rows=readme_goal_rows(results),
         config=config,
     )
     return text.rstrip("\n")
+
+
+def readme_goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scorecard rows for the README: the headline run(s) and every run of a non-baseline variant."""
+    heads = headline_run_ids(results)
+    variants = [g["run_id"] for g in results.get("goals") or [] if g.get("variant") not in (None, "baseline")]
+    return goal_rows(results, list(dict.fromkeys([*heads, *variants])))
 
 
 def update_readme(profile: str = "default", readme: Path = config.ROOT / "README.md") -> None:

@@ -1,6 +1,6 @@
 """The evaluation figures of notebook 05, saved under ``reports/<profile>/evaluation/``.
 
-``HEADLINE_FIGURE`` and ``SHORTCUT_FIGURE`` are also shown on the profile's index.html.
+``HEADLINE_FIGURE``, ``SCORECARD_FIGURE`` and ``SHORTCUT_FIGURE`` are also shown on the profile's index.html.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ FIGURE_DIR = "evaluation"
 HEADLINE_FIGURE = "accuracy_vs_paper.png"
 #: Masking experiment, leave-one-source-out and same-hospital accuracies with their intervals.
 SHORTCUT_FIGURE = "shortcut_checks.png"
+#: The confound-free scorecard: every metric per run and variant with its interval and goal.
+SCORECARD_FIGURE = "scorecard.png"
 
 
 def _grid(n: int, size: tuple[float, float]) -> tuple[object, Iterator]:
@@ -181,6 +183,50 @@ def shortcut_figure(checks: dict, path: Path) -> Path | None:
         {"chance (two balanced classes)": 0.5},
         "accuracy (95% CI, patient-group bootstrap)",
         "Shortcut checks: what a linear head reads from the images",
+    )
+    plots.save_figure(fig, path, close=True)
+    return path
+
+
+def scorecard_panels(scorecard: Sequence[dict], goals: Sequence[dict]) -> dict[str, pd.DataFrame]:
+    """One table per goal's metric (label, value, ci_low, ci_high, target, op): a row per run and variant."""
+    from cxrstudy.evaluation.scorecard import GOALS
+
+    by_key = {(g["run_id"], g["variant"], g["metric"]): g for g in goals}
+    panels = {}
+    for goal in GOALS:
+        rows = []
+        for e in scorecard:
+            if e["metric"] != goal.metric:
+                continue
+            g = by_key.get((e["run_id"], e["variant"], e["metric"]), {})
+            label = " ".join(str(e["run_id"]).split("__")[2:]) or str(e["run_id"])
+            label += f" [{e['variant']}]" if e["variant"] != "baseline" else ""
+            label += f" ({e['task']}{', probe' if e.get('method') == 'probe' else ''})"
+            rows.append(
+                {"label": label, **{k: e.get(k) for k in ("value", "ci_low", "ci_high")},
+                 "target": g.get("target"), "op": goal.op}
+            )
+        title = f"{goal.goal} {goal.metric} ({goal.op} " + (
+            f"majority + {100 * goal.margin:.0f} points)" if goal.relative_to else f"{goal.target:.4g})"
+        )
+        panels[title] = pd.DataFrame(rows, columns=["label", "value", "ci_low", "ci_high", "target", "op"])
+    return panels
+
+
+def scorecard_figure(scorecard: Sequence[dict], goals: Sequence[dict], path: Path) -> Path | None:
+    """Save the scorecard figure (one panel per goal); with no entries, remove a stale one and return None."""
+    from cxrstudy import plots
+
+    path = Path(path)
+    panels = {k: t for k, t in scorecard_panels(scorecard, goals).items() if len(t)}
+    if not panels:
+        path.unlink(missing_ok=True)
+        return None
+    fig = plots.plot_scorecard(
+        panels,
+        "value (95% CI, patient-group bootstrap; films the run never trained on)",
+        "Confound-free scorecard per run: dashed lines are the goals",
     )
     plots.save_figure(fig, path, close=True)
     return path

@@ -18,6 +18,7 @@ import pandas as pd
 from cxrstudy import config
 from cxrstudy.evaluation.figures import evaluation_figures
 from cxrstudy.evaluation.metrics import evaluate_predictions
+from cxrstudy.evaluation.scorecard import check_goals
 from cxrstudy.evaluation.tables import (
     PAPER_TASK,
     RUN_KEYS,
@@ -87,10 +88,13 @@ def load_runs(profile_dir: Path) -> list[dict]:
 
 
 def run_entry(info: dict, test: dict, **extra: Any) -> dict:
-    """One element of results.json's ``runs``: identity, timing and the ``test`` metrics."""
+    """One element of results.json's ``runs``: identity, variant, budget, timing and the ``test`` metrics."""
     entry = {
         "run_id": info.get("run_id"),
         **{k: info[k] for k in RUN_KEYS},
+        "variant": str(info.get("variant") or "baseline"),
+        "epochs": info.get("epochs"),
+        "epochs_run": info.get("epochs_run"),
         "train_seconds": info.get("train_seconds"),
         "image_size": info.get("image_size"),
         "classes": list(info["classes"]),
@@ -138,10 +142,12 @@ def build_results(
     runs: Sequence[dict] | None = None,
     entries: list[dict] | None = None,
     params: dict | None = None,
+    scorecard: list[dict] | None = None,
     write: bool = True,
 ) -> dict:
     """Evaluate every saved run of a profile and write ``results.json`` (schema: docs/results_schema.md).
-    ``runs`` / ``entries``: already loaded runs and their ``evaluate_runs`` output, to avoid redoing them."""
+    ``runs`` / ``entries``: already loaded runs and their ``evaluate_runs`` output, to avoid redoing them;
+    ``scorecard``: ``runfeatures.scorecard_entries`` of the runs (``goals`` are checked from it)."""
     profile_dir = Path(profile_dir)
     runs = load_runs(profile_dir) if runs is None else runs
     entries = evaluate_runs(runs, n_bootstrap, seed) if entries is None else entries
@@ -155,6 +161,8 @@ def build_results(
         "runs": entries,
         "comparisons": compare_runs(runs, n_bootstrap, seed),
         "shortcut_checks": shortcut_checks or {},
+        "scorecard": list(scorecard or []),
+        "goals": check_goals(scorecard or []),
         "reference": reference(),
     }
     results["headline"] = headline(entries)
@@ -192,6 +200,15 @@ def model_card(results: dict) -> str:
     """A short Markdown model card filled from results.json (template ``model_card.md.j2``)."""
     head = results.get("headline") or {}
     best = next((r for r in results.get("runs", []) if r.get("run_id") == head.get("run_id")), None)
+    entries = {e["metric"]: e for e in results.get("scorecard") or [] if e.get("run_id") == head.get("run_id")}
+    goals = [
+        {**g, "method": entries.get(g["metric"], {}).get("method"), "note": entries.get(g["metric"], {}).get("note")}
+        for g in results.get("goals") or []
+        if g.get("run_id") == head.get("run_id")
+    ]
+    scratch = [
+        r["task"] for r in results.get("runs", []) if r.get("scenario") == "scratch" and r.get("decomposition")
+    ]
     return render(
         "model_card.md.j2",
         FILTERS,
@@ -199,6 +216,8 @@ def model_card(results: dict) -> str:
         ds=results.get("dataset") or {},
         sources=_sources(results),
         best=best,
+        goals=goals,
+        scratch_decomp=sorted(set(scratch)),
         limitations=(results.get("verdict") or [])[1:],
         config=config,
     )

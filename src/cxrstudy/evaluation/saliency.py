@@ -4,8 +4,12 @@ The target layer is the backbone's last convolutional stage (EfficientNet: ``bn2
 ``conv_head``; ResNet: ``layer4``; DenseNet: ``features``; VGG/AlexNet: ``features``). The class
 score explained is the class's logit, or with class decomposition the log-sum-exp of its subclass
 logits (the log of the composed class probability up to a constant shared by all classes).
-The lung region is :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION`, the same one the masking
-experiment blacks out; a uniform saliency map has an in-lung share equal to the region's area.
+The lung region of a film is its segmented lungs when masks are given (``shortcuts.load_lung_masks``,
+at the processed film's size), resized to the map's grid; otherwise, or for a film whose segmentation
+failed QC, the fixed rectangle :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION` (as the masking
+experiment). A uniform saliency map's in-lung share is the region's area fraction, recorded per image
+(``uniform_share``). Maps are upsampled from ``cam_grid`` cells per side (input size / 32): at 160 px,
+5x5 cells, too coarse to tell lung from its surroundings.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxrstudy.evaluation.shortcuts import LUNG_REGION, lung_mask
+from cxrstudy.evaluation.shortcuts import LUNG_REGION, film_mask, lung_mask
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -90,6 +94,35 @@ def lung_share(cam: np.ndarray, region: tuple[float, float, float, float] = LUNG
     return float(cam[lung_mask(cam.shape[0], cam.shape[1], region)].sum() / total)
 
 
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask resized to ``shape`` (H, W): area average, then at least half covered."""
+    m = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L")
+    return np.asarray(m.resize((shape[1], shape[0]), Image.Resampling.BOX)) >= 128
+
+
+def cam_region(mask: np.ndarray | None, film_size: tuple[int, int], cam_shape: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """The lung region on the map's grid and its kind: the film's segmented mask resized (``segmented``),
+    or the rectangle (``rectangle``: no mask, a mask of another size, the QC fallback, or nothing left)."""
+    width, height = film_size
+    m, kind = film_mask(mask, height, width)
+    if kind == "segmented":
+        region = resize_mask(m, cam_shape)
+        if region.any():
+            return region, kind
+    return lung_mask(*cam_shape), "rectangle"
+
+
+def region_share(cam: np.ndarray, region: np.ndarray) -> float:
+    """Fraction of a (H, W) non-negative saliency map's mass inside a boolean region (NaN if all zero)."""
+    cam = np.asarray(cam, dtype=float)
+    if cam.shape != np.shape(region):
+        raise ValueError(f"map {cam.shape} and region {np.shape(region)} differ in shape")
+    if (cam < 0).any():
+        raise ValueError("saliency map has negative values")
+    total = cam.sum()
+    return float(cam[np.asarray(region, bool)].sum() / total) if total > 0 else float("nan")
+
+
 def gradcam_maps(
     model: nn.Module,
     images: Sequence[Image.Image],
@@ -145,6 +178,26 @@ def sample_for_saliency(
     return pd.concat(parts).reset_index(drop=True)
 
 
+class ViewMasks:
+    """Lung masks by image in the coordinates of a run's input view (``inference.view_mask``)."""
+
+    def __init__(self, masks: dict[str, np.ndarray], view: str, margin: float) -> None:
+        self.masks, self.view, self.margin = masks, view, margin
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The film's mask cropped like the view's image, or None."""
+        from cxrstudy.inference import view_mask
+
+        mask = self.masks.get(name)
+        return None if mask is None else view_mask(mask, self.view, self.margin)
+
+
+#: Columns of a saliency table.
+SALIENCY_COLUMNS = (
+    "image", "source", "label", "pred", "outcome", "lung_share", "uniform_share", "region", "cam_grid", "image_size",
+)
+
+
 def saliency_for_run(
     model: nn.Module,
     run_info: dict,
@@ -153,25 +206,32 @@ def saliency_for_run(
     per_class: int,
     seed: int = 0,
     device: str | torch.device = "cpu",
-) -> tuple[pd.DataFrame, list[Image.Image], np.ndarray]:
-    """Grad-CAM of a run's sampled test images, explaining the predicted class; adds ``lung_share``.
+    masks: dict[str, np.ndarray] | ViewMasks | None = None,
+) -> tuple[pd.DataFrame, list[Image.Image], np.ndarray, list[np.ndarray]]:
+    """Grad-CAM of a run's sampled test images (per true class and outcome), explaining the predicted class.
 
-    Returns the sample table (image, label, pred, outcome, lung_share, cam_grid), the decoded images and
-    the maps. ``cam_grid`` is the map's cells per side (input size / 32): below 4 the share means little.
+    Returns the sample table (:data:`SALIENCY_COLUMNS`: ``lung_share`` inside the film's lung region,
+    ``uniform_share`` its area fraction, ``region`` segmented / rectangle), the decoded images, the maps
+    and the regions on the map grid. ``masks``: segmented lungs by image (None: the rectangle).
     """
     from cxrstudy.images import load_xray
 
     sample = sample_for_saliency(preds, run_info["classes"], per_class, seed)
     images = [load_xray(Path(image_root) / p) for p in sample["image"]]
     cams = gradcam_maps(model, images, run_info, list(sample["pred"]), device=device)
-    grid = cam_grid(model, int(run_info["image_size"]))
-    sample = sample.assign(lung_share=[lung_share(c) for c in cams], cam_grid=grid)
-    cols = [
-        c
-        for c in ("image", "source", "label", "pred", "outcome", "lung_share", "cam_grid")
-        if c in sample.columns
-    ]
-    return sample[cols], images, cams
+    regions, kinds = [], []
+    for name, img, cam in zip(sample["image"], images, cams, strict=True):
+        region, kind = cam_region((masks or {}).get(name), img.size, cam.shape)
+        regions.append(region)
+        kinds.append(kind)
+    sample = sample.assign(
+        lung_share=[region_share(c, r) for c, r in zip(cams, regions, strict=True)],
+        uniform_share=[float(r.mean()) for r in regions],
+        region=kinds,
+        cam_grid=cam_grid(model, int(run_info["image_size"])),
+        image_size=int(run_info["image_size"]),
+    )
+    return sample[[c for c in SALIENCY_COLUMNS if c in sample.columns]], images, cams, regions
 
 
 def saliency_for_runs(
@@ -181,28 +241,39 @@ def saliency_for_runs(
     fig_dir: Path,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    masks: dict[str, np.ndarray] | None = None,
+    manifest: pd.DataFrame | None = None,
+    profile: str | None = None,
 ) -> pd.DataFrame:
-    """Grad-CAM of every run (``report.load_runs`` items); saves ``saliency_<run_id>.png`` grids under
-    ``fig_dir`` and returns one table (run_id, image, label, pred, outcome, lung_share)."""
+    """Grad-CAM of every run (``report.load_runs`` items) on its films as it saw them (its input view,
+    rendered from ``manifest`` and ``profile`` when it has one); saves ``saliency_<run_id>.png`` grids (lung
+    region outlined) under ``fig_dir`` and returns one table (run_id and :data:`SALIENCY_COLUMNS`)."""
     from cxrstudy import plots
+    from cxrstudy.evaluation.runfeatures import run_image_root, run_view
     from cxrstudy.training import load_run_model
 
     parts = []
     for run in runs:
         model, info = load_run_model(run["dir"])
         run_id = info.get("run_id") or Path(run["dir"]).name
-        table, images, cams = saliency_for_run(
-            model, info, run["predictions"], image_root, per_class, seed, device
+        view, _, margin = run_view(info)
+        root = run_image_root(info, manifest, profile, image_root)
+        run_masks = masks if masks is None or view == "full" else ViewMasks(masks, view, margin)
+        table, images, cams, regions = saliency_for_run(
+            model, info, run["predictions"], root, per_class, seed, device, run_masks
         )
         if len(table) == 0:
             continue
-        titles = [f"{r.label}→{r.pred} ({r.outcome})\nin-lung {r.lung_share:.2f}" for r in table.itertuples()]
-        fig = plots.plot_saliency_grid(images, cams, titles, ncols=4, region=LUNG_REGION)
+        titles = [
+            f"{r.label}→{r.pred} ({r.outcome})\nin-lung {r.lung_share:.2f} (uniform {r.uniform_share:.2f})"
+            for r in table.itertuples()
+        ]
+        fig = plots.plot_saliency_regions(images, cams, titles, regions, ncols=4)
         fig.suptitle(run_id.replace("__", "  "), fontsize=8, y=1.02)
         plots.save_figure(fig, Path(fig_dir) / f"saliency_{run_id}.png", close=True)
         parts.append(table.assign(run_id=run_id))
     return (
         pd.concat(parts, ignore_index=True)
         if parts
-        else pd.DataFrame(columns=["run_id", "image", "label", "pred", "outcome", "lung_share", "cam_grid"])
+        else pd.DataFrame(columns=["run_id", *SALIENCY_COLUMNS])
     )

@@ -9,15 +9,23 @@
 * **Leave-one-source-out**: a linear head trained without a whole source, tested on that source.
 * **Same hospital**: Actualmed is the only source with COVID-19 and normal films from one site.
 
-The lung region :data:`LUNG_REGION` is a fixed central rectangle, x and y from 15% to 85% of the
-image (49% of its area). On a frontal film squish-resized to a square it covers both lung fields and
-the mediastinum and leaves out the borders, corners and most burned-in text and markers.
+Lung region. When the profile has a lung stage output (``reports/<profile>/lungs/summary.json``, notebook
+01_lungs), each film's segmented lungs (:func:`load_lung_masks`, a boolean mask at the processed image's
+size) are hidden or kept; a film whose segmentation failed QC (its mask is the whole image) falls back to
+the rectangle. Otherwise every film uses :data:`LUNG_REGION`, a fixed central rectangle, x and y from 15%
+to 85% of the image (49% of its area), which covers both lung fields and the mediastinum of a frontal
+film squish-resized to a square. :func:`lung_region_info` says which was used (results.json
+``lung_region``: ``segmented`` or ``fixed rectangle``). Masked films are rendered once under
+``data/cache/lung_views/`` and go through the ordinary feature cache.
 Everything here uses linear heads on cached features, so it is cheap on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +35,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from cxrstudy import config
 from cxrstudy.evaluation.metrics import compute_metrics
 
 #: Central lung field as fractions of width / height: (x0, y0, x1, y1).
@@ -70,6 +79,93 @@ def keep_lungs_only(img: Image.Image) -> Image.Image:
 
 #: Feature variants of the masking experiment: name -> (PIL transform, extract_features cache_tag).
 MASK_VARIANTS = {"masked_lungs": (mask_lungs, "mask_lungs"), "lungs_only": (keep_lungs_only, "lungs_only")}
+#: Where films with segmented lungs hidden / kept alone are rendered (one folder per masks and root).
+LUNG_VIEWS_DIR = config.CACHE_DIR / "lung_views"
+#: Bump when the rendered views change meaning.
+LUNG_VIEWS_VERSION = 1
+
+
+# --------------------------------------------------------------------------- segmented lungs
+
+
+def load_lung_masks(
+    manifest: pd.DataFrame, profile: str, image_root: Path = config.PROCESSED_DIR, device: str = "cpu"
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The profile's segmented lung mask per manifest image and the lung stage's cache key, or
+    (None, "") when the profile has no lung stage output (``reports/<profile>/lungs/summary.json``)."""
+    summary = config.profile_dir(profile) / "lungs" / "summary.json"
+    if not summary.is_file():
+        return None, ""
+    from cxrstudy.lungs import masks_for
+
+    masks = masks_for(manifest, profile, missing="predict", device=device, image_root=image_root)
+    return masks, str(json.loads(summary.read_text()).get("cache_key", ""))
+
+
+def film_mask(mask: np.ndarray | None, height: int, width: int) -> tuple[np.ndarray, str]:
+    """The lung mask used for one film and its kind: the segmented mask (``segmented``), or the
+    rectangle (``rectangle``) when there is none, its shape differs or it is the QC fallback (all True)."""
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape == (height, width) and m.any() and not m.all():
+            return m, "segmented"
+    return lung_mask(height, width), "rectangle"
+
+
+def lung_region_info(masks: dict[str, np.ndarray] | None, images: Sequence[str] | None = None) -> dict:
+    """results.json ``lung_region_detail``: ``kind`` (``segmented`` / ``fixed rectangle``), the rectangle,
+    and with masks the films segmented, those on the rectangle (QC fallback) and the mean lung area."""
+    x0, y0, x1, y1 = LUNG_REGION
+    out: dict = {"rectangle": {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}}
+    if not masks:
+        return {"kind": "fixed rectangle", **out}
+    names = list(images) if images is not None else list(masks)
+    usable = [np.asarray(masks[n], bool) for n in names if n in masks]
+    seg = [m for m in usable if m.any() and not m.all()]
+    return {
+        "kind": "segmented",
+        **out,
+        "n_images": len(names),
+        "n_segmented": len(seg),
+        "n_rectangle_fallback": len(names) - len(seg),
+        "mean_area_share": float(np.mean([m.mean() for m in seg])) if seg else None,
+        "source": "lung stage (notebook 01_lungs), QC fallback films use the rectangle",
+    }
+
+
+def _views_folder(lung_key: str, image_root: Path) -> Path:
+    """Folder of the rendered masked views for these masks and this image root."""
+    payload = json.dumps(
+        {"v": LUNG_VIEWS_VERSION, "lungs": lung_key, "root": str(Path(image_root).resolve()), "rect": LUNG_REGION}
+    )
+    return LUNG_VIEWS_DIR / hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def render_masked_views(
+    manifest: pd.DataFrame,
+    masks: dict[str, np.ndarray],
+    image_root: Path,
+    lung_key: str,
+    views_dir: Path | None = None,
+) -> dict[str, Path]:
+    """Write each film with its lungs hidden and with only its lungs kept (PNG, same size and path as
+    the film) under ``<views folder>/<variant>/``; existing files are kept. Returns variant -> root."""
+    from cxrstudy.fileio import atomic_path
+    from cxrstudy.images import load_xray
+
+    folder = Path(views_dir) if views_dir is not None else _views_folder(lung_key, image_root)
+    roots = {name: folder / name for name in MASK_VARIANTS}
+    for image in manifest["image"].astype(str):
+        targets = {name: root / image for name, root in roots.items()}
+        if all(t.is_file() for t in targets.values()):
+            continue
+        arr = np.asarray(load_xray(Path(image_root) / image))
+        inside, _ = film_mask(masks.get(image), *arr.shape)
+        for name, target in targets.items():
+            out = np.where(inside if name == "masked_lungs" else ~inside, 0, arr).astype(np.uint8)
+            with atomic_path(target) as tmp:
+                Image.fromarray(out, mode="L").save(tmp, format="PNG")
+    return roots
 
 
 # --------------------------------------------------------------------------- linear probes
@@ -175,14 +271,24 @@ def _cv_summary(
     }
 
 
+def label_only_baseline(manifest: pd.DataFrame) -> float | None:
+    """Accuracy of naming the source from the label alone (each label's largest source): what the
+    across-label source probe reaches without seeing any image."""
+    if len(manifest) == 0:
+        return None
+    return float(manifest.groupby("label")["source_name"].agg(lambda s: s.value_counts().iloc[0]).sum() / len(manifest))
+
+
 def source_identification(
     features: pd.DataFrame, manifest: pd.DataFrame, seed: int = 0, n_splits: int = 5
 ) -> dict:
     """How well frozen features predict the source (all images; patient-group CV), overall and within label.
 
-    Sources with fewer than ``n_splits`` patient groups (in the subset) are left out and listed.
+    Sources with fewer than ``n_splits`` patient groups (in the subset) are left out and listed;
+    ``label_only_baseline`` is what knowing only the label gives (:func:`label_only_baseline`).
     """
     out = _cv_summary(manifest, features, "source_name", n_splits, seed, "source identification")
+    out["label_only_baseline"] = label_only_baseline(_eligible(manifest, "source_name", n_splits)[0])
     within = {}
     for label, rows in manifest.groupby("label"):
         within[str(label)] = _cv_summary(
@@ -225,7 +331,8 @@ def leave_one_source_out(
 
     ``folds`` holds (held_out_source, train_rows, test_rows); only task classes are used. A fold is
     skipped (with a reason) when its training rows lack a task class or the held-out source has
-    no images of the task. Sensitivity is reported for every class present in the held-out source.
+    no images of the task. Sensitivity is reported for every class present in the held-out source,
+    with the training composition (``train_counts`` per class, ``train_sources`` per class and source).
     """
     out = []
     for source, train, test in folds:
@@ -234,6 +341,7 @@ def leave_one_source_out(
             "held_out": str(source),
             "n": int(len(test)),
             "labels": sorted(test["label"].unique().tolist()),
+            "counts": {str(k): int(v) for k, v in test["label"].value_counts().sort_index().items()},
         }
         missing = sorted(set(classes) - set(train["label"]))
         if len(test) == 0 or missing:
@@ -244,6 +352,11 @@ def leave_one_source_out(
             continue
         res, _ = train_test_probe(features, train, test, classes, seed, n_bootstrap)
         entry["n_train"] = int(len(train))
+        entry["train_counts"] = {c: int((train["label"] == c).sum()) for c in classes}
+        if "source_name" in train.columns:
+            entry["train_sources"] = {
+                c: train.loc[train["label"] == c, "source_name"].value_counts().to_dict() for c in classes
+            }
         entry["accuracy"] = res["accuracy"]
         entry["sensitivity"] = {c: res["per_class"][c]["sensitivity"] for c in entry["labels"]}
         if len(entry["labels"]) > 1:
@@ -314,6 +427,22 @@ def folds_from_masks(
     return out
 
 
+def masking_features(
+    manifest: pd.DataFrame,
+    feats,
+    image_root: Path,
+    lung_masks: dict[str, np.ndarray] | None,
+    lung_key: str = "",
+) -> dict[str, pd.DataFrame]:
+    """Features of the masking variants: segmented lungs rendered as films when ``lung_masks`` is given,
+    else the rectangle transforms. ``feats(root, transform, tag)`` extracts (cached) features."""
+    if not lung_masks:
+        return {name: feats(image_root, fn, tag) for name, (fn, tag) in MASK_VARIANTS.items()}
+    roots = render_masked_views(manifest, lung_masks, image_root, lung_key)
+    tag = roots["masked_lungs"].parent.name  # the views folder's key: masks, root, rectangle
+    return {name: feats(root, None, f"seg_{name}_{tag}") for name, root in roots.items()}
+
+
 def run_shortcut_checks(
     manifest: pd.DataFrame,
     run_predictions: dict[str, pd.DataFrame],
@@ -325,39 +454,39 @@ def run_shortcut_checks(
     device: str = "auto",
     seed: int = 0,
     n_bootstrap: int = 1000,
+    lung_masks: dict[str, np.ndarray] | None = None,
+    lung_key: str = "",
 ) -> dict:
-    """Every feature-level check: source identification, masking, leave-one-source-out, same hospital.
+    """Every feature-level check: source identification (across and within labels), masking,
+    leave-one-source-out, same hospital, and the lung region used (``lung_region``).
 
-    Features come from ``cxrstudy.features.extract_features`` (cached; the masked variants under their
-    own cache tags). ``run_predictions`` maps run_id to predictions of the task's runs (same hospital).
+    Features come from ``cxrstudy.features.extract_features`` (cached). ``lung_masks`` (image -> boolean
+    mask at the film's size, e.g. :func:`load_lung_masks`; ``lung_key`` names them) switches the masking
+    from the rectangle to the segmented lungs. ``run_predictions`` maps run_id to predictions (same hospital).
     """
     from cxrstudy.data.splits import loso_folds
+    from cxrstudy.evaluation.scorecard import source_id_within_label
     from cxrstudy.features import extract_features
 
-    def feats(transform=None, tag: str = "") -> pd.DataFrame:
+    def feats(root, transform=None, tag: str = "") -> pd.DataFrame:
+        """Cached frozen features of the manifest's films under ``root``."""
         return extract_features(
-            manifest,
-            image_root,
-            backbone,
-            image_size,
-            batch_size=batch_size,
-            device=device,
-            transform=transform,
-            cache_tag=tag,
+            manifest, root, backbone, image_size, batch_size=batch_size, device=device,
+            transform=transform, cache_tag=tag,
         )
 
-    variants = {"unmasked": feats()}
-    for name, (fn, tag) in MASK_VARIANTS.items():
-        variants[name] = feats(fn, tag)
+    variants = {"unmasked": feats(image_root)}
+    variants.update(masking_features(manifest, feats, image_root, lung_masks, lung_key))
     rows = _task_rows(manifest, classes)
     folds = folds_from_masks(rows, loso_folds(rows))
+    unmasked = variants["unmasked"]
     return {
-        "source_identification": source_identification(variants["unmasked"], manifest, seed),
+        "lung_region": lung_region_info(lung_masks, manifest["image"].astype(str).tolist()),
+        "source_identification": source_identification(unmasked, manifest, seed),
+        "source_id_within_label": source_id_within_label(unmasked, manifest, seed=seed, n_bootstrap=n_bootstrap),
         "masking": masking_experiment(variants, manifest, classes, seed, n_bootstrap),
-        "leave_one_source_out": leave_one_source_out(
-            variants["unmasked"], rows, folds, classes, seed, n_bootstrap
-        ),
+        "leave_one_source_out": leave_one_source_out(unmasked, rows, folds, classes, seed, n_bootstrap),
         "same_hospital": same_hospital(
-            variants["unmasked"], manifest, run_predictions, classes, seed=seed, n_bootstrap=n_bootstrap
+            unmasked, manifest, run_predictions, classes, seed=seed, n_bootstrap=n_bootstrap
         ),
     }

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
+import numpy as np
 import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import (
-    mcnemar,
+    clustered_mcnemar,
+    holm,
     paired_difference_ci,
     per_source_accuracy,
     probs_from_frame,
@@ -37,6 +39,11 @@ def split_accuracy(df: pd.DataFrame, split: str) -> float | None:
     """Arg-max accuracy on one split (None when the split is empty)."""
     rows = split_rows(df, split)
     return float((rows["pred"] == rows["label"]).mean()) if len(rows) else None
+
+
+def _pct_plain(value: float | None) -> str:
+    """A bare fraction as '95.6%' ('n/a' for None)."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def fmt_pct(m: dict | None) -> str:
@@ -65,12 +72,13 @@ def _aligned_test(a: dict, b: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _pair(a: dict, b: dict, n_bootstrap: int, seed: int) -> dict:
-    """McNemar and the paired accuracy difference (a - b) of two runs of one task on the same test images."""
+    """McNemar on patient clusters and the paired accuracy difference (a - b) of two runs of one task on
+    the same test images."""
     ta, tb = _aligned_test(a, b)
     classes = a["info"]["classes"]
     return {
         "n": int(len(ta)),
-        "mcnemar": mcnemar(ta["pred"], tb["pred"], ta["label"]),
+        "mcnemar": clustered_mcnemar(ta["pred"], tb["pred"], ta["label"], ta["patient_group"]),
         "accuracy_difference": paired_difference_ci(
             ta["label"],
             probs_from_frame(ta, classes),
@@ -129,13 +137,59 @@ def _seed_spreads(by_key: dict[tuple, dict]) -> list[dict]:
     ]
 
 
-def compare_runs(runs: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """McNemar between scenarios; decomposition on minus off; spread over seeds (where several)."""
-    by_key = {tuple(r["info"][k] for k in RUN_KEYS): r for r in runs}
+def _adjust_for_multiplicity(families: Sequence[list[dict]]) -> dict:
+    """Holm-adjust every comparison's McNemar p-value over all of them (``mcnemar.p_holm``); the note."""
+    tests = [c for fam in families for c in fam]
+    adjusted = holm([c["mcnemar"].get("p_value") for c in tests])
+    for c, p in zip(tests, adjusted, strict=True):
+        c["mcnemar"]["p_holm"] = p
+    below = sum(1 for p in adjusted if p is not None and p < 0.05)
     return {
-        "scenarios_mcnemar": _scenario_pairs(by_key, n_bootstrap, seed),
-        "decomposition_effect": _decomposition_pairs(by_key, n_bootstrap, seed),
+        "n_tests": len(tests),
+        "method": "Holm (family-wise error over every scenario pair and decomposition comparison)",
+        "n_below_0_05_raw": sum(1 for c in tests if (c["mcnemar"].get("p_value") or 1.0) < 0.05),
+        "n_below_0_05_holm": below,
+    }
+
+
+def _design(runs: Sequence[dict]) -> dict:
+    """Seeds per configuration and epochs per scenario (what the comparisons can and cannot support)."""
+    seeds: dict[tuple, set] = {}
+    epochs: dict[str, set] = {}
+    for r in runs:
+        info = r["info"]
+        key = (info["task"], info["backbone"], info["scenario"], info["decomposition"])
+        seeds.setdefault(key, set()).add(info["seed"])
+        ep = info.get("epochs_run", info.get("epochs"))
+        if ep is not None:
+            epochs.setdefault(info["scenario"], set()).add(int(ep))
+    counts = [len(v) for v in seeds.values()]
+    return {
+        "n_configurations": len(seeds),
+        "seeds_per_configuration": {"min": min(counts, default=0), "max": max(counts, default=0)},
+        "epochs_run_by_scenario": {
+            sc: sorted(epochs[sc]) for sc in sorted(epochs, key=_scenario_order)
+        },
+    }
+
+
+def _scenario_order(scenario: str) -> int:
+    """Position of a scenario in ``config.SCENARIOS`` (unknown ones last)."""
+    return config.SCENARIOS.index(scenario) if scenario in config.SCENARIOS else len(config.SCENARIOS)
+
+
+def compare_runs(runs: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Clustered McNemar between scenarios; decomposition on minus off; Holm adjustment over both;
+    spread over seeds (where several); the design (seeds per configuration, epochs)."""
+    by_key = {tuple(r["info"][k] for k in RUN_KEYS): r for r in runs}
+    pairs = _scenario_pairs(by_key, n_bootstrap, seed)
+    dec = _decomposition_pairs(by_key, n_bootstrap, seed)
+    return {
+        "scenarios_mcnemar": pairs,
+        "decomposition_effect": dec,
+        "multiplicity": _adjust_for_multiplicity([pairs, dec]),
         "seed_spread": _seed_spreads(by_key),
+        "design": _design(runs),
     }
 
 
@@ -166,7 +220,9 @@ def _headline_text(task: str, best: dict, position: str, best_scratch: dict | No
     text = (
         f"{task_name} ({task}): the best transfer model "
         "chosen on validation accuracy "
-        f"({best['backbone']}, {best['scenario']}, decomposition {'on' if best['decomposition'] else 'off'}) "
+        f"({best['backbone']}, {best['scenario']}, decomposition {'on' if best['decomposition'] else 'off'}"
+        + (f"; validation accuracy {100 * best['val_accuracy']:.1f}%" if best.get("val_accuracy") is not None else "")
+        + ") "
         f"reaches {fmt_pct(best['test']['accuracy'])} test accuracy (95% CI, patient-group bootstrap, "
         f"{best['test']['n']} images of {best['test']['n_groups']} patient groups). "
         f"The paper's {100 * config.PAPER_ACCURACY:.2f}% is {where}; "
@@ -187,13 +243,14 @@ def headline_table(entries: Sequence[dict]) -> list[dict]:
             "scenario": e["scenario"],
             "decomposition": e["decomposition"],
             "seed": e["seed"],
+            "val_accuracy": e.get("val_accuracy"),
             "accuracy": e["test"]["accuracy"],
+            "hard_rule_accuracy": (e["test"].get("hard_rule") or {}).get("accuracy"),
             "balanced_accuracy": e["test"]["balanced_accuracy"],
             "roc_auc": e["test"]["roc_auc"],
-            "hard_rule_accuracy": (e["test"].get("hard_rule") or {}).get("accuracy"),
         }
         for e in sorted(
-            entries, key=lambda e: (e["task"], config.SCENARIOS.index(e["scenario"]), e["decomposition"])
+            entries, key=lambda e: (e["task"], _scenario_order(e["scenario"]), e["decomposition"])
         )
     ]
 
@@ -239,10 +296,11 @@ def headline_frame(results: dict) -> pd.DataFrame:
             "scenario": r["scenario"],
             "decomposition": "on" if r["decomposition"] else "off",
             "seed": r["seed"],
-            "accuracy": fmt_pct(r["accuracy"]),
+            "val. accuracy": _pct_plain(r.get("val_accuracy")),
+            "accuracy (summed probabilities)": fmt_pct(r["accuracy"]),
+            "accuracy (DeTraC hard rule)": fmt_pct(r.get("hard_rule_accuracy")),
             "balanced accuracy": fmt_pct(r["balanced_accuracy"]),
             "ROC-AUC": fmt_pct(r["roc_auc"]),
-            "DeTraC hard rule": fmt_pct(r["hard_rule_accuracy"]),
         }
         for r in (results.get("headline") or {}).get("table", [])
     ]
@@ -250,14 +308,14 @@ def headline_frame(results: dict) -> pd.DataFrame:
         {
             "task": PAPER_TASK,
             "scenario": f"reported: {config.PAPER_CITATION}",
-            "accuracy": f"{100 * config.PAPER_ACCURACY:.2f}%",
+            "accuracy (summed probabilities)": f"{100 * config.PAPER_ACCURACY:.2f}%",
         }
     )
     rows.append(
         {
             "task": PAPER_TASK,
             "scenario": f"reported: {config.DETRAC_CITATION}",
-            "accuracy": f"{100 * config.DETRAC_ACCURACY:.1f}%",
+            "accuracy (DeTraC hard rule)": f"{100 * config.DETRAC_ACCURACY:.1f}%",
         }
     )
     return pd.DataFrame(rows).fillna("")
@@ -272,6 +330,7 @@ def runs_frame(entries: Sequence[dict]) -> pd.DataFrame:
             "run_id": e["run_id"],
             "n": t["n"],
             "groups": t["n_groups"],
+            "val. accuracy": _pct_plain(e.get("val_accuracy")),
             "accuracy": fmt_pct(t["accuracy"]),
             "balanced acc.": fmt_pct(t["balanced_accuracy"]),
             "ROC-AUC": fmt_pct(t["roc_auc"]),
@@ -282,8 +341,7 @@ def runs_frame(entries: Sequence[dict]) -> pd.DataFrame:
         for c, pc in t["per_class"].items():
             row[f"sens. {c}"] = fmt_pct(pc["sensitivity"])
             row[f"spec. {c}"] = fmt_pct(pc["specificity"])
-        if t.get("hard_rule"):
-            row["hard-rule acc."] = fmt_pct(t["hard_rule"]["accuracy"])
+        row["hard-rule acc."] = fmt_pct((t.get("hard_rule") or {}).get("accuracy"))
         rows.append(row)
     return pd.DataFrame(rows).set_index("run_id") if rows else pd.DataFrame()
 
@@ -298,10 +356,12 @@ def _cmp_cells(c: dict) -> dict:
     )
     return {
         "n": c["n"],
+        "patient groups": m.get("n_clusters"),
         "accuracy difference (points)": diff,
         "only a right": m["a_only_correct"],
         "only b right": m["b_only_correct"],
-        "McNemar p": round(m["p_value"], 4),
+        "McNemar p (clustered)": None if m.get("p_value") is None else round(m["p_value"], 4),
+        "Holm p": None if m.get("p_holm") is None else round(m["p_holm"], 4),
         "test": m["method"],
     }
 
@@ -340,6 +400,7 @@ def loso_frame(entries: Sequence[dict]) -> pd.DataFrame:
             "n": e["n"],
             "labels": ", ".join(e["labels"]),
             "n train": e.get("n_train"),
+            "trained on": ", ".join(f"{k} {v}" for k, v in (e.get("train_counts") or {}).items()),
         }
         row["accuracy"] = fmt_pct(e.get("accuracy")) if "accuracy" in e else e.get("skipped", "")
         for c, m in (e.get("sensitivity") or {}).items():
@@ -395,28 +456,89 @@ def dataset_summary(manifest: pd.DataFrame, excluded: pd.DataFrame | None = None
     return out
 
 
-def _saliency_summary(saliency: pd.DataFrame, saliency_run: str | None, uniform: float) -> dict:
+def rectangle_region() -> dict:
+    """The fixed central rectangle (``shortcuts.LUNG_REGION``): x, y (fractions) and its area share."""
+    from cxrstudy.evaluation.shortcuts import LUNG_REGION
+
+    x0, y0, x1, y1 = LUNG_REGION
+    return {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}
+
+
+def stratified_mean_ci(
+    values: Sequence[np.ndarray], strata: np.ndarray, n_bootstrap: int = 1000, seed: int = 0
+) -> list[dict]:
+    """Mean of each per-image array with a 95% percentile interval from one bootstrap over images,
+    resampled within each stratum (as the sample was drawn)."""
+    strata = np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    reps = np.empty((n_bootstrap, len(values)))
+    arrays = [np.asarray(v, dtype=float) for v in values]
+    for b in range(n_bootstrap):
+        idx = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        reps[b] = [a[idx].mean() for a in arrays]
+    out = []
+    for j, a in enumerate(arrays):
+        lo, hi = np.percentile(reps[:, j], [2.5, 97.5]) if n_bootstrap and len(a) else (np.nan, np.nan)
+        value = float(a.mean()) if len(a) else None
+        out.append(
+            {
+                "value": value,
+                "ci_low": None if np.isnan(lo) else float(lo),
+                "ci_high": None if np.isnan(hi) else float(hi),
+                "n": int(len(a)),
+            }
+        )
+    return out
+
+
+def _saliency_stats(used: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
+    """In-lung share, uniform reference and their difference over the sampled images, with intervals."""
+    area = rectangle_region()["area_share"]
+    uniform = used["uniform_share"].fillna(area) if "uniform_share" in used.columns else used["lung_share"] * 0 + area
+    strata = (used["label"].astype(str) + "/" + used["outcome"].astype(str)).to_numpy()
+    share, uni, excess = stratified_mean_ci(
+        [used["lung_share"], uniform, used["lung_share"] - uniform], strata, n_bootstrap, seed
+    )
+    return {
+        "in_lung_share": share,
+        "uniform_reference": uni,
+        "excess_over_uniform": excess,
+        "per_stratum": pd.Series(strata).value_counts().sort_index().to_dict(),
+        "bootstrap": {"unit": "image", "strata": "true class x outcome", "n_requested": n_bootstrap, "seed": seed},
+    }
+
+
+def _saliency_summary(saliency: pd.DataFrame, saliency_run: str | None, n_bootstrap: int, seed: int) -> dict:
     """``saliency_in_lung_share``, ``saliency_uniform_reference`` and ``saliency`` of shortcut_checks."""
     all_rows = saliency
     if saliency_run is not None and "run_id" in saliency.columns:
         saliency = saliency[saliency["run_id"] == saliency_run]
-    share = saliency["lung_share"].dropna()
+    used = saliency.dropna(subset=["lung_share"])
+    stats = _saliency_stats(used, n_bootstrap, seed)
+
+    def first(col: str) -> int | None:
+        """Smallest value of a per-image integer column (None when absent)."""
+        return int(saliency[col].min()) if col in saliency.columns and len(saliency) else None
+
     return {
-        "saliency_in_lung_share": float(share.mean()) if len(share) else None,
-        "saliency_uniform_reference": uniform,
+        "saliency_in_lung_share": stats["in_lung_share"]["value"],
+        "saliency_uniform_reference": stats["uniform_reference"]["value"],
         "saliency": {
             "run_id": saliency_run,
             "n_images": int(len(saliency)),
-            "cam_grid": int(saliency["cam_grid"].min())
-            if "cam_grid" in saliency.columns and len(saliency)
-            else None,
+            "n_used": int(len(used)),
+            "cam_grid": first("cam_grid"),
+            "image_size": first("image_size"),
+            "sample": "seeded random sample of test images stratified by true class and outcome "
+            "(correct / wrong); the mean is over the sample, not weighted to the test split",
+            "regions": saliency["region"].value_counts().to_dict() if "region" in saliency.columns else {},
+            **stats,
             "by_run": (
-                all_rows.groupby("run_id")["lung_share"].mean().to_dict()
-                if "run_id" in all_rows.columns
-                else {}
+                all_rows.groupby("run_id")["lung_share"].mean().to_dict() if "run_id" in all_rows.columns else {}
             ),
-            "by_outcome": share.groupby(saliency.loc[share.index, "outcome"]).mean().to_dict(),
-            "by_label": share.groupby(saliency.loc[share.index, "label"]).mean().to_dict(),
+            "by_outcome": used.groupby("outcome")["lung_share"].mean().to_dict(),
+            "by_label": used.groupby("label")["lung_share"].mean().to_dict(),
         },
     }
 
@@ -428,19 +550,26 @@ def assemble_shortcut_checks(
     same_hospital: dict | None = None,
     saliency: pd.DataFrame | None = None,
     saliency_run: str | None = None,
+    *,
+    lung_region: dict | None = None,
+    source_id_within_label: list | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """results.json ``shortcut_checks`` from the separate checks (any of them may be missing).
-    ``saliency``: ``saliency_for_runs`` table; the in-lung share is over ``saliency_run``'s images when given."""
-    from cxrstudy.evaluation.shortcuts import LUNG_REGION
-
-    x0, y0, x1, y1 = LUNG_REGION
+    ``saliency``: ``saliency_for_runs`` table; the in-lung share is over ``saliency_run``'s images when given.
+    ``lung_region``: ``shortcuts.lung_region_info`` of the masks used (None: the fixed rectangle)."""
+    detail = lung_region or {"kind": "fixed rectangle", "rectangle": rectangle_region()}
     out: dict = {
-        "lung_region": {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)},
+        "lung_region": detail["kind"],
+        "lung_region_detail": detail,
         "level": "linear heads on frozen features (shallow)",
     }
     if source_identification is not None:
         out["source_identification_accuracy"] = source_identification.get("accuracy")
         out["source_identification"] = source_identification
+    if source_id_within_label is not None:
+        out["source_id_within_label"] = source_id_within_label
     if masking is not None:
         out["unmasked"] = masking.get("unmasked")
         out["masked_lungs"] = masking.get("masked_lungs")
@@ -450,5 +579,5 @@ def assemble_shortcut_checks(
     if same_hospital is not None:
         out["same_hospital"] = same_hospital
     if saliency is not None and len(saliency):
-        out.update(_saliency_summary(saliency, saliency_run, (x1 - x0) * (y1 - y0)))
+        out.update(_saliency_summary(saliency, saliency_run, n_bootstrap, seed))
     return out

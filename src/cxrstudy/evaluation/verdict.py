@@ -1,18 +1,43 @@
 """The verdict: plain sentences generated from results.json's numbers (what the accuracy can be trusted for).
 
 One function per check; each returns its sentences (none when the check is missing) and ``verdict``
-joins them in a fixed order.
+joins them in a fixed order. Every sentence quotes the numbers it rests on, all of them in results.json.
 """
 
 from __future__ import annotations
 
+from cxrstudy.evaluation.scorecard import reading
 from cxrstudy.evaluation.tables import fmt_pct
 
-CLOSING = (
-    "Trust the numbers for comparing scenarios on these images and sources; do not read them as diagnostic "
-    "accuracy for patients elsewhere: the data are public, small, multi-source collections in which source and "
-    "label are entangled, and no external test from another hospital is included."
+#: Two masking accuracies within this many points (as a fraction) count as alike.
+ALIKE = 0.05
+#: Grad-CAM maps with fewer cells per side than this are too coarse to place saliency on the lungs.
+COARSE_GRID = 8
+#: How the verdict names the scorecard's metrics.
+METRIC_NAMES = {
+    "ieee8023_covid_vs_pneumonia_auc": "ieee8023 COVID-19 vs other pneumonia ROC-AUC",
+    "actualmed_covid_vs_normal_balanced_accuracy": "Actualmed (held-out hospital) balanced accuracy",
+    "source_id_within_covid_accuracy": "source identification within COVID-19 films",
+    "nih_pneumonia_vs_normal_auc": "NIH pneumonia vs normal ROC-AUC",
+    "paper_task_accuracy": "paper's task accuracy",
+}
+#: The last sentence when results.json says nothing about the design.
+NOT_DIAGNOSTIC = (
+    "The numbers are not diagnostic accuracy for patients elsewhere: the data are public, small, multi-source "
+    "collections in which source and label are entangled, and no external test from another hospital is included."
 )
+
+
+def _pct(value: float) -> str:
+    """A fraction as a whole percentage."""
+    return f"{100 * value:.0f}%"
+
+
+def _region(checks: dict) -> str:
+    """How the sentences name the lung region used by the checks."""
+    if checks.get("lung_region") == "segmented":
+        return "segmented lungs"
+    return "the central rectangle, x and y 15-85% of the film, not segmented lungs"
 
 
 def interval_width(head: dict) -> list[str]:
@@ -26,21 +51,88 @@ def interval_width(head: dict) -> list[str]:
     return []
 
 
+def _goal_part(goal: dict, entry: dict) -> str:
+    """One goal of the scorecard sentence: name, value with interval, target and whether it is met."""
+    name = f"{goal['goal']} {METRIC_NAMES.get(goal['metric'], goal['metric'])}"
+    if goal.get("value") is None:
+        return f"{name} not computed ({entry.get('note') or 'no value'})"
+    how = " (linear probe on the run's features)" if entry.get("method") == "probe" else ""
+    target = "n/a" if goal.get("target") is None else f"{100 * goal['target']:.2f}".rstrip("0").rstrip(".") + "%"
+    verdict = {True: "met", False: "missed", None: "not judged"}[goal.get("met")]
+    return f"{name} {fmt_pct(entry or {'value': goal['value']})}{how}, goal {goal['op']} {target}: {verdict}"
+
+
+def scorecard(results: dict) -> list[str]:
+    """The confound-free scorecard of each headline run (paper's task, other tasks) against its goals."""
+    heads = [results.get("headline") or {}, *(results.get("headline_other_tasks") or {}).values()]
+    goals, entries = results.get("goals") or [], results.get("scorecard") or []
+    out = []
+    for head in heads:
+        run_id = head.get("run_id")
+        mine = [g for g in goals if g.get("run_id") == run_id]
+        if not run_id or not mine:
+            continue
+        by_metric = {e["metric"]: e for e in entries if e.get("run_id") == run_id}
+        parts = [_goal_part(g, by_metric.get(g["metric"], {})) for g in mine]
+        met = sum(g.get("met") is True for g in mine)
+        judged = sum(g.get("met") is not None for g in mine)
+        out.append(
+            f"Confound-free scorecard of the headline {head.get('task')} run ({head.get('scenario')}, decomposition "
+            f"{'on' if head.get('decomposition') else 'off'}; held-out films only, 95% CI): " + "; ".join(parts)
+            + f". Goals met: {met} of the {judged} that could be judged."
+        )
+    return out
+
+
+def _within_reading(w: dict) -> str:
+    """The scorecard's reading of a within-label source probe against its majority."""
+    return reading(w["accuracy"], w.get("ci_low"), w.get("majority"))
+
+
+def _within_label_part(w: dict) -> str:
+    """One label of the within-label source sentence."""
+    iv = {"value": w["accuracy"], "ci_low": w.get("ci_low"), "ci_high": w.get("ci_high")}
+    return (
+        f"{w['label']} films ({', '.join(w.get('sources') or [])}; n={w.get('n')}) {fmt_pct(iv)} against "
+        f"{100 * (w.get('majority') or 0):.1f}% for always naming the largest source: {_within_reading(w)}"
+    )
+
+
 def source_identification(checks: dict) -> list[str]:
-    """How well frozen features name the source repository, and the caveat that the checks are shallow."""
+    """Source identification across labels (against the label-only rule) and within each label (against
+    its majority source), and the caveat that the checks are shallow."""
     out = []
     sid = checks.get("source_identification") or {}
     if sid.get("accuracy") is not None:
-        strong = sid["accuracy"] >= 0.8 or sid["accuracy"] - sid.get("majority_baseline", 0) >= 0.2
+        base = sid.get("label_only_baseline")
+        sentence = (
+            f"A linear probe on frozen features names the source repository of a film with {_pct(sid['accuracy'])} "
+            f"accuracy across all labels (always naming the largest source: {_pct(sid.get('majority_baseline') or 0)})"
+        )
+        if base is not None:
+            sentence += (
+                f", but a rule that knew only the label (each label's largest source) would score {_pct(base)}: "
+                "labels and sources are entangled, so "
+                + (
+                    "this figure mostly restates the label."
+                    if sid["accuracy"] - base <= 0.1
+                    else f"only the {100 * (sid['accuracy'] - base):.0f} points above that rule come from the images."
+                )
+            )
+        else:
+            sentence += "; labels and sources are entangled, so this figure mostly restates the label."
+        out.append(sentence)
+    within = [w for w in checks.get("source_id_within_label") or [] if w.get("accuracy") is not None]
+    if within:
+        present = [w["label"] for w in within if _within_reading(w) == "source signal present"]
         out.append(
-            f"A linear classifier on frozen features names the source repository of an image with "
-            f"{100 * sid['accuracy']:.0f}% accuracy (majority baseline {100 * sid.get('majority_baseline', 0):.0f}%, "
-            f"balanced accuracy {100 * sid.get('balanced_accuracy', 0):.0f}%). "
+            "Within one label, where the label cannot help, the probe (patient-grouped 5-fold CV, sources with at "
+            "least 10 films) names the source of " + "; ".join(_within_label_part(w) for w in within) + "."
             + (
-                "The source is easy to see, and labels are largely confounded with sources (COVID-19 films come from "
-                "different repositories than normal ones), so a high score may reflect the hospital rather than the disease."
-                if strong
-                else "The source is not trivially visible in the features."
+                f" Among {' and '.join(present)} films the repositories look different beyond the label: a model "
+                "can tell sources apart there, which becomes a shortcut wherever label and source go together."
+                if present
+                else ""
             )
         )
     if sid or checks.get("masked_lungs"):
@@ -51,39 +143,95 @@ def source_identification(checks: dict) -> list[str]:
     return out
 
 
+def _masking_reading(u: float, hidden: float, only: float) -> str:
+    """What whole film vs lungs hidden vs lungs alone supports, and no more."""
+    hidden_costs, only_costs = u - hidden > ALIKE, u - only > ALIKE
+    if abs(u - hidden) <= ALIKE and abs(u - only) <= ALIKE:
+        return (
+            "All three are alike (within 5 points): the label can be read both inside and outside the lung "
+            "region, so the signal is everywhere in the film; this does not show that the lungs are unused."
+        )
+    if hidden_costs and not only_costs:
+        return (
+            f"Hiding the lungs costs {100 * (u - hidden):.0f} points while the lungs alone keep the score: for a "
+            "linear head most of the usable signal is inside the lung region (disease, source or both)."
+        )
+    if only_costs and not hidden_costs:
+        return (
+            f"The lungs alone lose {100 * (u - only):.0f} points while hiding them costs little: most of the usable "
+            "signal lies outside the lung region (borders, text, devices, exposure)."
+        )
+    if hidden_costs and only_costs:
+        return "Both hiding and isolating the lungs cost accuracy: the signal is spread over the lungs and their surroundings."
+    return "Neither region clearly carries more of the signal."
+
+
 def masking(checks: dict) -> list[str]:
-    """What a linear head reaches with the lung field blacked out (against the whole image and lungs only)."""
+    """What a linear head reaches from the whole film, with the lungs hidden and from the lungs alone."""
     unmasked, masked, lungs = checks.get("unmasked"), checks.get("masked_lungs"), checks.get("lungs_only")
-    if not (masked and masked.get("accuracy", {}).get("value") is not None):
+    values = [((x or {}).get("accuracy") or {}).get("value") for x in (unmasked, masked, lungs)]
+    if any(v is None for v in values):
         return []
-    m = masked["accuracy"]["value"]
-    u = (unmasked or {}).get("accuracy", {}).get("value")
-    sentence = f"With the central lung field blacked out, a linear head still reaches {fmt_pct(masked['accuracy'])} test accuracy"
-    sentence += f" (whole image: {fmt_pct(unmasked['accuracy'])}" if u is not None else " ("
-    sentence += f"; lung field only: {fmt_pct(lungs['accuracy'])})." if lungs else ")."
-    if m >= 0.85 or (u is not None and u - m <= 0.05):
-        sentence += " Most of the score does not need the lungs: borders, text, devices and exposure carry the label."
+    sentence = (
+        f"A linear head on frozen features reaches {fmt_pct(unmasked['accuracy'])} test accuracy on the whole film, "
+        f"{fmt_pct(masked['accuracy'])} with the lungs hidden and {fmt_pct(lungs['accuracy'])} from the lungs alone "
+        f"(lung region: {_region(checks)}). "
+    )
+    return [sentence + _masking_reading(*values)]
+
+
+def _loso_part(e: dict) -> str:
+    """One held-out source: per-class sensitivity with intervals and n."""
+    sens = e.get("sensitivity") or {}
+    if not sens:
+        return f"{e['held_out']} accuracy {fmt_pct(e.get('accuracy'))} (n={e['n']})"
+    return f"{e['held_out']} " + ", ".join(f"{c} {fmt_pct(m)}" for c, m in sens.items()) + f" (n={e['n']})"
+
+
+def _loso_failure(e: dict, label: str, m: dict) -> str:
+    """Why a held-out source's class is mostly missed, naming what the head was trained on."""
+    src, value = e["held_out"], m["value"]
+    counts = e.get("train_counts")
+    if not counts:
+        return (
+            f"Trained without {src}, the linear head recognises {_pct(value)} of that source's {label} films; "
+            "the training composition was not recorded, so this says nothing about how those films look."
+        )
+    comp = " and ".join(f"{n} {c}" for c, n in counts.items())
+    origin = (e.get("train_sources") or {}).get(label) or {}
+    origin_txt = f" ({label}: {', '.join(f'{s} {n}' for s, n in origin.items())})" if origin else ""
+    n_label, total = counts.get(label, 0), sum(counts.values())
+    held = (e.get("counts") or {}).get(label)
+    films = f"{held} {label} films" if held is not None else f"{label} films"
+    if held is not None and held < 10:
+        why = f"with only {held} such films held out, too few to read either way"
+    elif n_label < 50 or n_label < 0.1 * total:
+        why = (
+            f"with only {n_label} {label} films left the head has learned little about the class, so this measures "
+            f"how small the {label} class becomes without {src}, not how {src} films look"
+        )
     else:
-        sentence += " Masking the lungs costs a clear part of the score, so the lung field matters."
-    return [sentence]
+        why = f"what it learned about {label} films from the other sources does not carry over to {src}"
+    return (
+        f"Trained without {src}, the head saw {comp} films{origin_txt} and calls {_pct(value)} of "
+        f"{src}'s {films} {label}: {why}."
+    )
 
 
 def leave_one_source_out(checks: dict) -> list[str]:
-    """Accuracy on each held-out source, and a warning for every source the head mostly gets wrong."""
+    """Per-class sensitivity on each held-out source, and for every class mostly missed, the training
+    composition that explains it."""
     loso = [e for e in checks.get("leave_one_source_out") or [] if "accuracy" in e]
     if not loso:
         return []
-    parts = [f"{e['held_out']} {fmt_pct(e['accuracy'])} (n={e['n']})" for e in loso]
-    out = ["Held-out whole sources (trained without them): accuracy " + "; ".join(parts) + "."]
+    out = [
+        "Each source held out of training in turn, a linear head on frozen features recognises (sensitivity per "
+        "class on the held-out source): " + "; ".join(_loso_part(e) for e in loso) + "."
+    ]
     for e in loso:
-        value = e["accuracy"].get("value")
-        if value is not None and value < 0.5:
-            labels = " and ".join(e.get("labels") or []) or "its"
-            out.append(
-                f"Trained without {e['held_out']}, the linear head recognises only {100 * value:.0f}% of that "
-                f"source's {labels} images: what it learned for that class is largely how {e['held_out']} "
-                "films look, not something that transfers to another hospital."
-            )
+        for label, m in (e.get("sensitivity") or {}).items():
+            if (m or {}).get("value") is not None and m["value"] < 0.5:
+                out.append(_loso_failure(e, label, m))
     return out
 
 
@@ -101,31 +249,66 @@ def same_hospital(checks: dict) -> list[str]:
 
 
 def saliency(checks: dict) -> list[str]:
-    """The share of Grad-CAM saliency inside the lung region against a uniform map."""
-    share = checks.get("saliency_in_lung_share")
-    if share is None:
+    """The share of Grad-CAM saliency inside the lung region against a uniform map, with n, intervals and
+    the maps' resolution."""
+    sal = checks.get("saliency") or {}
+    share = sal.get("in_lung_share") or {"value": checks.get("saliency_in_lung_share")}
+    uniform = sal.get("uniform_reference") or {"value": checks.get("saliency_uniform_reference")}
+    if share.get("value") is None or uniform.get("value") is None:
         return []
-    ref = checks.get("saliency_uniform_reference", 0.49)
-    grid = (checks.get("saliency") or {}).get("cam_grid")
+    n = sal.get("n_used", sal.get("n_images"))
+    flat = uniform.get("ci_low") is not None and uniform["ci_low"] == uniform.get("ci_high")
     sentence = (
-        f"On average {100 * share:.0f}% of the Grad-CAM saliency of the headline model falls in the "
-        f"central lung region (a uniform map would put {100 * ref:.0f}% there)"
+        f"Grad-CAM of the headline model on {n if n is not None else 'a sample of'} test images (a seeded random "
+        f"sample stratified by true class and outcome) puts {fmt_pct(share)} of the saliency inside the "
+        f"{'segmented lungs' if checks.get('lung_region') == 'segmented' else 'central rectangle'}, against "
+        f"{fmt_pct({'value': uniform['value']} if flat else uniform)} for a uniform map (the region's area)"
     )
-    if grid is not None and grid < 4:
-        sentence += (
-            f"; at this input size the maps have only {grid}x{grid} cells, so the share says little "
-            "(use a larger image_size)."
+    grid, size = sal.get("cam_grid"), sal.get("image_size")
+    excess = sal.get("excess_over_uniform") or {}
+    if grid is not None and grid < COARSE_GRID:
+        at = f" at {size} px input" if size else ""
+        return [
+            sentence + f". The maps have only {grid}x{grid} cells{at}, too coarse to tell lung from mediastinum or "
+            "chest wall: the share says where the coarse evidence sits, not that the model reads the lungs."
+        ]
+    if excess.get("ci_low") is not None and excess["ci_low"] > 0:
+        return [sentence + ": more than a uniform map would put there."]
+    if excess.get("ci_high") is not None and excess["ci_high"] < 0:
+        return [sentence + ": less than a uniform map, so the model does not look mainly at the lungs."]
+    if excess:
+        return [sentence + ": no different from a uniform map."]
+    return [sentence + " (no interval recorded)."]
+
+
+def comparisons(comps: dict) -> list[str]:
+    """How many paired comparisons were made, with the clustered McNemar and Holm's adjustment."""
+    mult = comps.get("multiplicity") or {}
+    if not mult.get("n_tests"):
+        return []
+    tests = [*comps.get("scenarios_mcnemar", []), *comps.get("decomposition_effect", [])]
+    several = len({c.get("task") for c in tests}) > 1
+    names = [
+        (
+            f"{c['a']} vs {c['b']} (decomposition {'on' if c.get('decomposition') else 'off'}"
+            if "a" in c
+            else f"decomposition on vs off ({c['scenario']}"
         )
-    elif share < ref + 0.15:
-        sentence += ": the model does not look mainly at the lungs."
-    else:
-        sentence += "."
-    return [sentence]
+        + (f", {c.get('task')})" if several else ")")
+        for c in tests
+        if (c["mcnemar"].get("p_holm") is not None and c["mcnemar"]["p_holm"] < 0.05)
+    ]
+    return [
+        f"{mult['n_tests']} paired comparisons on the same test images (scenario pairs and decomposition on vs off) "
+        "use McNemar's test clustered on patient groups (Obuchowski 1998); "
+        f"{mult.get('n_below_0_05_raw', 0)} have p < 0.05 before and {mult.get('n_below_0_05_holm', 0)} after Holm's "
+        f"adjustment for the {mult['n_tests']} tests" + (f" ({'; '.join(names)})." if names else ".")
+    ]
 
 
-def decomposition(comparisons: dict) -> list[str]:
+def decomposition(comps: dict) -> list[str]:
     """Class decomposition on minus off per scenario, and how many intervals exclude zero."""
-    dec = comparisons.get("decomposition_effect") or []
+    dec = comps.get("decomposition_effect") or []
     if not dec:
         return []
     parts, above, below = [], 0, 0
@@ -145,18 +328,60 @@ def decomposition(comparisons: dict) -> list[str]:
     ]
 
 
+def scratch_decomposition(results: dict) -> list[str]:
+    """The scratch control with decomposition takes its subclasses from ImageNet features."""
+    runs = [r for r in results.get("runs") or [] if r.get("scenario") == "scratch" and r.get("decomposition")]
+    if not runs:
+        return []
+    accs = "; ".join(f"{r['task']} {fmt_pct(r['test']['accuracy'])}" for r in runs)
+    return [
+        f"The scratch control with class decomposition ({accs}) is not free of ImageNet: its subclasses come from "
+        "k-means on ImageNet-pretrained features (notebook 03), so pretrained knowledge enters through its "
+        "training labels; only scratch without decomposition is a no-transfer control."
+    ]
+
+
+def closing(results: dict) -> list[str]:
+    """What the numbers do and do not support, given the seeds per configuration and training budgets."""
+    design = (results.get("comparisons") or {}).get("design") or {}
+    seeds = design.get("seeds_per_configuration") or {}
+    epochs = design.get("epochs_run_by_scenario") or {}
+    if not seeds.get("max"):
+        return [NOT_DIAGNOSTIC]
+    if seeds["max"] == 1:
+        seed_txt = "Each configuration ran once (one seed), so seed-to-seed variation is not measured"
+    else:
+        seed_txt = f"Configurations ran with {seeds['min']} to {seeds['max']} seeds (spread under comparisons.seed_spread)"
+    budget = ""
+    if len({tuple(v) for v in epochs.values()}) > 1:
+        budget = (
+            ", and the scenarios trained for unequal numbers of epochs ("
+            + ", ".join(f"{sc} {'/'.join(str(x) for x in v)}" for sc, v in epochs.items())
+            + ")"
+        )
+    return [
+        "The intervals cover only the sampling of test patients. " + seed_txt + budget + ": the numbers describe "
+        "these runs on these films; they do not rank the scenarios or settle whether decomposition helps. "
+        + NOT_DIAGNOSTIC
+    ]
+
+
 def verdict(results: dict) -> list[str]:
     """Plain sentences generated from the numbers: what the accuracy can and cannot be trusted for."""
     head = results.get("headline") or {}
     checks = results.get("shortcut_checks") or {}
+    comps = results.get("comparisons") or {}
     return [
         *([head["text"]] if head.get("text") else []),
         *interval_width(head),
+        *scorecard(results),
         *source_identification(checks),
         *masking(checks),
         *leave_one_source_out(checks),
         *same_hospital(checks),
         *saliency(checks),
-        *decomposition(results.get("comparisons") or {}),
-        CLOSING,
+        *comparisons(comps),
+        *decomposition(comps),
+        *scratch_decomposition(results),
+        *closing(results),
     ]

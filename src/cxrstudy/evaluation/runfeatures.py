@@ -1,0 +1,230 @@
+"""Pooled penultimate features of a run's own trained network, for the scorecard; cached per run.
+
+:func:`run_features` passes the manifest rows' films through the run's ``Classifier.backbone`` (weights from
+``runs/<run_id>/model.pth``; preprocessing ``models.model_transform`` at the run's image size, in its two
+steps: each film decoded and resized to uint8 once for all runs of a request, then ``normalize_batch``;
+inference mode, channels_last, batches of 32) and caches the result in ``runs/<run_id>/features.npz``. Each cached row
+is keyed by the manifest row (image, sha256, width, height) and the file under the image root (size, mtime);
+the file as a whole by the model file's SHA-256, the resolved image root, backbone and image size. A request
+reuses every cached row it can and computes only the rest, so re-running notebook 05 computes nothing.
+
+:func:`scorecard_rows` are the films the scorecard needs: every COVID-19 film (source identification within
+COVID-19), ieee8023 COVID-19 + other pneumonia and NIH normal + pneumonia (the probe fallbacks).
+:func:`scorecard_entries` runs :func:`cxrstudy.evaluation.scorecard.scorecard_for_run` for every run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrstudy import config
+from cxrstudy.fileio import atomic_write_bytes, sha256_file
+
+#: File of a run's cached features, inside its run folder.
+CACHE_FILE = "features.npz"
+#: Bump when what is cached changes meaning.
+CACHE_VERSION = 1
+#: (source_name or None for every source, labels) of the films the scorecard needs.
+SCORECARD_FILMS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
+    (None, ("covid",)),
+    ("ieee8023", ("covid", "pneumonia")),
+    ("nih", ("normal", "pneumonia")),
+)
+
+
+def scorecard_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Manifest rows whose films the scorecard needs (:data:`SCORECARD_FILMS`), in manifest order."""
+    keep = np.zeros(len(manifest), dtype=bool)
+    for source, labels in SCORECARD_FILMS:
+        hit = manifest["label"].isin(labels).to_numpy()
+        if source is not None:
+            hit = hit & (manifest["source_name"] == source).to_numpy()
+        keep |= hit
+    return manifest[keep].drop_duplicates("image").reset_index(drop=True)
+
+
+def row_identities(rows: pd.DataFrame, image_root: Path) -> list[str]:
+    """Cache key of each row: manifest image, sha256, width, height, and the file's size and mtime."""
+    cols = [c for c in ("sha256", "width", "height") if c in rows.columns]
+    out = []
+    for rec in rows[["image", *cols]].astype(str).itertuples(index=False):
+        path = Path(image_root) / rec[0]
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise FileNotFoundError(f"{path}: film not found under the image root") from exc
+        out.append("\t".join([*rec, str(st.st_size), str(st.st_mtime_ns)]))
+    return out
+
+
+def model_key(run_dir: Path, info: dict, image_root: Path) -> str:
+    """Key of a run's feature file: model weights, backbone, image size, resolved image root, version."""
+    payload = {
+        "version": CACHE_VERSION,
+        "model": sha256_file(Path(run_dir) / "model.pth"),
+        "backbone": info["backbone"],
+        "image_size": int(info["image_size"]),
+        "root": str(Path(image_root).resolve()),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cache(path: Path, key: str) -> dict[str, np.ndarray]:
+    """Cached rows (identity -> feature vector) of ``path`` when written under ``key``; else empty."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if json.loads(str(data["meta"])).get("key") != key:
+                return {}
+            return dict(zip(data["ids"].tolist(), data["features"], strict=True))
+    except (OSError, KeyError, ValueError):  # unreadable or foreign: recompute and overwrite
+        return {}
+
+
+def _write_cache(path: Path, key: str, rows: dict[str, np.ndarray]) -> None:
+    """Write every cached row under ``key`` (atomically)."""
+    buf = io.BytesIO()
+    ids = list(rows)
+    feats = np.stack([rows[i] for i in ids]).astype(np.float32)
+    np.savez(buf, ids=np.array(ids, dtype=str), features=feats, meta=np.array(json.dumps({"key": key})))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@functools.lru_cache(maxsize=1)
+def decoded_films(paths: tuple[Path, ...], ids: tuple[str, ...], image_size: int, interpolation: str) -> torch.Tensor:
+    """Films decoded and squish-resized to uint8 (N,1,S,S) (the first half of ``models.model_transform``),
+    in threads; the last request is kept, so the runs of one notebook decode their films once."""
+    from cxrstudy.images import load_xray
+    from cxrstudy.models import resize_to_uint8
+
+    def one(path: Path) -> torch.Tensor:
+        """One film as uint8 (1,S,S)."""
+        return resize_to_uint8(load_xray(path), image_size, interpolation)
+
+    if len(paths) != len(ids):
+        raise ValueError(f"{len(paths)} paths for {len(ids)} identities")
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        films = list(pool.map(one, paths))
+    return torch.stack(films) if films else torch.zeros((0, 1, image_size, image_size), dtype=torch.uint8)
+
+
+def extract_backbone_features(
+    backbone: torch.nn.Module,
+    spec,
+    films: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Pooled features (N, F) float32 of uint8 films (N,1,S,S) through ``backbone``: normalised as
+    ``models.model_transform`` (``normalize_batch``), inference mode, channels_last, ``batch_size`` at a time."""
+    from cxrstudy.models import normalize_batch
+
+    dev = torch.device(device) if isinstance(device, str) else device
+    backbone = backbone.eval().to(dev, memory_format=torch.channels_last)
+    out = np.empty((len(films), spec.num_features), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(films), batch_size):
+            x = normalize_batch(films[i : i + batch_size].to(dev), spec).contiguous(memory_format=torch.channels_last)
+            out[i : i + len(x)] = backbone(x).float().cpu().numpy()
+    return out
+
+
+def run_features(
+    run_dir: Path | str,
+    rows: pd.DataFrame,
+    image_root: Path | str = config.PROCESSED_DIR,
+    device: str = "auto",
+    batch_size: int = 32,
+    cache: bool = True,
+) -> pd.DataFrame:
+    """Penultimate features of the run's network for ``rows``' films (columns f0..; index image), read
+    from and added to ``<run_dir>/features.npz``; ``attrs['computed']`` counts films computed now."""
+    from cxrstudy.models import get_spec
+    from cxrstudy.training import load_run_model
+
+    run_dir, image_root = Path(run_dir), Path(image_root)
+    info = json.loads((run_dir / "run.json").read_text())
+    rows = rows.drop_duplicates("image").reset_index(drop=True)
+    ids = row_identities(rows, image_root)
+    path, key = run_dir / CACHE_FILE, model_key(run_dir, info, image_root)
+    cached = _read_cache(path, key) if cache else {}
+    todo = [i for i, k in enumerate(ids) if k not in cached]
+    if todo:
+        model, info = load_run_model(run_dir)
+        spec = get_spec(info["backbone"])
+        paths = tuple(image_root / rows["image"].iloc[i] for i in todo)
+        films = decoded_films(paths, tuple(ids[i] for i in todo), int(info["image_size"]), spec.interpolation)
+        dev = config.resolve_device(device)
+        feats = extract_backbone_features(model.backbone, spec, films, dev, batch_size)
+        if not np.isfinite(feats).all():
+            raise RuntimeError(f"{run_dir}: non-finite features; not caching them")
+        cached.update({ids[i]: f for i, f in zip(todo, feats, strict=True)})
+        if cache:
+            _write_cache(path, key, cached)
+    X = np.stack([cached[k] for k in ids]) if ids else np.zeros((0, 0), dtype=np.float32)
+    out = pd.DataFrame(X, index=pd.Index(rows["image"].astype(str), name="image"))
+    out.columns = [f"f{j}" for j in range(out.shape[1])]
+    out.attrs.update(computed=len(todo), cache_file=str(path))
+    return out
+
+
+def run_variant(info: dict) -> str:
+    """The run's variant (run.json ``variant``), ``baseline`` when absent."""
+    return str(info.get("variant") or "baseline")
+
+
+def run_view(info: dict) -> tuple[str, bool, float]:
+    """The run's input view (run.json ``input_view``, ``equalize``, ``view_margin``; the full film when absent)."""
+    return str(info.get("input_view", "full")), bool(info.get("equalize", False)), float(info.get("view_margin", 0.05))
+
+
+def run_image_root(
+    info: dict, manifest: pd.DataFrame, profile: str | None, image_root: Path | str = config.PROCESSED_DIR
+) -> Path:
+    """Folder of the films as the run saw them: ``image_root`` for the full film, else the profile's
+    rendered view (``lungs.render.view_root``; a ValueError when the run has a view and no profile is given)."""
+    from cxrstudy.lungs.render import is_plain, view_root
+
+    view, equalize, margin = run_view(info)
+    if is_plain(view, equalize):
+        return Path(image_root)
+    if profile is None:
+        raise ValueError(f"run {info.get('run_id')!r} sees the {view!r} view: pass the profile to render it")
+    return view_root(manifest, profile, view, equalize, margin, Path(image_root))
+
+
+def scorecard_entries(
+    runs: Sequence[dict],
+    manifest: pd.DataFrame,
+    image_root: Path | str = config.PROCESSED_DIR,
+    device: str = "auto",
+    batch_size: int = 32,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    profile: str | None = None,
+) -> list[dict]:
+    """Scorecard entries of every run (``report.load_runs`` items) on the run's own features, each run's
+    films through its input view (:func:`run_image_root`; ``image_root`` holds the plain films)."""
+    from cxrstudy.evaluation.scorecard import scorecard_for_run
+
+    rows = scorecard_rows(manifest)
+    out: list[dict] = []
+    for run in runs:
+        info = {"run_id": Path(run["dir"]).name, **run["info"]}
+        variant = run_variant(info)
+        root = run_image_root(info, manifest, profile, image_root)
+        feats = run_features(run["dir"], rows, root, device, batch_size) if len(rows) else None
+        out += scorecard_for_run(info, run["predictions"], manifest, feats, variant, n_bootstrap, seed)
+    return out
