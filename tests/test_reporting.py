@@ -215,3 +215,23 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
     assert rows[0] == "| deep nodecomp seed0 (covid_vs_normal) | baseline | 70.0 [65.0, 75.0] missed | – n/a | " \
         "– n/a | – n/a | 95.0 [90.0, 100.0] met | 1 of 2 |"
     assert len(rows) == 2 and "lung_crop" in rows[1] and "other_run" not in md
+
+
+def test_index_shows_the_lung_stage(tmp_path):
+    """results.json's lung_segmentation block (from lungs/summary.json) and the overlay strip reach index.html."""
+    from cxrstudy import reporting
+    from cxrstudy.evaluation.report import lung_segmentation
+
+    out = tmp_path / "p"
+    (out / "lungs").mkdir(parents=True)
+    assert lung_segmentation(out) is None
+    summary = {"dice": {"value": 0.957, "ci_low": 0.947, "ci_high": 0.966},
+               "iou": {"value": 0.92, "ci_low": 0.90, "ci_high": 0.935}, "n_test_masks": 45,
+               "qc_pass_rate": {"nih": 0.992, "mhh": 0.99}, "train_seconds": 210.4, "extra": 1}
+    (out / "lungs" / "summary.json").write_text(json.dumps(summary))
+    block = lung_segmentation(out)
+    assert set(block) == {"dice", "iou", "n_test_masks", "qc_pass_rate", "train_seconds"}
+    (out / "results.json").write_text(json.dumps({"lung_segmentation": block}))
+    (out / "lungs" / "overlays.png").write_bytes(b"\x89PNG")
+    html = reporting.index_html(out, {"profile": "p", "steps": []})
+    assert "test Dice 0.957 [0.947, 0.966]" in html and "nih 99.2%" in html and "src='lungs/overlays.png'" in html

@@ -185,6 +185,19 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def lung_summary(seg: dict | None) -> dict[str, Any]:
+    """The lung stage's figures as text for the index: Dice, IoU (value [interval]), QC rates, seconds."""
+    if not seg or not isinstance(seg.get("dice"), dict):
+        return {}
+
+    def fmt(m: dict) -> str:
+        return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+    rates = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (seg.get("qc_pass_rate") or {}).items())
+    return {"dice": fmt(seg["dice"]), "iou": fmt(seg["iou"]), "n": seg.get("n_test_masks"), "qc": rates,
+            "seconds": f"{seg.get('train_seconds') or 0:.0f}"}
+
+
 def index_figures(out: Path) -> dict[str, str | None]:
     """Paths (relative to index.html) of the headline, scorecard and shortcut-check figures that exist, else None."""
     from cxrstudy.evaluation.figures import FIGURE_DIR, HEADLINE_FIGURE, SCORECARD_FIGURE, SHORTCUT_FIGURE
@@ -192,6 +205,7 @@ def index_figures(out: Path) -> dict[str, str | None]:
     found = {}
     for key, name in (("headline", HEADLINE_FIGURE), ("scorecard", SCORECARD_FIGURE), ("shortcuts", SHORTCUT_FIGURE)):
         found[key] = f"{FIGURE_DIR}/{name}" if (out / FIGURE_DIR / name).is_file() else None
+    found["lungs"] = "lungs/overlays.png" if (out / "lungs" / "overlays.png").is_file() else None
     return found
 
 
@@ -225,6 +239,7 @@ def index_html(out: Path, record: dict[str, Any]) -> str:
         checks_level=str(checks.get("level", "")),
         check_rows=[(k, items) for k, items in check_rows if items],
         lung_region=str(checks.get("lung_region") or ""),
+        lungs=lung_summary(results.get("lung_segmentation")),
         goal_headers=goal_headers(),
         goal_rows=goal_rows(results),
         figures=index_figures(out),

@@ -131,6 +131,19 @@ def reference() -> dict:
     }
 
 
+#: Fields of the lung stage's summary.json that results.json carries (a contract other tools read).
+LUNG_FIELDS = ("dice", "iou", "n_test_masks", "qc_pass_rate", "train_seconds")
+
+
+def lung_segmentation(profile_dir: Path) -> dict | None:
+    """The lung stage's test Dice/IoU, QC pass rates and training time (``lungs/summary.json``); None without it."""
+    path = Path(profile_dir) / "lungs" / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return {k: summary.get(k) for k in LUNG_FIELDS}
+
+
 def build_results(
     profile_dir: Path,
     manifest: pd.DataFrame,
@@ -163,6 +176,7 @@ def build_results(
         "shortcut_checks": shortcut_checks or {},
         "scorecard": list(scorecard or []),
         "goals": check_goals(scorecard or []),
+        "lung_segmentation": lung_segmentation(profile_dir),
         "reference": reference(),
     }
     results["headline"] = headline(entries)
