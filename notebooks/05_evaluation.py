@@ -111,7 +111,7 @@ if head_run:
 # %% [markdown]
 # ## Confound-free scorecard
 #
-# Per run, on films it never trained on (its predictions' rows outside train/val), with patient-group bootstrap intervals: S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC (>= 0.80), S2 Actualmed balanced accuracy (>= 0.85, evaluation-only hospital), S3 source identification within COVID-19 films (<= its majority share + 5 points), S4 NIH pneumonia vs normal ROC-AUC (>= 0.85, three-class runs), S5 the paper's task accuracy (>= 94.17%). Where too few held-out films exist, a patient-grouped linear probe on the run's **own** penultimate features answers (`method` = probe); those features are computed once per run, on the films through the run's input view, and cached in `runs/<run_id>/features.npz`.
+# Per run, on films it never trained on (its predictions' rows outside train/val), with patient-group bootstrap intervals: S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC (>= 0.80), S2 Actualmed balanced accuracy (>= 0.85, evaluation-only hospital), S3 source identification within COVID-19 films (<= its majority share + 5 points), S4 NIH pneumonia vs normal ROC-AUC (>= 0.85, three-class runs), S5 the paper's task accuracy (>= 94.17%). Where too few held-out films exist, a patient-grouped linear probe on the run's **own** penultimate features answers (`method` = probe); those features are computed once per run, on the films through the run's input view, and cached in `data/cache/run_features/`.
 
 # %%
 card = runfeatures.scorecard_entries(runs, manifest, image_root, device, batch_size, n_bootstrap, seed, profile)

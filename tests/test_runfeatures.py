@@ -72,7 +72,7 @@ def test_features_are_the_runs_backbone_on_model_transform_and_cached(study):
     feats = RF.run_features(run_dir, rows, root, device="cpu")
     assert feats.shape == (len(rows), get_spec("efficientnet_lite0").num_features)
     assert list(feats.index) == list(rows["image"]) and feats.attrs["computed"] == len(rows)
-    assert (run_dir / RF.CACHE_FILE).is_file()
+    assert Path(feats.attrs["cache_file"]).is_file() and not (run_dir / "features.npz").exists()
     transform = model_transform(get_spec("efficientnet_lite0"), SIZE)
     with torch.inference_mode():
         direct = model.backbone(torch.stack([transform(load_xray(root / p)) for p in rows["image"][:4]])).numpy()

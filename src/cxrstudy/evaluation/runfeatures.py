@@ -3,7 +3,8 @@
 :func:`run_features` passes the manifest rows' films through the run's ``Classifier.backbone`` (weights from
 ``runs/<run_id>/model.pth``; preprocessing ``models.model_transform`` at the run's image size, in its two
 steps: each film decoded and resized to uint8 once for all runs of a request, then ``normalize_batch``;
-inference mode, channels_last, batches of 32) and caches the result in ``runs/<run_id>/features.npz``. Each cached row
+inference mode, channels_last, batches of 32) and caches the result in ``data/cache/run_features/<run_id>_<key>.npz`` (outside the run folder,
+which the evaluation step reads: a cache there would change its own input). Each cached row
 is keyed by the manifest row (image, sha256, width, height) and the file under the image root (size, mtime);
 the file as a whole by the model file's SHA-256, the resolved image root, backbone and image size. A request
 reuses every cached row it can and computes only the rest, so re-running notebook 05 computes nothing.
@@ -31,8 +32,8 @@ import torch
 from cxrstudy import config
 from cxrstudy.fileio import atomic_write_bytes, sha256_file
 
-#: File of a run's cached features, inside its run folder.
-CACHE_FILE = "features.npz"
+#: Folder of the runs' cached features (the key covers the run's weights, so a retrained run misses).
+CACHE_DIR = config.CACHE_DIR / "run_features"
 #: Bump when what is cached changes meaning.
 CACHE_VERSION = 1
 #: (source_name or None for every source, labels) of the films the scorecard needs.
@@ -150,7 +151,7 @@ def run_features(
     cache: bool = True,
 ) -> pd.DataFrame:
     """Penultimate features of the run's network for ``rows``' films (columns f0..; index image), read
-    from and added to ``<run_dir>/features.npz``; ``attrs['computed']`` counts films computed now."""
+    from and added to its cache file under :data:`CACHE_DIR`; ``attrs['computed']`` counts films computed now."""
     from cxrstudy.models import get_spec
     from cxrstudy.training import load_run_model
 
@@ -158,7 +159,8 @@ def run_features(
     info = json.loads((run_dir / "run.json").read_text())
     rows = rows.drop_duplicates("image").reset_index(drop=True)
     ids = row_identities(rows, image_root)
-    path, key = run_dir / CACHE_FILE, model_key(run_dir, info, image_root)
+    key = model_key(run_dir, info, image_root)
+    path = CACHE_DIR / f"{run_dir.name}_{key[:16]}.npz"
     cached = _read_cache(path, key) if cache else {}
     todo = [i for i, k in enumerate(ids) if k not in cached]
     if todo:
