@@ -148,7 +148,8 @@ class Spy(Callback):
 
 def _fit(tmp: Path, with_adversary: bool, model: torch.nn.Module) -> tuple[Spy, Any, Any]:
     """One epoch (2 batches of 8) at lr 0 (weights unchanged, so runs compare batch by batch) on 32 px images."""
-    from cxrstudy.training.data import TensorBatches
+    from torch.utils.data import DataLoader, TensorDataset
+
     from cxrstudy.training.labels import ComposedLoss, identity_labels, make_targets
     from cxrstudy.training.learner import make_learner
 
@@ -162,9 +163,9 @@ def _fit(tmp: Path, with_adversary: bool, model: torch.nn.Module) -> tuple[Spy, 
     loaders = []
     for split in ("train", "val"):
         m = (rows["split"] == split).to_numpy().copy()
-        loaders.append(
-            TensorBatches(images[torch.tensor(m)], targets[m], model.spec, 8, train=split == "train", seed=0)
-        )
+        x = images[torch.tensor(m)].float().div(127.5).sub(1.0).repeat(1, 3, 1, 1)
+        ds = TensorDataset(x, torch.as_tensor(targets[m], dtype=torch.long))
+        loaders.append(DataLoader(ds, batch_size=8, shuffle=False))
     learn = make_learner(model, DataLoaders(*loaders), ComposedLoss(space.matrix()), lr=1e-3, path=tmp)
     spy, cbs, cb = Spy(), [], None
     if with_adversary:
