@@ -41,6 +41,19 @@ def mirror_file(mirror_root: Path):
     return _get
 
 
+@pytest.fixture(scope="session")
+def study_manifest(mirror_root: Path) -> Path:
+    """``data/processed/manifest.csv``, built once from the mirror when absent (a fresh clone: ~30-60 s),
+    so the tests on the real manifest run in CI instead of skipping."""
+    from cxrstudy import config
+
+    if not config.MANIFEST_PATH.is_file():
+        from cxrstudy.data.build import build_dataset
+
+        build_dataset(base=str(mirror_root), progress=False)
+    return config.MANIFEST_PATH
+
+
 # ---------------------------------------------------------------------------------------------------------
 # saved runs (external evaluation, predict)
 # ---------------------------------------------------------------------------------------------------------

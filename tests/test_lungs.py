@@ -33,9 +33,7 @@ pytest.importorskip("torchxrayvision", reason="the lung masks ship in torchxrayv
 
 
 @pytest.fixture(scope="module")
-def manifest() -> pd.DataFrame:
-    if not config.MANIFEST_PATH.is_file():
-        pytest.skip(f"no manifest at {config.MANIFEST_PATH}; run the data step first")
+def manifest(study_manifest) -> pd.DataFrame:
     return pd.read_csv(config.MANIFEST_PATH, keep_default_na=False)
 
 

@@ -15,11 +15,9 @@ from cxrstudy.evaluation import overlap as OV
 
 
 @pytest.fixture(scope="module")
-def study() -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """The real manifest, excluded table and processed folder (skips without a data build)."""
+def study(study_manifest) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """The real manifest, excluded table and processed folder (built from the mirror when absent)."""
     processed = config.PROCESSED_DIR
-    if not (processed / "manifest.csv").is_file():
-        pytest.skip("no data/processed/manifest.csv (run `make data`)")
     excluded = pd.read_csv(processed / "excluded.csv", dtype=str, keep_default_na=False)
     return pd.read_csv(processed / "manifest.csv"), excluded, processed
 

@@ -310,11 +310,9 @@ def test_scorecard_frame():
 
 
 @pytest.fixture(scope="module")
-def real() -> tuple[pd.DataFrame, pd.DataFrame]:
+def real(study_manifest) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The real manifest and 8x8 thumbnails of its processed images as a cheap real feature table."""
-    path = config.PROCESSED_DIR / "manifest.csv"
-    if not path.is_file():
-        pytest.skip("no data/processed/manifest.csv (run `make data`)")
+    path = study_manifest
     m = pd.read_csv(path)
     X = np.stack(
         [

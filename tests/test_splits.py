@@ -119,13 +119,9 @@ def test_subsample_is_deterministic_and_bounded(table):
         subsample(manifest, -1, seed=0)
 
 
-def test_holdout_sources_are_never_trained_or_validated_on():
+def test_holdout_sources_are_never_trained_or_validated_on(study_manifest):
     """On the real manifest: Actualmed (and any patient group it shares) goes to 'holdout' only."""
-    from cxrstudy import config
-
-    if not config.MANIFEST_PATH.is_file():
-        pytest.skip("no data/processed/manifest.csv (run `make data`)")
-    manifest = pd.read_csv(config.MANIFEST_PATH, keep_default_na=False)
+    manifest = pd.read_csv(study_manifest, keep_default_na=False)
     split = make_splits(manifest, seed=0, holdout_sources=("actualmed",))
     held = manifest[split == "holdout"]
     assert set(held["source_name"]) == {"actualmed"} and len(held) == (manifest["source_name"] == "actualmed").sum()
