@@ -23,7 +23,11 @@
 # * **finetune**: layer groups unfrozen in stages from the head down, discriminative learning rates, one-cycle per stage;
 # * **scratch** (control): the same architecture from random weights, all layers training.
 #
-# Each scenario runs with decomposition **on** (the network learns notebook 03's subclasses, predictions are composed back into classes) and **off** (the original classes), so the effect of decomposition is measured. Validation and test images never get a subclass; every number below is about the real classes. Augmentation (training images only): rotation ±10°, scale ±5 %, shift ±4 %, brightness and contrast ±15 %; no flips (anatomy and burned-in laterality markers are not symmetric). Best checkpoint and early stopping on the validation loss. Outputs: `reports/<profile>/runs/<run_id>/`.
+# **Equal budgets.** `epochs` is the total number of epochs of a run: deep and scratch run one one-cycle fit of `epochs`, finetune splits the same `epochs` over its stages (as evenly as possible, later stages taking the remainder, at least one each: 3 epochs over the default 3 stages is 1+1+1, 8 is 2+3+3). So deep, finetune and scratch get the same number of optimizer steps (epochs × batches per epoch); early stopping may end a fit sooner, and `run.json` records the planned (`params.budget_steps`) and counted (`params.optimizer_steps`) steps. Shallow trains only the linear head on cached features for its own `epochs` (a step costs microseconds there), stated beside the others in `run.json`.
+#
+# **One learning-rate rule.** With `use_lr_find`, every scenario takes its peak one-cycle learning rate from fastai's `lr_find` on its own training data (`suggest_funcs=valley`, `lr_find_iters` steps, weights restored afterwards), in the state of its first fit (deep and scratch: all layers; finetune and shallow: the head), clamped to `lr_range` (default 1e-5 to 1e-2): once per (task, scenario, decomposition, seed), recorded in `run.json` (`lr`, `params.lr_found`, `params.lr_rule`). Without it, every scenario uses `lr`. Finetune gives open backbone groups `slice(lr / lr_mult, lr)`.
+#
+# Each scenario runs with decomposition **on** (the network learns notebook 03's subclasses, predictions are composed back into classes) and **off** (the original classes), so the effect of decomposition is measured. Validation and test images never get a subclass; every number below is about the real classes. Augmentation (training images only, drawn per image and applied to whole batches of tensors): rotation ±10°, scale ±5 %, shift ±4 %, brightness and contrast ±15 %; no flips (anatomy and burned-in laterality markers are not symmetric). Each image is decoded and resized once into the shared uint8 tensor cache (`data/cache/tensors/`, keyed by image folder, file content and size). Best checkpoint and early stopping on the validation loss. Outputs: `reports/<profile>/runs/<run_id>/`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # reports go to reports/<profile>/runs/
@@ -35,11 +39,13 @@ decomposition = [False, True]  # one training run per value
 backbone = "efficientnet_lite0"
 image_size = 160  # pixels (square)
 batch_size = 32
-epochs = 3  # maximum epochs (per stage for finetune)
-lr = 1e-3  # peak one-cycle learning rate (head's; finetune: slice(lr/100, lr))
+epochs = 3  # total epochs of the run (finetune: split over its stages, at least one each)
+lr = 1e-3  # peak one-cycle learning rate without use_lr_find (head's; finetune: slice(lr/100, lr))
 max_per_class = 0  # images kept per split and class; 0 means all
-num_workers = 0  # DataLoader workers
-use_lr_find = False  # finetune: start from fastai's lr_find suggestion
+num_workers = 0  # threads decoding images into the tensor cache (0: one per core)
+use_lr_find = False  # every scenario: peak lr from fastai's lr_find (valley), clamped to lr_range
+lr_range = [1e-5, 1e-2]  # the range lr_find's suggestion is clamped to
+lr_find_iters = 50  # lr_find steps (1e-7 to 10; stops early when the loss diverges)
 patience = 2  # early stopping: epochs without a better validation loss
 
 # %%
@@ -65,7 +71,8 @@ display(training.task_rows(manifest, task).groupby(["split", "label"]).size().un
 configs = [
     training.TrainConfig(task=task, scenario=scenario, decomposition=d, backbone=backbone,
                          image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                         device=device, num_workers=num_workers, use_lr_find=use_lr_find, patience=patience)
+                         device=device, num_workers=num_workers, use_lr_find=use_lr_find, patience=patience,
+                         lr_range=tuple(lr_range), lr_find_iters=lr_find_iters)
     for d in decomposition
 ]
 results = [training.train_run(manifest, cfg, config.PROCESSED_DIR, profile_dir=out) for cfg in configs]

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fastai.data.core import DataLoaders
 
-from cxrstudy import config, training
+from cxrstudy import config, tensorcache, training
 from cxrstudy.decomposition import Decomposition, save_decomposition
 from cxrstudy.images import load_xray, resize_short_side
 from cxrstudy.models import Classifier, create_backbone, get_spec, model_transform
@@ -21,6 +22,14 @@ DARKCOVID = ("muhammedtalo/COVID-19", "ee3e2cffc0824711bed675275506b26f19be7198"
 FOLDERS = {"covid": "Covid-19", "normal": "No_findings"}
 SPLIT_OF = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
 COMMON = dict(task="covid_vs_normal", backbone=BACKBONE, image_size=32, batch_size=8, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tensor_cache(tmp_path_factory):
+    """The shared uint8 tensor cache in a temporary folder, not data/cache/tensors."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tensorcache, "DEFAULT_CACHE_DIR", tmp_path_factory.mktemp("tensors"))
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,7 +180,7 @@ def test_deep_updates_every_layer_after_one_step(deep_run):
 
 
 def test_finetune_unfreezes_group_by_group_and_frozen_groups_stay_frozen(tiny, tmp_path):
-    r = _run(tiny, tmp_path, "finetune", epochs=1, finetune_stages=(1, 2, 3))
+    r = _run(tiny, tmp_path, "finetune", epochs=3, finetune_stages=(1, 2, 3))  # 3 epochs over 3 stages
     ref = Classifier(BACKBONE, 2)
     sizes = [sum(p.numel() for p in g.parameters()) for g in ref.layer_groups()]
     assert len(sizes) == 4 and training.finetune_schedule(4) == [1, 2, 4]
@@ -329,9 +338,85 @@ def test_training_images_get_the_one_preprocessing_and_augmentation_keeps_shape(
     plain = training.XrayDataset(paths, np.zeros((2, 2)), spec, 32)
     for i, p in enumerate(paths):
         assert torch.equal(plain[i][0], model_transform(spec, 32)(load_xray(p)))
+    # the in-memory batches training and evaluation use: the same numbers, channels_last
+    images = tensorcache.load_uint8_batch(manifest.iloc[:2], root, 32, spec.interpolation)
+    xb, yb = next(iter(training.TensorBatches(images, np.arange(2), spec, 8, train=False, seed=0)))
+    assert xb.is_contiguous(memory_format=torch.channels_last) and yb.tolist() == [0, 1]
+    assert torch.equal(xb, torch.stack([plain[0][0], plain[1][0]]))
     torch.manual_seed(0)
     aug = training.XrayDataset(paths, np.zeros((2, 2)), spec, 32, training.train_augmentation())
     x1, x2 = aug[0][0], aug[0][0]
     assert x1.shape == x2.shape == (3, 32, 32) and not torch.equal(x1, x2)
     # a small perturbation of the same image: closer to it than the other image is
     assert (x1 - plain[0][0]).abs().mean() < (plain[1][0] - plain[0][0]).abs().mean()
+
+
+def test_batch_augmentation_keeps_shape_and_dtype_and_stays_within_the_ranges():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    aug = training.train_augmentation(torch.Generator().manual_seed(0))
+    p = aug.sample(2000)
+    r = training.AugmentRanges()
+    assert p["angle"].abs().max() <= r.degrees and p["angle"].abs().max() > 0.9 * r.degrees
+    assert r.scale[0] <= p["scale"].min() and p["scale"].max() <= r.scale[1]
+    assert p["shift"].shape == (2000, 2) and p["shift"].abs().max() <= r.translate
+    for k, width in (("brightness", r.brightness), ("contrast", r.contrast)):
+        assert (p[k] - 1).abs().max() <= width and (p[k] - 1).abs().max() > 0.9 * width
+    x = torch.randint(0, 256, (6, 1, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = aug(x)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert aug(x.float()).dtype == torch.float32 and not torch.equal(aug(x), out)  # fresh draws each call
+    same = aug(x[:1].expand(4, 1, 40, 40))
+    assert not torch.equal(same[0], same[1])  # drawn per image, not per batch
+    ident = {"angle": torch.zeros(6), "scale": torch.ones(6), "shift": torch.zeros(6, 2)}
+    ident |= {"brightness": torch.ones(6), "contrast": torch.ones(6)}
+    assert torch.equal(training.BatchAugment.apply(x, ident), x)
+    flat = torch.full((2, 1, 8, 8), 100, dtype=torch.uint8)
+    lo_hi = {**ident, "brightness": torch.tensor([0.85, 1.15]), "contrast": torch.ones(2)}
+    lo_hi = {k: v[:2] for k, v in lo_hi.items()}
+    assert training.BatchAugment.apply(flat, lo_hi).flatten(1).tolist() == [[85] * 64, [115] * 64]
+    # the geometry is torchvision's affine (same angle convention, shift in pixels, scale), per image
+    one = {
+        "angle": torch.tensor([-7.0]),
+        "scale": torch.tensor([0.95]),
+        "shift": torch.tensor([[2 / 40, 1 / 40]]),
+    }
+    one |= {"brightness": torch.ones(1), "contrast": torch.ones(1)}
+    xf = x[:1].float()
+    ref = TF.affine(
+        xf,
+        angle=-7.0,
+        translate=[2, 1],
+        scale=0.95,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.BILINEAR,
+    )
+    assert (training.BatchAugment.apply(xf, one) - ref).abs().max() < 1e-2
+
+
+def test_deep_finetune_and_scratch_get_equal_budgets_and_one_lr_rule(tiny, tmp_path):
+    # 8 training images in batches of 4: 2 optimizer steps per epoch, 3 epochs in total each
+    kw = dict(epochs=3, batch_size=4, patience=10, use_lr_find=True, lr_find_iters=6, lr_range=(1e-4, 1e-3))
+    runs = {s: _run(tiny, tmp_path / s, s, **kw) for s in ("deep", "finetune", "scratch")}
+    steps = {s: r.info["params"]["optimizer_steps"] for s, r in runs.items()}
+    assert steps == {"deep": 6, "finetune": 6, "scratch": 6}, steps
+    assert all(r.info["params"]["budget_steps"] == 6 for r in runs.values())
+    assert runs["finetune"].info["params"]["stage_epochs"] == [1, 1, 1]
+    assert runs["finetune"].history["stage"].tolist() == [1, 2, 3]
+    for r in runs.values():  # the lr rule: lr_find's valley, clamped to lr_range, recorded in run.json
+        p = r.info["params"]
+        assert p["lr_rule"].startswith("lr_find valley") and p["lr_range"] == [1e-4, 1e-3]
+        assert 1e-4 <= r.info["lr"] <= 1e-3 and r.info["lr"] == min(max(p["lr_found"], 1e-4), 1e-3)
+    # the counter is a fastai callback: one count per optimizer step of the fit it joins
+    counter = training.StepCounter()
+    learn = training.make_learner(
+        torch.nn.Linear(3, 2),
+        DataLoaders(*[[(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long))] * 5] * 2),
+        training.ComposedLoss(np.eye(2, dtype=np.float32)),
+        lr=1e-3,
+        path=tmp_path,
+    )
+    with learn.no_logging(), learn.no_bar():
+        learn.fit(2, cbs=[counter])
+    assert counter.steps == 10

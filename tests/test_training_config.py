@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from cxrstudy import config, pipeline, training
-from cxrstudy.training import TrainConfig
+from cxrstudy.training import TrainConfig, trainconfig
 
 
 def test_defaults_are_the_study_defaults():
@@ -29,6 +29,7 @@ def test_defaults_are_the_study_defaults():
     )
     assert (cfg.num_workers, cfg.patience, cfg.use_lr_find, cfg.finetune_stages) == (0, 2, False, None)
     assert (cfg.lr_mult, cfg.wd, cfg.dropout) == (100.0, None, 0.2)
+    assert (cfg.lr_range, cfg.lr_find_iters) == ((1e-5, 1e-2), 50)
 
 
 def test_is_frozen_and_hashable_and_stages_become_a_tuple():
@@ -71,6 +72,10 @@ def test_is_frozen_and_hashable_and_stages_become_a_tuple():
         ("finetune_stages", [2, 1], "strictly increasing"),
         ("finetune_stages", [0, 1], "strictly increasing"),
         ("finetune_stages", 3, "sequence of integers"),
+        ("lr_range", (1e-2, 1e-5), "0 < low <= high"),
+        ("lr_range", (0.0, 1e-2), "0 < low <= high"),
+        ("lr_range", 1e-3, "two finite numbers"),
+        ("lr_find_iters", 2, "integer >= 5"),
     ],
 )
 def test_bad_values_raise_naming_the_parameter(name: str, value: object, message: str):
@@ -96,3 +101,19 @@ def test_the_transfer_notebook_parameters_are_config_fields_or_its_own():
     declared = set(pipeline.declared_parameters(config.NOTEBOOKS_DIR / "04_transfer.ipynb"))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert declared - fields == {"profile", "max_per_class"}
+
+
+def test_finetune_epochs_are_the_total_over_its_stages():
+    assert training.stage_epochs(3, 3) == [1, 1, 1] and training.stage_epochs(8, 3) == [2, 3, 3]
+    assert training.stage_epochs(5, 1) == [5] and sum(training.stage_epochs(10, 4)) == 10
+    with pytest.raises(ValueError, match="at least one each"):
+        training.stage_epochs(2, 3)
+    assert TrainConfig(scenario="finetune", epochs=8).stage_epochs() == [2, 3, 3]
+    assert TrainConfig(scenario="finetune", epochs=4, finetune_stages=(1, 4)).stage_epochs() == [2, 2]
+    assert TrainConfig(scenario="deep", epochs=8).stage_epochs() == [8]
+    with pytest.raises(ValueError, match=r"TrainConfig\.epochs is the total over finetune's 3 stages") as err:
+        TrainConfig(scenario="finetune", epochs=2)
+    assert "(got 2)" in str(err.value)
+    # the count TrainConfig assumes is the default schedule of a Classifier's four layer groups
+    assert len(training.finetune_schedule(4)) == trainconfig.DEFAULT_FINETUNE_STAGE_COUNT
+    assert "same number of optimizer steps" in training.BUDGET_RULE

@@ -12,14 +12,15 @@ Scenarios:
   on cached pooled features (``cxrstudy.features``), no augmentation.
 * ``deep``: every layer trains from the pretrained start (one-cycle schedule).
 * ``finetune``: layer groups are unfrozen in stages from the head downwards (``freeze_to``), with
-  discriminative learning rates ``slice(lr / lr_mult, lr)`` and one one-cycle fit per stage; frozen
-  groups keep their batch-norm statistics (``BnFreeze``).
+  discriminative learning rates ``slice(lr / lr_mult, lr)`` and one one-cycle fit per stage, the run's
+  ``epochs`` split over the stages (equal budgets, see ``TrainConfig``); frozen groups keep their
+  batch-norm statistics (``BnFreeze``).
 * ``scratch``: the no-transfer control, the same architecture from random weights, all layers training.
 
 ``train_run(manifest, TrainConfig(...), image_root, profile_dir=...)`` writes ``<out_root>/<run_id>/`` with
 ``model.pth``, ``history.csv``, ``learning_curve.png``, ``predictions.csv`` and, last, ``run.json``
 (see docs/ARCHITECTURE.md). Modules: ``trainconfig`` (TrainConfig), ``labels`` (label spaces, targets,
-composed loss), ``data`` (rows, datasets, augmentation, loaders), ``learner`` (fastai learner, callbacks,
+composed loss), ``data`` (rows, batch augmentation on tensors, in-memory batches, datasets), ``learner`` (fastai learner, callbacks,
 fit stages, prediction tables), ``scenarios`` (each scenario's fit), ``runs`` (train_run, run folders,
 reloading, summaries), ``throughput`` (``make bench``).
 """
@@ -27,7 +28,10 @@ reloading, summaries), ``throughput`` (``make bench``).
 from cxrstudy.training.data import (
     AUGMENTATION_NOTE,
     SPLITS,
+    AugmentRanges,
+    BatchAugment,
     ImageList,
+    TensorBatches,
     XrayDataset,
     make_loader,
     task_rows,
@@ -45,6 +49,8 @@ from cxrstudy.training.labels import (
 from cxrstudy.training.learner import (
     HISTORY_COLUMNS,
     PREDICTION_ID_COLUMNS,
+    StepCounter,
+    choose_lr,
     count_trainable,
     finetune_schedule,
     fit_stage,
@@ -63,19 +69,25 @@ from cxrstudy.training.runs import (
     train_run,
 )
 from cxrstudy.training.throughput import training_throughput
-from cxrstudy.training.trainconfig import TrainConfig
+from cxrstudy.training.trainconfig import BUDGET_RULE, TrainConfig, stage_epochs
 
 __all__ = [
     "AUGMENTATION_NOTE",
+    "BUDGET_RULE",
     "HISTORY_COLUMNS",
     "PREDICTION_ID_COLUMNS",
     "SPLITS",
+    "AugmentRanges",
+    "BatchAugment",
     "ComposedLoss",
     "ImageList",
     "LabelSpace",
     "RunResult",
+    "StepCounter",
+    "TensorBatches",
     "TrainConfig",
     "XrayDataset",
+    "choose_lr",
     "compose_predictions",
     "composed_log_probs",
     "count_trainable",
@@ -93,6 +105,7 @@ __all__ = [
     "predict_images",
     "predict_loader",
     "predictions_frame",
+    "stage_epochs",
     "summarize_runs",
     "task_rows",
     "train_augmentation",

@@ -1,43 +1,152 @@
-"""Training data: the task's manifest rows, image datasets, augmentation and seeded loaders."""
+"""Training data: the task's manifest rows, batch augmentation on tensors, in-memory batch loaders.
+
+Training and evaluation images come from the shared uint8 tensor cache (``cxrstudy.tensorcache``): each
+file decoded and resized once; ``TensorBatches`` slices, augments (``BatchAugment``, per image, whole batch
+at once) and normalises batches straight into channels_last float. ``XrayDataset`` is the per-image PIL
+path (kept for callers that want one image at a time)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
 
 from cxrstudy import config
 from cxrstudy.images import load_xray
 from cxrstudy.models import BackboneSpec, normalize_batch, resize_to_uint8
+from cxrstudy.tensorcache import to_model_input
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: What ``train_augmentation`` does, as run.json records it.
-AUGMENTATION_NOTE = "rotate±10°, translate±4%, scale±5%, brightness/contrast±15%, no flips"
+AUGMENTATION_NOTE = (
+    "rotate±10°, translate±4%, scale±5%, brightness/contrast±15% (per image, on whole batches), no flips"
+)
 
 
-def train_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
-    """Augmentation for frontal chest X-rays, on the squish-resized uint8 image (1,S,S) before normalisation."""
+@dataclass(frozen=True)
+class AugmentRanges:
+    """Ranges of the training augmentation: rotation (degrees, ±), shift (fraction of the side, ±), scale
+    (low, high), brightness and contrast factors (1 ± value)."""
+
+    degrees: float = 10.0
+    translate: float = 0.04
+    scale: tuple[float, float] = (0.95, 1.05)
+    brightness: float = 0.15
+    contrast: float = 0.15
+
+
+class BatchAugment:
+    """Random affine (rotation, scale, shift; bilinear, black fill) and brightness/contrast jitter drawn
+    independently for every image of a grey batch (B,1,S,S), applied to the whole batch at once.
+
+    The same operations and ranges as torchvision's ``RandomAffine(degrees=10, translate=(0.04, 0.04),
+    scale=(0.95, 1.05))`` then ``ColorJitter(brightness=0.15, contrast=0.15)`` on each image, without a
+    per-image Python loop. Output has the input's shape and dtype (uint8 is rounded back, float stays
+    unrounded in 0..255). ``generator`` makes it reproducible (None: torch's global generator)."""
+
+    def __init__(self, ranges: AugmentRanges = AugmentRanges(), generator: torch.Generator | None = None):
+        self.ranges, self.generator = ranges, generator
+
+    def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=self.generator)
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        """Parameters of ``n`` images: angle (degrees), scale, shift (n,2) as fractions of the side,
+        brightness and contrast factors."""
+        r = self.ranges
+        return {
+            "angle": self._uniform(n, -r.degrees, r.degrees),
+            "scale": self._uniform(n, *r.scale),
+            "shift": self._uniform(2 * n, -r.translate, r.translate).view(n, 2),
+            "brightness": self._uniform(n, 1 - r.brightness, 1 + r.brightness),
+            "contrast": self._uniform(n, 1 - r.contrast, 1 + r.contrast),
+        }
+
+    @staticmethod
+    def apply(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply sampled parameters to a batch (B,1,H,W); returns the same shape and dtype."""
+        b, _, h, w = x.shape
+        xf = x.float()
+        a = torch.deg2rad(p["angle"].to(xf))
+        cos, sin, s = torch.cos(a), torch.sin(a), p["scale"].to(xf)
+        # output -> input map in normalised coordinates: D R(-a) D^-1 / s, shift taken out first
+        theta = torch.zeros(b, 2, 3, dtype=xf.dtype)
+        theta[:, 0, 0], theta[:, 0, 1] = cos / s, sin * h / (w * s)
+        theta[:, 1, 0], theta[:, 1, 1] = -sin * w / (h * s), cos / s
+        shift = 2 * p["shift"].to(xf)  # fraction of the side -> normalised units
+        theta[:, :, 2] = -(theta[:, :, :2] @ shift.unsqueeze(2)).squeeze(2)
+        grid = F.affine_grid(theta.to(xf.device), [b, 1, h, w], align_corners=False)
+        xf = F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        xf = (xf * p["brightness"].to(xf).view(b, 1, 1, 1)).clamp_(0, 255)
+        mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+        c = p["contrast"].to(xf).view(b, 1, 1, 1)
+        xf = (c * xf + (1 - c) * mean).clamp_(0, 255)
+        return xf.round_().to(torch.uint8) if x.dtype == torch.uint8 else xf.to(x.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Augment a batch (B,1,S,S) or one image (1,S,S)."""
+        if x.dim() == 3:
+            return self(x.unsqueeze(0)).squeeze(0)
+        return self.apply(x, self.sample(len(x)))
+
+
+def train_augmentation(generator: torch.Generator | None = None) -> BatchAugment:
+    """Augmentation for frontal chest X-rays, on squish-resized grey images (B,1,S,S) or (1,S,S) before
+    normalisation (uint8, or float in 0..255)."""
     # Small rotation, scale and translation, brightness/contrast jitter: the variation between films,
     # positioning and exposure. No vertical flip (films are never upside down) and no horizontal flip
     # either: the heart sits on the left, and burned-in laterality markers and text would be mirrored,
     # producing anatomy that does not occur and a cue the network could learn.
-    return T.Compose(
-        [
-            T.RandomAffine(
-                degrees=10,
-                translate=(0.04, 0.04),
-                scale=(0.95, 1.05),
-                interpolation=T.InterpolationMode.BILINEAR,
-            ),
-            T.ColorJitter(brightness=0.15, contrast=0.15),
-        ]
-    )
+    return BatchAugment(AugmentRanges(), generator)
+
+
+class TensorBatches:
+    """Batches ``(normalised float (B,3,S,S) channels_last, targets)`` sliced from an in-memory uint8 tensor
+    (N,1,S,S): shuffled (training) with its own seeded generator, augmented batch-wise, no per-image work.
+
+    Iterable with a length, which is all fastai's Learner asks of a loader. In training the last batch is
+    dropped only when it would hold a single image (batch norm needs two), as ``make_loader`` does."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: np.ndarray | torch.Tensor,
+        spec: BackboneSpec,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected uint8 images (N,1,S,S), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+        self.spec, self.bs, self.train, self.augment = spec, batch_size, train, augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drop_last = train and len(images) % batch_size == 1
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.bs if self.drop_last else -(-n // self.bs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        for k in range(len(self)):
+            idx = order[k * self.bs : (k + 1) * self.bs]
+            x = self.images[idx].float()
+            if self.augment is not None:
+                x = self.augment(x)
+            yield to_model_input(x, self.spec), self.targets[idx]
 
 
 class XrayDataset(Dataset):

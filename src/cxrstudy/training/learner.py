@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.schedule import fit_one_cycle, lr_find  # noqa: F401  (patches Learner)
+from fastai.callback.schedule import fit_one_cycle, lr_find, valley  # noqa: F401  (patches Learner)
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.callback.training import BnFreeze
 from fastai.data.core import DataLoaders
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from cxrstudy.models import Classifier
 from cxrstudy.training.labels import ComposedLoss, LabelSpace, compose_predictions
+from cxrstudy.training.trainconfig import TrainConfig
 
 #: Columns every predictions.csv starts with (then prob_<class>…, pred, [prob_sub_<subclass>…, pred_hard]).
 PREDICTION_ID_COLUMNS: tuple[str, ...] = ("image", "split", "label", "source", "patient_group")
@@ -68,6 +69,19 @@ class ChannelsLast(Callback):
     def before_batch(self) -> None:
         if self.xb[0].dim() == 4:
             self.learn.xb = (self.xb[0].contiguous(memory_format=torch.channels_last), *self.xb[1:])
+
+
+class StepCounter(Callback):
+    """Counts optimizer steps of the fits it joins (fastai's ``after_step`` fires once per training batch's
+    step; lr_find's steps are not counted: it runs without this callback and restores the weights)."""
+
+    order = 60
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def after_step(self) -> None:
+        self.steps += 1
 
 
 class History(Callback):
@@ -142,13 +156,31 @@ def fit_stage(
     history: list[dict[str, Any]],
     saver: SaveModelCallback,
     patience: int,
+    counter: StepCounter | None = None,
 ) -> None:
-    """One one-cycle fit with best-checkpoint (kept across stages) and early stopping on the composed valid loss."""
+    """One one-cycle fit with best-checkpoint (kept across stages) and early stopping on the composed valid loss;
+    ``counter`` counts its optimizer steps."""
     cbs = [History(history, stage), saver, EarlyStoppingCallback(monitor="valid_loss", patience=patience)]
-    learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    learn.fit_one_cycle(epochs, lr, cbs=[*cbs, counter] if counter is not None else cbs)
     bad = [r["epoch"] for r in history if not math.isfinite(r["valid_loss"])]
     if bad:
         raise FloatingPointError(f"training diverged: non-finite validation loss at epoch(s) {bad}; lower lr")
+
+
+def choose_lr(learn: Learner, cfg: TrainConfig) -> dict[str, Any]:
+    """The peak learning rate by the one rule of every scenario (``TrainConfig``): with ``use_lr_find``,
+    fastai's ``lr_find`` (``suggest_funcs=valley``, ``cfg.lr_find_iters`` steps) on the training data in the
+    learner's first-stage state, clamped to ``cfg.lr_range``; otherwise ``cfg.lr``. Facts for run.json."""
+    if not cfg.use_lr_find:
+        return {"lr": cfg.lr, "lr_rule": "fixed: TrainConfig.lr"}
+    lo, hi = cfg.lr_range
+    found = float(learn.lr_find(num_it=cfg.lr_find_iters, show_plot=False, suggest_funcs=(valley,)).valley)
+    lr = min(max(found, lo), hi) if math.isfinite(found) else cfg.lr
+    rule = (
+        f"lr_find valley over {cfg.lr_find_iters} steps on the training data, clamped to [{lo:g}, {hi:g}]"
+        + ("" if math.isfinite(found) else "; no finite suggestion, TrainConfig.lr used")
+    )
+    return {"lr": lr, "lr_found": found if math.isfinite(found) else None, "lr_rule": rule}
 
 
 @torch.inference_mode()

@@ -22,7 +22,8 @@ from cxrstudy import config
 from cxrstudy.fileio import atomic_write_bytes, atomic_write_text, write_json
 from cxrstudy.models import Classifier, get_spec, model_transform
 from cxrstudy.plots import plot_learning_curve, save_figure
-from cxrstudy.training.data import AUGMENTATION_NOTE, ImageList, XrayDataset, make_loader, task_rows
+from cxrstudy.tensorcache import load_uint8_batch
+from cxrstudy.training.data import AUGMENTATION_NOTE, ImageList, TensorBatches, task_rows
 from cxrstudy.training.labels import (
     ComposedLoss,
     LabelSpace,
@@ -65,7 +66,9 @@ def train_run(
     feature_cache_dir: Path | str | None = None,
 ) -> RunResult:
     """Train ``cfg``'s run on ``manifest`` (subsampled beforehand), write ``<out_root>/<run_id>/`` (default
-    ``<profile_dir>/runs``; ``profile_dir`` holds notebook 03's decomposition) and return its record."""
+    ``<profile_dir>/runs``; ``profile_dir`` holds notebook 03's decomposition) and return its record. Images
+    under ``image_root`` are decoded once into the uint8 tensor cache (``tensors/`` beside
+    ``feature_cache_dir``; data/cache/tensors/ by default), keyed by that folder and the files' content."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train_run: cfg must be a TrainConfig, got {type(cfg).__name__}")
     if cfg.decomposition and profile_dir is None:
@@ -90,11 +93,17 @@ def train_run(
     loss = ComposedLoss(space.matrix())
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    extra = _fit(model, rows, targets, loss, cfg, manifest, image_root, dev, feature_cache_dir, history)
+    tensor_dir = Path(feature_cache_dir).parent / "tensors" if feature_cache_dir else None
+    images = _task_images(rows, cfg, image_root, model, tensor_dir) if cfg.scenario != "shallow" else None
+    extra = _fit(
+        model, rows, targets, loss, cfg, manifest, image_root, dev, feature_cache_dir, history, images
+    )
     train_seconds = time.perf_counter() - t0
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     hist = pd.DataFrame(history, columns=list(HISTORY_COLUMNS))
-    preds = _predict_eval(model, rows, space, cfg, image_root, dev)
+    if images is None:  # shallow: the val/test images, after the features (same tensor cache entries)
+        images = _task_images(rows, cfg, image_root, model, tensor_dir)
+    preds = _predict_eval(model, rows, space, cfg, images, dev)
     info = _run_info(run_id, cfg, space, rows, hist, preds, str(dev), train_seconds, extra)
     _save_run(run_dir, model, hist, preds, info)
     return RunResult(run_id, run_dir, info, hist, preds)
@@ -114,6 +123,21 @@ def _labelled_rows(
     return rows, space, make_targets(rows, space, subclass_of)
 
 
+def _task_images(
+    rows: pd.DataFrame, cfg: TrainConfig, image_root: Path, model: Classifier, tensor_dir: Path | None
+) -> torch.Tensor:
+    """The task rows' images at the training size from the shared uint8 tensor cache (N,1,S,S); the cache
+    is ``tensors/`` beside the feature cache (data/cache/tensors/ by default), as ``extract_features`` has it."""
+    return load_uint8_batch(
+        rows,
+        image_root,
+        cfg.image_size,
+        model.spec.interpolation,
+        cache_dir=tensor_dir,
+        workers=cfg.num_workers,
+    )
+
+
 def _fit(
     model: Classifier,
     rows: pd.DataFrame,
@@ -125,6 +149,7 @@ def _fit(
     device: torch.device,
     feature_cache_dir: Path | str | None,
     history: list[dict[str, Any]],
+    images: torch.Tensor | None,
 ) -> dict[str, Any]:
     """Run the scenario's fit in a scratch folder (fastai's checkpoints); extra facts for run.json."""
     with tempfile.TemporaryDirectory(prefix="cxr-train-") as workdir:
@@ -139,8 +164,9 @@ def _fit(
                 device=device,
                 workdir=Path(workdir),
                 history=history,
+                images=images,
             )
-        train_shallow(
+        return train_shallow(
             model,
             rows,
             targets,
@@ -153,7 +179,6 @@ def _fit(
             workdir=Path(workdir),
             history=history,
         )
-    return {}
 
 
 def _predict_eval(
@@ -161,19 +186,16 @@ def _predict_eval(
     rows: pd.DataFrame,
     space: LabelSpace,
     cfg: TrainConfig,
-    image_root: Path,
+    images: torch.Tensor,
     device: torch.device,
 ) -> pd.DataFrame:
-    """Predictions table of the val and test rows (no augmentation, no image cache); the model ends on CPU."""
-    eval_rows = rows[rows["split"].isin(["val", "test"])].reset_index(drop=True)
-    eval_ds = XrayDataset(
-        [image_root / p for p in eval_rows["image"]],
-        np.zeros((len(eval_rows), 2)),
-        model.spec,
-        cfg.image_size,
-        cache=False,
+    """Predictions table of the val and test rows (no augmentation) from the task rows' uint8 images
+    ``images`` (row order); the model ends on CPU."""
+    m = rows["split"].isin(["val", "test", "holdout"]).to_numpy()  # holdout: never trained or validated on
+    eval_rows = rows[m].reset_index(drop=True)
+    loader = TensorBatches(
+        images[torch.tensor(m)], np.zeros(len(eval_rows)), model.spec, cfg.batch_size, train=False, seed=0
     )
-    loader = make_loader(eval_ds, cfg.batch_size, train=False, seed=cfg.seed, num_workers=cfg.num_workers)
     sub_probs = predict_loader(model, loader, device)
     model.to("cpu")
     return predictions_frame(eval_rows, sub_probs, space, with_subclasses=cfg.decomposition)
@@ -211,7 +233,7 @@ def _run_info(
         "parent_of_subclass": dict(space.parent_of),
         "image_size": cfg.image_size,
         "epochs": cfg.epochs,
-        "lr": cfg.lr,
+        "lr": float(extra.get("lr", cfg.lr)),
         "pretrained": cfg.scenario != "scratch",
         "device": device,
         "train_seconds": round(train_seconds, 3),
@@ -228,11 +250,14 @@ def _run_info(
             "num_workers": cfg.num_workers,
             "patience": cfg.patience,
             "use_lr_find": cfg.use_lr_find,
+            "lr_config": cfg.lr,
+            "lr_range": list(cfg.lr_range),
+            "lr_find_iters": cfg.lr_find_iters,
             "lr_mult": cfg.lr_mult,
             "wd": cfg.wd,
             "dropout": cfg.dropout,
             "augmentation": AUGMENTATION_NOTE if cfg.scenario != "shallow" else "none (cached features)",
-            **extra,
+            **{k: v for k, v in extra.items() if k != "lr"},
         },
     }
 

@@ -1,4 +1,8 @@
-"""The fits of each scenario: shallow (head on cached features) and deep / finetune / scratch (images)."""
+"""The fits of each scenario: shallow (head on cached features) and deep / finetune / scratch (images).
+
+Every scenario takes its peak learning rate from one rule (``learner.choose_lr``) and reports its budget:
+the planned optimizer steps (``epochs`` x batches per epoch, finetune's epochs split over its stages) and
+the steps counted by a fastai callback (``learner.StepCounter``)."""
 
 from __future__ import annotations
 
@@ -14,10 +18,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cxrstudy.models import Classifier
-from cxrstudy.training.data import XrayDataset, make_loader, train_augmentation
+from cxrstudy.training.data import TensorBatches, make_loader, train_augmentation
 from cxrstudy.training.labels import ComposedLoss
-from cxrstudy.training.learner import finetune_schedule, fit_stage, group_splitter, make_learner, make_saver
-from cxrstudy.training.trainconfig import TrainConfig
+from cxrstudy.training.learner import (
+    StepCounter,
+    choose_lr,
+    finetune_schedule,
+    fit_stage,
+    group_splitter,
+    make_learner,
+    make_saver,
+)
+from cxrstudy.training.trainconfig import BUDGET_RULE, TrainConfig
 
 
 def _feature_loaders(
@@ -40,6 +52,19 @@ def _feature_loaders(
     return loaders
 
 
+def _budget(
+    cfg: TrainConfig, steps_per_epoch: int, epochs: list[int], counter: StepCounter
+) -> dict[str, Any]:
+    """The run's budget facts for run.json: planned and counted optimizer steps."""
+    return {
+        "budget_rule": BUDGET_RULE,
+        "stage_epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "budget_steps": steps_per_epoch * sum(epochs),
+        "optimizer_steps": counter.steps,
+    }
+
+
 def train_shallow(
     model: Classifier,
     rows: pd.DataFrame,
@@ -53,9 +78,10 @@ def train_shallow(
     feature_cache_dir: Path | None,
     workdir: Path,
     history: list[dict[str, Any]],
-) -> None:
+) -> dict[str, Any]:
     """Train only ``model.head`` (after its dropout) on frozen-backbone features of train and val; features of the
-    whole ``feature_manifest`` the run was given, so notebook 02's cache is reused when it saw the same rows."""
+    whole ``feature_manifest`` the run was given, so notebook 02's cache is reused when it saw the same rows.
+    Returns facts for run.json (learning rate, budget, feature precision)."""
     from cxrstudy.features import extract_features
 
     kw: dict[str, Any] = {"cache_dir": feature_cache_dir} if feature_cache_dir is not None else {}
@@ -72,50 +98,73 @@ def train_shallow(
     loaders = _feature_loaders(feats, rows, targets, model.head, cfg)
     head = nn.Sequential(model.dropout, model.head).to(device)
     learn = make_learner(head, DataLoaders(*loaders), loss, lr=cfg.lr, path=workdir, wd=cfg.wd)
-    fit_stage(learn, cfg.epochs, cfg.lr, stage=1, history=history, saver=make_saver(), patience=cfg.patience)
+    facts = choose_lr(learn, cfg)
+    counter = StepCounter()
+    fit_stage(
+        learn,
+        cfg.epochs,
+        facts["lr"],
+        stage=1,
+        history=history,
+        saver=make_saver(),
+        patience=cfg.patience,
+        counter=counter,
+    )
+    facts["feature_precision"] = feats.attrs.get("precision", "fp32")
+    return {**facts, **_budget(cfg, len(loaders[0]), [cfg.epochs], counter)}
 
 
-def _image_loaders(
-    model: Classifier, rows: pd.DataFrame, targets: np.ndarray, cfg: TrainConfig, image_root: Path
-) -> list[DataLoader]:
-    """Train (augmented, shuffled) and val loaders of the images on disk."""
+def image_loaders(
+    model: Classifier, rows: pd.DataFrame, targets: np.ndarray, cfg: TrainConfig, images: torch.Tensor
+) -> list[TensorBatches]:
+    """Train (shuffled, augmented batch-wise) and val batches from the rows' uint8 images (N,1,S,S)."""
     loaders = []
     for split in ("train", "val"):
         m = (rows["split"] == split).to_numpy()
-        ds = XrayDataset(
-            [image_root / p for p in rows.loc[m, "image"]],
-            targets[m],
-            model.spec,
-            cfg.image_size,
-            train_augmentation() if split == "train" else None,
-        )
+        train = split == "train"
+        aug = train_augmentation(torch.Generator().manual_seed(cfg.seed + 1)) if train else None
         loaders.append(
-            make_loader(
-                ds, cfg.batch_size, train=split == "train", seed=cfg.seed, num_workers=cfg.num_workers
+            TensorBatches(
+                images[torch.tensor(m)],
+                targets[m],
+                model.spec,
+                cfg.batch_size,
+                train=train,
+                seed=cfg.seed,
+                augment=aug,
             )
         )
     return loaders
 
 
 def _fit_finetune(
-    learn: Learner, n_groups: int, n_train_batches: int, cfg: TrainConfig, history: list[dict[str, Any]]
+    learn: Learner, n_groups: int, cfg: TrainConfig, history: list[dict[str, Any]], counter: StepCounter
 ) -> dict[str, Any]:
-    """Unfreeze layer groups stage by stage (discriminative lrs once the backbone opens); facts for run.json."""
+    """Unfreeze layer groups stage by stage (discriminative lrs once the backbone opens), ``cfg.epochs`` split
+    over the stages; facts for run.json."""
     saver = make_saver()
     sched = finetune_schedule(n_groups, cfg.finetune_stages)
-    extra: dict[str, Any] = {"finetune_stages": sched}
-    lr = cfg.lr
-    for stage, n_open in enumerate(sched, start=1):
+    epochs = cfg.stage_epochs()
+    if len(epochs) != len(sched):
+        raise ValueError(f"finetune schedule {sched} has {len(sched)} stages, the budget {len(epochs)}")
+    facts: dict[str, Any] = {"finetune_stages": sched}
+    for stage, (n_open, n_epochs) in enumerate(zip(sched, epochs, strict=True), start=1):
         learn.freeze_to(-n_open)
-        if stage == 1 and cfg.use_lr_find:
-            found = float(learn.lr_find(num_it=min(100, 10 * n_train_batches), show_plot=False).valley)
-            extra["lr_found"] = found
-            lr = found
+        if stage == 1:
+            facts.update(choose_lr(learn, cfg))
+        lr = facts["lr"]
         stage_lr: float | slice = lr if n_open == 1 else slice(lr / cfg.lr_mult, lr)
         fit_stage(
-            learn, cfg.epochs, stage_lr, stage=stage, history=history, saver=saver, patience=cfg.patience
+            learn,
+            n_epochs,
+            stage_lr,
+            stage=stage,
+            history=history,
+            saver=saver,
+            patience=cfg.patience,
+            counter=counter,
         )
-    return extra
+    return facts
 
 
 def train_images(
@@ -129,15 +178,33 @@ def train_images(
     device: torch.device,
     workdir: Path,
     history: list[dict[str, Any]],
+    images: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """deep / finetune / scratch on augmented images; returns extra facts for run.json (stages, found lr)."""
-    loaders = _image_loaders(model, rows, targets, cfg, image_root)
+    """deep / finetune / scratch on augmented images; returns extra facts for run.json (lr, budget, stages).
+    ``images``: the rows' uint8 tensor (N,1,S,S); None reads it from the shared tensor cache."""
+    if images is None:
+        from cxrstudy.tensorcache import load_uint8_batch
+
+        images = load_uint8_batch(rows, image_root, cfg.image_size, model.spec.interpolation)
+    loaders = image_loaders(model, rows, targets, cfg, images)
     model.to(device).to(memory_format=torch.channels_last)
     learn = make_learner(
         model, DataLoaders(*loaders), loss, lr=cfg.lr, path=workdir, splitter=group_splitter, wd=cfg.wd
     )
+    counter = StepCounter()
     if cfg.scenario == "finetune":
-        return _fit_finetune(learn, len(model.layer_groups()), len(loaders[0]), cfg, history)
-    learn.unfreeze()
-    fit_stage(learn, cfg.epochs, cfg.lr, stage=1, history=history, saver=make_saver(), patience=cfg.patience)
-    return {}
+        facts = _fit_finetune(learn, len(model.layer_groups()), cfg, history, counter)
+    else:
+        learn.unfreeze()
+        facts = choose_lr(learn, cfg)
+        fit_stage(
+            learn,
+            cfg.epochs,
+            facts["lr"],
+            stage=1,
+            history=history,
+            saver=make_saver(),
+            patience=cfg.patience,
+            counter=counter,
+        )
+    return {**facts, **_budget(cfg, len(loaders[0]), cfg.stage_epochs(), counter)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +16,37 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from cxrstudy import config
 from cxrstudy.models import Classifier
-from cxrstudy.training.data import XrayDataset, make_loader, train_augmentation
+from cxrstudy.tensorcache import load_uint8_batch
+from cxrstudy.training.data import TensorBatches, make_loader, train_augmentation
 from cxrstudy.training.labels import ComposedLoss, identity_labels, make_targets
 from cxrstudy.training.learner import finetune_schedule, group_splitter, make_learner
 
 
 class BatchTimer(Callback):
-    """Wall time of each training batch, data loading included (time between consecutive batch ends)."""
+    """Wall time of each training batch, data loading included (time between consecutive batch ends).
+
+    ``between`` (optional) runs after each timed batch, outside the timing: ``make bench`` times a bare step
+    there, so pipeline and bare alternate batch by batch and load from other processes hits both alike."""
 
     order = 99
 
-    def __init__(self) -> None:
+    def __init__(self, between: Callable[[], None] | None = None) -> None:
         self.times: list[float] = []
+        self.between = between
 
     def before_train(self) -> None:
         self.t = time.perf_counter()
 
     def after_batch(self) -> None:
         if self.training:
-            now = time.perf_counter()
-            self.times.append(now - self.t)
-            self.t = now
+            self.times.append(time.perf_counter() - self.t)
+            if self.between is not None:
+                self.between()
+            self.t = time.perf_counter()
 
 
 def _timed_net(
@@ -51,35 +57,39 @@ def _timed_net(
     image_root: Path | str,
     image_size: int,
     features: pd.DataFrame | None,
-) -> tuple[Dataset, nn.Module, dict[str, Any]]:
-    """The dataset, the network that trains and the learner's extra arguments of one scenario."""
+    batch_size: int,
+    seed: int,
+) -> tuple[Any, nn.Module, dict[str, Any]]:
+    """The training batches, the network that trains and the learner's extra arguments of one scenario: the
+    real pipeline (shared uint8 tensor cache, batch augmentation, channels_last)."""
     if scenario == "shallow":
         if features is None:
             raise ValueError("shallow times the head on cached features: pass features")
         x = torch.tensor(features.loc[rows["image"]].to_numpy(dtype=np.float32))
-        return TensorDataset(x, torch.as_tensor(targets)), nn.Sequential(model.dropout, model.head), {}
-    ds = XrayDataset(
-        [Path(image_root) / p for p in rows["image"]],
-        targets,
-        model.spec,
-        image_size,
-        train_augmentation(),
-    )
-    return ds, model.to(memory_format=torch.channels_last), {"splitter": group_splitter}
+        loader = make_loader(TensorDataset(x, torch.as_tensor(targets)), batch_size, train=True, seed=seed)
+        return loader, nn.Sequential(model.dropout, model.head), {}
+    images = load_uint8_batch(rows, image_root, image_size, model.spec.interpolation)
+    aug = train_augmentation(torch.Generator().manual_seed(seed + 1))
+    loader = TensorBatches(images, targets, model.spec, batch_size, train=True, seed=seed, augment=aug)
+    return loader, model.to(memory_format=torch.channels_last), {"splitter": group_splitter}
 
 
-def _stage_rates(learn: Learner, opens: Sequence[int], batch_size: int) -> list[float]:
-    """Images/s of one epoch per stage (``n_open`` trailing groups unfrozen; 0 = leave as is), first batch untimed."""
-    rates = []
+def _stage_rates(
+    learn: Learner, opens: Sequence[int], batch_size: int, between: Callable[[], None] | None
+) -> tuple[list[float], list[float]]:
+    """Images/s of one epoch per stage (``n_open`` trailing groups unfrozen; 0 = leave as is), first batch untimed,
+    and the batch times (s) after the first of every stage."""
+    rates, times = [], []
     for n_open in opens:
         if n_open:
             learn.freeze_to(-n_open)
-        timer = BatchTimer()
+        timer = BatchTimer(between)
         quiet = learn.no_bar() if hasattr(learn, "no_bar") else contextlib.nullcontext()
         with learn.no_logging(), quiet:
             learn.fit(1, cbs=[timer])
         rates.append(batch_size * (len(timer.times) - 1) / sum(timer.times[1:]))
-    return rates
+        times += timer.times[1:]
+    return rates, times
 
 
 def training_throughput(
@@ -95,9 +105,11 @@ def training_throughput(
     features: pd.DataFrame | None = None,
     finetune_stages: Sequence[int] | None = None,
     seed: int = 0,
+    between: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Training images/s of one scenario, first batch a warm-up: ``{"img_s": ..., "stages": [per finetune stage]}``.
-    ``rows`` need ``image`` and ``label``; shallow times the head on ``features`` (indexed by image)."""
+    """Training images/s of one scenario, first batch a warm-up: ``{"img_s": ..., "stages": [per finetune stage],
+    "batch_s": [timed batch times]}``. ``rows`` need ``image`` and ``label``; shallow times the head on
+    ``features`` (indexed by image); ``between`` runs untimed after every batch (see ``BatchTimer``)."""
     if scenario not in config.SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {config.SCENARIOS}")
     n = batch_size * (n_batches + 1)
@@ -111,16 +123,18 @@ def training_throughput(
     config.seed_everything(seed)
     model = Classifier(backbone, len(classes), pretrained=scenario != "scratch")
     loss = ComposedLoss(space.matrix())
-    ds, net, kw = _timed_net(model, rows, targets, scenario, image_root, image_size, features)
+    loader, net, kw = _timed_net(
+        model, rows, targets, scenario, image_root, image_size, features, batch_size, seed
+    )
     net.to(dev)
-    loader = make_loader(ds, batch_size, train=True, seed=seed)
-    valid = make_loader(torch.utils.data.Subset(ds, range(2)), batch_size, train=False, seed=seed)
+    xb, yb = next(iter(loader))
+    valid = [(xb[:2], yb[:2])]  # the learner wants a validation set: two images, not timed
     if scenario == "finetune":
         opens = finetune_schedule(len(model.layer_groups()), finetune_stages)
     else:
         opens = [0] if scenario == "shallow" else [len(model.layer_groups())]
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as workdir:
         learn = make_learner(net, DataLoaders(loader, valid), loss, lr=1e-4, path=Path(workdir), **kw)
-        rates = _stage_rates(learn, opens, batch_size)
+        rates, times = _stage_rates(learn, opens, batch_size, between)
     # stages run for equal epochs: the overall rate is the harmonic mean
-    return {"img_s": len(rates) / sum(1 / r for r in rates), "stages": rates}
+    return {"img_s": len(rates) / sum(1 / r for r in rates), "stages": rates, "batch_s": times}

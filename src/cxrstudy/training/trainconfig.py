@@ -18,13 +18,40 @@ _INT_MINIMUM: dict[str, int] = {
     "seed": 0,
     "num_workers": 0,
     "patience": 0,
+    "lr_find_iters": 5,
 }
+
+#: Stages of finetune's default schedule (``learner.finetune_schedule`` on a Classifier's 4 layer groups:
+#: head; + last backbone group; everything).
+DEFAULT_FINETUNE_STAGE_COUNT = 3
+
+#: What the budget and learning-rate rules are, as run.json and the notebook state them.
+BUDGET_RULE = (
+    "deep, finetune and scratch train for the same number of epochs in total, hence the same number of "
+    "optimizer steps (epochs x batches per epoch); finetune splits its epochs over its stages, later stages "
+    "taking any remainder; shallow trains only the head on cached features for its own epochs"
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One run's task, scenario, decomposition, model and schedule; a bad value raises ValueError naming it.
-    ``epochs`` is per stage for finetune; ``wd`` None is fastai's default (0.01, decoupled)."""
+
+    Budget (equal for the image scenarios): ``epochs`` is the *total* number of epochs of the run. deep and
+    scratch run one one-cycle fit of ``epochs``; finetune splits the same ``epochs`` over its stages
+    (:func:`stage_epochs`: as evenly as possible, later stages taking the remainder, so it needs at least
+    one epoch per stage), so deep, finetune and scratch get the same number of optimizer steps (epochs x
+    batches per epoch; early stopping, ``patience``, may end a fit sooner). shallow trains only the head on
+    cached features, ``epochs`` epochs of the same batch size (each step costs microseconds, so its budget is
+    set on its own). run.json records the planned and the counted optimizer steps.
+
+    Learning rate (one rule for every scenario): with ``use_lr_find``, the peak one-cycle rate is fastai's
+    ``lr_find`` suggestion (``suggest_funcs=valley``, ``lr_find_iters`` steps from 1e-7 to 10, weights
+    restored afterwards) on the run's own training data in its first-stage state (deep/scratch: all layers;
+    finetune and shallow: the head), clamped to ``lr_range``; once per run, i.e. per (task, scenario,
+    decomposition, seed), and recorded in run.json (``lr``, ``params.lr_found``). Without it, ``lr``. For
+    finetune the rate is the head's and open backbone groups get ``slice(lr / lr_mult, lr)``.
+    ``wd`` None is fastai's default (0.01, decoupled)."""
 
     task: str = "covid_vs_normal"
     scenario: str = "shallow"
@@ -43,6 +70,8 @@ class TrainConfig:
     lr_mult: float = 100.0
     wd: float | None = None
     dropout: float = 0.2
+    lr_range: tuple[float, float] = (1e-5, 1e-2)
+    lr_find_iters: int = 50
 
     def __post_init__(self) -> None:
         self._check_names()
@@ -58,6 +87,25 @@ class TrainConfig:
         _check_real("dropout", self.dropout, low=0.0, high=1.0)
         if self.finetune_stages is not None:
             object.__setattr__(self, "finetune_stages", _check_stages(self.finetune_stages))
+        object.__setattr__(self, "lr_range", _check_range(self.lr_range))
+        if self.scenario == "finetune" and self.epochs < self.n_stages:
+            _fail(
+                "epochs",
+                f"is the total over finetune's {self.n_stages} stages and must be at least {self.n_stages} "
+                f"(it is no longer per stage: for the old meaning set epochs = per-stage epochs x {self.n_stages})",
+                self.epochs,
+            )
+
+    @property
+    def n_stages(self) -> int:
+        """Number of fit stages: finetune's schedule length, 1 for the other scenarios."""
+        if self.scenario != "finetune":
+            return 1
+        return len(self.finetune_stages) if self.finetune_stages else DEFAULT_FINETUNE_STAGE_COUNT
+
+    def stage_epochs(self) -> list[int]:
+        """Epochs of each fit stage (they sum to ``epochs``)."""
+        return stage_epochs(self.epochs, self.n_stages)
 
     def _check_names(self) -> None:
         """Task, scenario, backbone and device must be ones the study knows."""
@@ -80,6 +128,15 @@ class TrainConfig:
                 torch.device(self.device)
             except RuntimeError:
                 _fail("device", "is not a device: use auto, cpu, cuda or cuda:N", self.device)
+
+
+def stage_epochs(total: int, n_stages: int) -> list[int]:
+    """``total`` epochs split over ``n_stages`` stages as evenly as possible, later stages taking the remainder
+    (8 over 3: [2, 3, 3]); every stage gets at least one."""
+    if n_stages < 1 or total < n_stages:
+        raise ValueError(f"cannot split {total} epoch(s) over {n_stages} stage(s): need at least one each")
+    base, extra = divmod(total, n_stages)
+    return [base + (1 if i >= n_stages - extra else 0) for i in range(n_stages)]
 
 
 def _fail(name: str, what: str, value: object) -> NoReturn:
@@ -115,3 +172,12 @@ def _check_stages(stages: object) -> tuple[int, ...]:
     if not sched or not ints or sched[0] < 1 or any(b <= a for a, b in zip(sched, sched[1:], strict=False)):
         _fail("finetune_stages", "must be strictly increasing integers >= 1", stages)
     return tuple(int(s) for s in sched)
+
+
+def _check_range(value: object) -> tuple[float, float]:
+    """``lr_range``: two finite numbers 0 < low <= high, as a tuple of floats."""
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) == 2
+    ok = ok and all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok or not 0 < float(value[0]) <= float(value[1]):  # type: ignore[index]
+        _fail("lr_range", "must be two finite numbers 0 < low <= high", value)
+    return float(value[0]), float(value[1])  # type: ignore[index]
