@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxrstudy import config
 from cxrstudy.data.build import BuildResult, build_dataset, default_base, main
 from cxrstudy.data.download import LockFile
 from cxrstudy.data.sources import SOURCES
@@ -132,7 +133,8 @@ def test_manifest_images_exist_and_splits_are_patient_disjoint(built: Built):
         with Image.open(out / r.image) as im:
             assert im.mode == "L" and im.size == (r.width, r.height) and min(im.size) <= 256
     assert not m["image"].duplicated().any() and not m[["source", "upstream_path"]].duplicated().any()
-    assert set(m["split"]) == {"train", "val", "test"}
+    assert {"train", "val", "test"} <= set(m["split"]) <= {"train", "val", "test", "holdout"}
+    assert set(m.loc[m["split"] == "holdout", "source_name"]) <= set(config.HOLDOUT_SOURCES)
     assert (m.groupby("patient_group")["split"].nunique() == 1).all()
     assert m["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     info = json.loads((out / "build_info.json").read_text())

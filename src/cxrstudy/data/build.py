@@ -346,7 +346,7 @@ def build_dataset(
     dd = deduplicate(rows, image_root=out_dir, cache_dir=cache_dir)
     kept = dd.kept.copy()
     watch.lap("dedup")
-    kept["split"] = make_splits(kept, seed=split_seed)
+    kept["split"] = make_splits(kept, seed=split_seed, holdout_sources=config.HOLDOUT_SOURCES)
     watch.lap("split")
 
     manifest, excluded, duplicates = _output_tables(kept, rows, dd, [cands.excluded, excl_fetch, excl_decode])

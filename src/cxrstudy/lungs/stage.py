@@ -227,6 +227,68 @@ def qc_by_source(table: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
     return g.astype({"n": int, "passed": int, "failed": int})
 
 
+def _save_entry(
+    folder: Path, res, cfg: TrainConfig, pairs: list[MaskPair], table: pd.DataFrame, masks: list, test_table: pd.DataFrame
+) -> None:
+    """Write a cache entry's model, its metadata, the tables and the masks (summary.json comes last, apart)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        torch.save({k: v.cpu() for k, v in res.model.state_dict().items()}, tmp)
+    meta = {"arch": "LungUNet", "encoder": "tf_efficientnet_lite0", "decoder": list(cfg.decoder),
+            "image_size": cfg.image_size, "threshold": THRESHOLD, "input": "uint8 grey, squish-resized, bicubic"}
+    write_json(folder / MODEL_META, meta)
+    _write_csv(folder / "lungs.csv", table)
+    _write_csv(folder / "history.csv", res.history)
+    _write_csv(folder / "test_scores.csv", test_table)
+    _write_csv(folder / "pairs.csv", pd.DataFrame([dataclasses.asdict(p) for p in pairs]))
+    _write_masks(folder / "masks.npz", table["image"].tolist(), masks)
+
+
+def _summary(
+    res, cfg: TrainConfig, by: dict, scores: dict, test_table: pd.DataFrame, table: pd.DataFrame,
+    qc: pd.DataFrame, facts: dict,
+) -> dict:
+    """The entry's summary.json: the contract fields (dice, iou, n_test_masks, qc_pass_rate, train_seconds) first."""
+    flags = table["qc_flags"].str.split(";").explode()
+    return {
+        "dice": {k: scores["dice"][k] for k in ("value", "ci_low", "ci_high")},
+        "iou": {k: scores["iou"][k] for k in ("value", "ci_low", "ci_high")},
+        "n_test_masks": len(by["test"]),
+        "qc_pass_rate": {s: float(r) for s, r in qc["pass_rate"].items() if s != "all"},
+        "train_seconds": round(res.train_seconds, 2),
+        "n_train_masks": len(by["train"]),
+        "n_val_masks": len(by["val"]),
+        "n_test_groups": scores["n_groups"],
+        "image_size": cfg.image_size,
+        "epochs": cfg.epochs,
+        "epochs_run": len(res.history),
+        "best_epoch": res.best_epoch,
+        "best_valid_dice": float(res.history["valid_dice"].max()),
+        "test_other": {k: scores[k] for k in ("dice_raw", "iou_raw", "dice_as_used", "iou_as_used")},
+        "test_qc_failures": int((~test_table["qc_pass"].astype(bool)).sum()),
+        "test_mean_area": {"true": float(test_table["true_area"].mean()), "predicted": float(test_table["pred_area"].mean())},
+        "qc_counts": {s: {"passed": int(r.passed), "failed": int(r.failed)} for s, r in qc.iterrows()},
+        "qc_flags": {k: int(v) for k, v in flags[flags != ""].value_counts().items()},
+        "qc_thresholds": QC_THRESHOLDS,
+        "threshold": THRESHOLD,
+        "n_images": len(table),
+        "prep_seconds": round(res.prep_seconds, 2),
+        "predict_seconds": round(facts["predict_seconds"], 2),
+        "threads": res.extra["threads"],
+        "device": res.extra["device"],
+        "config": dataclasses.asdict(cfg),
+        "max_masks": facts["max_masks"],
+        "n_bootstrap": facts["n_bootstrap"],
+        "bootstrap": "patient-group percentile bootstrap, 95%",
+        "pairing": facts["pairing"],
+        "cache_key": facts["key"],
+        "cache_dir": str(facts["folder"]),
+        "torch": torch.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "credits": CREDITS,
+    }
+
+
 def run_lungs(
     manifest: pd.DataFrame,
     cfg: TrainConfig,
@@ -270,67 +332,10 @@ def run_lungs(
             )
             seg = LungSegmenter(res.model, cfg.image_size, THRESHOLD, dev)
             table, masks, predict_s = segment_manifest(seg, segment, image_root, log=log)
-        qc = qc_by_source(table, segment)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / MODEL_FILE) as tmp:
-            torch.save({k: v.cpu() for k, v in res.model.state_dict().items()}, tmp)
-        write_json(
-            folder / MODEL_META,
-            {
-                "arch": "LungUNet",
-                "encoder": "tf_efficientnet_lite0",
-                "decoder": list(cfg.decoder),
-                "image_size": cfg.image_size,
-                "threshold": THRESHOLD,
-                "input": "uint8 grey, squish-resized, bicubic",
-            },
-        )
-        _write_csv(folder / "lungs.csv", table)
-        _write_csv(folder / "history.csv", res.history)
-        _write_csv(folder / "test_scores.csv", test_table)
-        _write_csv(folder / "pairs.csv", pd.DataFrame([dataclasses.asdict(p) for p in pairs]))
-        _write_masks(folder / "masks.npz", table["image"].tolist(), masks)
-        flags = table["qc_flags"].str.split(";").explode()
-        summary = {
-            "dice": {k: scores["dice"][k] for k in ("value", "ci_low", "ci_high")},
-            "iou": {k: scores["iou"][k] for k in ("value", "ci_low", "ci_high")},
-            "n_test_masks": len(by["test"]),
-            "qc_pass_rate": {s: float(r) for s, r in qc["pass_rate"].items() if s != "all"},
-            "train_seconds": round(res.train_seconds, 2),
-            "n_train_masks": len(by["train"]),
-            "n_val_masks": len(by["val"]),
-            "n_test_groups": scores["n_groups"],
-            "image_size": cfg.image_size,
-            "epochs": cfg.epochs,
-            "epochs_run": len(res.history),
-            "best_epoch": res.best_epoch,
-            "best_valid_dice": float(res.history["valid_dice"].max()),
-            "test_other": {k: scores[k] for k in ("dice_raw", "iou_raw", "dice_as_used", "iou_as_used")},
-            "test_qc_failures": int((~test_table["qc_pass"].astype(bool)).sum()),
-            "test_mean_area": {
-                "true": float(test_table["true_area"].mean()),
-                "predicted": float(test_table["pred_area"].mean()),
-            },
-            "qc_counts": {s: {"passed": int(r.passed), "failed": int(r.failed)} for s, r in qc.iterrows()},
-            "qc_flags": {k: int(v) for k, v in flags[flags != ""].value_counts().items()},
-            "qc_thresholds": QC_THRESHOLDS,
-            "threshold": THRESHOLD,
-            "n_images": len(table),
-            "prep_seconds": round(res.prep_seconds, 2),
-            "predict_seconds": round(predict_s, 2),
-            "threads": res.extra["threads"],
-            "device": res.extra["device"],
-            "config": dataclasses.asdict(cfg),
-            "max_masks": max_masks,
-            "n_bootstrap": n_bootstrap,
-            "bootstrap": "patient-group percentile bootstrap, 95%",
-            "pairing": pairing,
-            "cache_key": key,
-            "cache_dir": str(folder),
-            "torch": torch.__version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "credits": CREDITS,
-        }
+        _save_entry(folder, res, cfg, pairs, table, masks, test_table)
+        facts = {"key": key, "folder": folder, "pairing": pairing, "max_masks": max_masks,
+                 "n_bootstrap": n_bootstrap, "predict_seconds": predict_s}
+        summary = _summary(res, cfg, by, scores, test_table, table, qc_by_source(table, segment), facts)
         write_json(folder / "summary.json", summary)  # last: marks the entry complete
         run = _read_run(folder, key, False)
     if profile:

@@ -189,6 +189,24 @@ def _val_scores(model: LungUNet, x: torch.Tensor, y: torch.Tensor, dev: torch.de
     return sum(losses) / len(x), float(np.mean(dices))
 
 
+def _train_epoch(model, opt, sched, xtr, ytr, cfg, gen, device, steps: int, bs: int) -> float:
+    """One epoch over shuffled, augmented batches; returns the summed training loss."""
+    model.train()
+    order = torch.randperm(len(xtr), generator=gen)
+    total = 0.0
+    for s in range(steps):
+        idx = order[s * bs : (s + 1) * bs]
+        xb, yb = augment(xtr[idx].float(), ytr[idx], cfg, gen)
+        xb = xb.to(device).contiguous(memory_format=torch.channels_last)
+        loss = seg_loss(model(xb), yb.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * len(idx)
+    return total
+
+
 def train_unet(
     train_pairs: list[MaskPair],
     val_pairs: list[MaskPair],
@@ -229,19 +247,7 @@ def train_unet(
         history, best, best_state, best_epoch, stale = [], -1.0, None, 0, 0
         t1 = time.perf_counter()
         for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for s in range(steps):
-                idx = order[s * bs : (s + 1) * bs]
-                xb, yb = augment(xtr[idx].float(), ytr[idx], cfg, gen)
-                xb = xb.to(device).contiguous(memory_format=torch.channels_last)
-                loss = seg_loss(model(xb), yb.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
+            total = _train_epoch(model, opt, sched, xtr, ytr, cfg, gen, device, steps, bs)
             val_loss, val_dice = _val_scores(model, xva, yva, device, 32)
             history.append(
                 {
