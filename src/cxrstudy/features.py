@@ -351,6 +351,14 @@ def _check_request(
     return manifest["image"].astype(str).tolist()
 
 
+def root_tag(image_root: Path | str) -> str:
+    """Cache-tag part naming an image folder other than the processed films (lung views live elsewhere)."""
+    root = Path(image_root).resolve()
+    if root == Path(config.PROCESSED_DIR).resolve():
+        return ""
+    return f"root{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
 def extract_features(
     manifest: pd.DataFrame,
     image_root: Path,
@@ -376,6 +384,7 @@ def extract_features(
     ``images_per_s``, ``decode_seconds``, ``forward_seconds``, ``cache_file``, ``precision``, ``bf16_check``.
     """
     images = _check_request(manifest, transform, cache_tag, batch_size, num_workers)
+    cache_tag = "_".join(t for t in (cache_tag, root_tag(image_root)) if t)
     spec, cache_dir = get_spec(backbone), Path(cache_dir)
     dev = config.resolve_device(device)
     prec, check = _resolve_precision(precision, backbone, image_size, dev, cache_dir)

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cxrstudy import config
+from cxrstudy.data.splits import HOLDOUT
 from cxrstudy.images import load_xray
 from cxrstudy.models import BackboneSpec, normalize_batch, resize_to_uint8
 from cxrstudy.tensorcache import to_model_input
@@ -218,7 +219,7 @@ def task_rows(manifest: pd.DataFrame, task: str) -> pd.DataFrame:
         raise ValueError(f"manifest lacks column(s) {sorted(missing)}")
     classes = config.task_classes(task)
     rows = manifest[manifest["label"].isin(classes)].reset_index(drop=True)
-    if bad := set(rows["split"]) - set(SPLITS):
+    if bad := set(rows["split"]) - {*SPLITS, HOLDOUT}:
         raise ValueError(f"manifest has unknown split value(s) {sorted(bad)}")
     for split in ("train", "val"):
         counts = rows.loc[rows["split"] == split, "label"].value_counts()
