@@ -31,7 +31,8 @@
 
 # %% tags=["parameters"]
 profile = "smoke"  # reports go to reports/<profile>/runs/
-seed = 0  # seeds weights, shuffling, augmentation and the subsample
+seed = 0  # seeds the subsample, and the first run's weights, shuffling and augmentation
+n_seeds = 1  # runs per setting, seeds seed, seed+1, ... (the evaluation reports the spread over seeds)
 device = "auto"  # auto, cpu, cuda, cuda:N
 task = "covid_vs_normal"  # covid_vs_normal or covid_normal_pneumonia
 scenario = "shallow"  # shallow, deep, finetune or scratch
@@ -47,8 +48,17 @@ use_lr_find = False  # every scenario: peak lr from fastai's lr_find (valley), c
 lr_range = [1e-5, 1e-2]  # the range lr_find's suggestion is clamped to
 lr_find_iters = 50  # lr_find steps (1e-7 to 10; stops early when the loss diverges)
 patience = 2  # early stopping: epochs without a better validation loss
+variant = "baseline"  # name of the parameter set below (the profile's variants); run ids end with it
+input_view = "full"  # full, lung_crop or lung_mask (lung views need notebook 01's masks)
+equalize = False  # histogram equalisation inside the lung mask
+view_margin = 0.05  # margin around the lung box, as a fraction of its size
+adversary_weight = 0.0  # > 0: class-conditional source adversary (gradient reversal), peak weight
+adversary_schedule = "ganin"  # ganin (ramped 0 -> weight) or constant
+adversary_lr = 1e-3  # the adversary heads' own AdamW learning rate
 
 # %%
+from dataclasses import replace
+
 import pandas as pd
 from IPython.display import Image, display
 from matplotlib.figure import Figure
@@ -56,26 +66,32 @@ from sklearn.metrics import confusion_matrix
 
 from cxrstudy import config, training
 from cxrstudy.data.splits import subsample
+from cxrstudy.lungs.render import view_root
 from cxrstudy.plots import plot_confusion, save_figure
 
 out = config.profile_dir(profile)
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH, keep_default_na=False), max_per_class, seed)
+image_root = view_root(manifest, profile, input_view, equalize, view_margin)  # the films as this variant sees them
 display(training.task_rows(manifest, task).groupby(["split", "label"]).size().unstack(fill_value=0))
 
 # %% [markdown]
 # ## Training
 #
-# One run per decomposition setting; the table gives composed accuracies.
+# One run per decomposition setting and seed; the table gives composed accuracies. A variant other than `baseline` sees its films through `input_view` (rendered once from notebook 01's lung masks, cached) and, with `adversary_weight` > 0, trains against a class-conditional source adversary: a small head per class behind a gradient-reversal layer predicts the training film's source hospital *within its class* from the backbone's pooled features, its weight ramped over the whole budget (Ganin & Lempitsky 2015), its per-epoch accuracy against the majority source written to `adversary.csv`. Its codes come from training rows only.
 
 # %%
 configs = [
     training.TrainConfig(task=task, scenario=scenario, decomposition=d, backbone=backbone,
                          image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                          device=device, num_workers=num_workers, use_lr_find=use_lr_find, patience=patience,
-                         lr_range=tuple(lr_range), lr_find_iters=lr_find_iters)
+                         lr_range=tuple(lr_range), lr_find_iters=lr_find_iters, variant=variant,
+                         input_view=input_view, equalize=equalize, view_margin=view_margin,
+                         adversary_weight=adversary_weight, adversary_schedule=adversary_schedule,
+                         adversary_lr=adversary_lr)
     for d in decomposition
 ]
-results = [training.train_run(manifest, cfg, config.PROCESSED_DIR, profile_dir=out) for cfg in configs]
+configs = [replace(cfg, seed=seed + i) for i in range(n_seeds) for cfg in configs]
+results = [training.train_run(manifest, cfg, image_root, profile_dir=out) for cfg in configs]
 summary = training.summarize_runs(results)
 display(summary)
 
@@ -99,8 +115,9 @@ for ax, r in zip(axes[0], results, strict=True):
     cm = confusion_matrix(test["label"], test["pred"], labels=r.info["classes"])
     plot_confusion(cm, r.info["classes"], title=r.run_id.split("__", 2)[2], ax=ax)
 fig.tight_layout()
-save_figure(fig, out / "runs" / f"confusion_{task}_{scenario}.png")
-display(Image(filename=str(out / "runs" / f"confusion_{task}_{scenario}.png")))
+confusion_png = out / "runs" / f"confusion_{task}_{scenario}_{variant}.png"
+save_figure(fig, confusion_png)
+display(Image(filename=str(confusion_png)))
 
 # %% [markdown]
 # ## Effect of decomposition

@@ -93,6 +93,43 @@ def test_profile_shape_errors(project):
         pipeline.resolve_parameters(pipeline.load_profile("r", project["params"]), project["notebooks"])
 
 
+def test_a_step_gets_its_variants_parameters_under_its_own(project):
+    make_notebook(
+        project["notebooks"] / "v.ipynb", 'profile = "x"\nvariant = "baseline"\nview = "full"\nw = 0.0', ""
+    )
+    write_profile(
+        project,
+        "p",
+        "variants:\n  lung: {view: lung_mask, w: 0.5}\nsteps:\n  - {notebook: v, name: v1, params: {variant: lung, w: 1.0}}\n"
+        "  - {notebook: v, name: v0}\n",
+    )
+    (_, p1), (_, p0) = pipeline.resolve_parameters(
+        pipeline.load_profile("p", project["params"]), project["notebooks"]
+    )
+    assert p1 == {"variant": "lung", "view": "lung_mask", "w": 1.0, "profile": "p"}  # the step's own w wins
+    assert p0 == {"profile": "p"}  # no variant: the notebook's defaults, i.e. the baseline
+    write_profile(
+        project, "q", "variants: {lung: {view: x}}\nsteps:\n  - {notebook: v, params: {variant: lungs}}\n"
+    )
+    with pytest.raises(ProfileError, match=r"variant 'lungs' is not in the profile's variants \['lung'\]"):
+        pipeline.load_profile("q", project["params"])
+    for bad in ("{Lung: {view: x}}", "{baseline: {view: x}}", "{lung: {variant: lung}}", "[lung]"):
+        write_profile(project, "r", f"variants: {bad}\nsteps:\n  - v\n")
+        with pytest.raises(ProfileError, match="variant"):
+            pipeline.load_profile("r", project["params"])
+
+
+def test_the_study_profiles_name_their_variants_and_seeds():
+    default = pipeline.load_profile("default")
+    variants = {s.params.get("variant", "baseline") for s in default.steps if s.notebook == "04_transfer"}
+    assert variants == {"baseline", "lung", "lung_adversary"}
+    assert all(s.params.get("n_seeds") == 3 for s in default.steps if s.notebook == "04_transfer")
+    adv = next(s.params for s in default.steps if s.params.get("variant") == "lung_adversary")
+    assert adv["input_view"] == "lung_mask" and adv["equalize"] is True and adv["adversary_weight"] > 0
+    for name in ("smoke", "default", "full"):
+        pipeline.resolve_parameters(pipeline.load_profile(name))  # every parameter declared
+
+
 def test_common_parameters_reach_only_declaring_notebooks(project):
     write_profile(
         project,
@@ -219,11 +256,18 @@ def test_keys_follow_what_a_step_reads_not_the_previous_step(tmp_path, monkeypat
     for d in (nbs, params, reports):
         d.mkdir()
     body = f"from pathlib import Path\nout = Path(r'{reports}') / profile\n"
-    make_notebook(nbs / "train.ipynb", 'profile = "x"\nrun = ""\nepochs = 1',
-                  body + "(out / 'runs').mkdir(parents=True, exist_ok=True)\n"
-                  "(out / 'runs' / f'{run}.txt').write_text(str(epochs))")
-    make_notebook(nbs / "evaluate.ipynb", 'profile = "x"',
-                  body + "(out / 'results.txt').write_text(str(sorted(p.read_text() for p in (out / 'runs').iterdir())))")
+    make_notebook(
+        nbs / "train.ipynb",
+        'profile = "x"\nrun = ""\nepochs = 1',
+        body + "(out / 'runs').mkdir(parents=True, exist_ok=True)\n"
+        "(out / 'runs' / f'{run}.txt').write_text(str(epochs))",
+    )
+    make_notebook(
+        nbs / "evaluate.ipynb",
+        'profile = "x"',
+        body
+        + "(out / 'results.txt').write_text(str(sorted(p.read_text() for p in (out / 'runs').iterdir())))",
+    )
     monkeypatch.setitem(pipeline.READS, "train", ())
     monkeypatch.setitem(pipeline.READS, "evaluate", ("{profile}/runs",))
 
@@ -235,7 +279,9 @@ def test_keys_follow_what_a_step_reads_not_the_previous_step(tmp_path, monkeypat
         )
 
     def statuses() -> list[str]:
-        rec = pipeline.run_profile("p", kernel="python3", params_dir=params, notebooks_dir=nbs, reports_dir=reports)
+        rec = pipeline.run_profile(
+            "p", kernel="python3", params_dir=params, notebooks_dir=nbs, reports_dir=reports
+        )
         return [s["status"] for s in rec["steps"]]
 
     profile(1)
@@ -251,11 +297,16 @@ def test_a_running_profile_refuses_a_second_run_and_a_dead_lock_is_taken_over(tm
 
     out = tmp_path / "reports" / "p"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from cxrstudy.runlock import profile_lock\n"
-         f"with profile_lock(Path(r'{out}'), 'reproduce --profile p'):\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from cxrstudy.runlock import profile_lock\n"
+            f"with profile_lock(Path(r'{out}'), 'reproduce --profile p'):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLocked, match=rf"process {holder.pid} .*reproduce --profile p"):
@@ -276,8 +327,16 @@ def test_reproduce_fails_at_once_when_the_profile_is_locked(project, capsys, mon
     write_profile(project, "p", "steps:\n  - {notebook: a, params: {marker: MARKER}}\n")
     out = project["reports"] / "p"
     out.mkdir()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
-                                              "what": "reproduce --profile p", "command": "make reproduce"}))
+    (out / LOCK_NAME).write_text(
+        json.dumps(
+            {
+                "pid": os.getppid(),
+                "host": socket.gethostname(),
+                "what": "reproduce --profile p",
+                "command": "make reproduce",
+            }
+        )
+    )
     with pytest.raises(RuntimeError, match=f"process {os.getppid()}"):
         run(project, "p")
     assert not project["marker"].exists()
@@ -287,7 +346,9 @@ def test_template_edits_change_the_evaluation_key(tmp_path, monkeypatch):
     """The report templates are package data: editing one must re-run the notebook that renders it."""
     from cxrstudy import templates
 
-    nb = make_notebook(tmp_path / "05_evaluation.ipynb", 'profile = "x"', "from cxrstudy.evaluation import report")
+    nb = make_notebook(
+        tmp_path / "05_evaluation.ipynb", 'profile = "x"', "from cxrstudy.evaluation import report"
+    )
     step = pipeline.Step("05_evaluation", "05_evaluation")
     before = pipeline.step_key(step, {}, tmp_path, tmp_path)
     template = next(Path(templates.__file__).parent.glob("*.j2"))

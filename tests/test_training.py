@@ -420,3 +420,53 @@ def test_deep_finetune_and_scratch_get_equal_budgets_and_one_lr_rule(tiny, tmp_p
     with learn.no_logging(), learn.no_bar():
         learn.fit(2, cbs=[counter])
     assert counter.steps == 10
+
+
+def _two_sources(manifest: pd.DataFrame, scramble_held_out: bool = False) -> pd.DataFrame:
+    """The tiny manifest with two training sources per class (alternating); optionally the validation and
+    test rows' sources replaced by a third, unseen one."""
+    m = manifest.copy()
+    train = (m["split"] == "train").to_numpy()
+    m.loc[train, "source_name"] = np.where(np.arange(train.sum()) % 2 == 0, "site_a", "site_b")
+    if scramble_held_out:
+        m.loc[~train, "source_name"] = "site_z"
+    return m
+
+
+def test_source_adversary_trains_from_training_sources_only_and_logs(tiny, tmp_path):
+    manifest, root = tiny
+    kw = dict(
+        COMMON,
+        scenario="deep",
+        epochs=2,
+        wd=0.0,
+        variant="adv",
+        adversary_weight=1.0,
+        adversary_schedule="constant",
+    )
+    plain = training.train_run(
+        _two_sources(manifest),
+        training.TrainConfig(**{**COMMON, "scenario": "deep", "epochs": 2, "wd": 0.0}),
+        root,
+        out_root=tmp_path / "plain",
+    )
+    a = training.train_run(_two_sources(manifest), training.TrainConfig(**kw), root, out_root=tmp_path / "a")
+    b = training.train_run(
+        _two_sources(manifest, True), training.TrainConfig(**kw), root, out_root=tmp_path / "b"
+    )
+    assert a.run_id.endswith("__seed0__adv") and a.info["variant"] == "adv"
+    assert a.info["adversary"] == {"weight": 1.0, "schedule": "constant", "lr": 1e-3, "hidden": 256}
+    assert a.info["params"]["adversary_sources"] == {
+        "covid": ["site_a", "site_b"],
+        "normal": ["site_a", "site_b"],
+    }
+    log = pd.read_csv(a.run_dir / "adversary.csv")
+    assert list(log["epoch"]) == [1, 2] and (log["items"] == 8).all() and (log["weight"] == 1.0).all()
+    assert not (plain.run_dir / "adversary.csv").exists() and plain.info["adversary"] is None
+    wa = torch.load(a.run_dir / "model.pth", weights_only=True)
+    wb = torch.load(b.run_dir / "model.pth", weights_only=True)
+    wp = torch.load(plain.run_dir / "model.pth", weights_only=True)
+    # the adversary changed what the backbone learned ...
+    assert any(not torch.equal(wa[k], wp[k]) for k in wa if k.startswith("backbone"))
+    # ... and never saw a validation or test source: scrambling them changes nothing
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

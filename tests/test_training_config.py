@@ -76,6 +76,15 @@ def test_is_frozen_and_hashable_and_stages_become_a_tuple():
         ("lr_range", (0.0, 1e-2), "0 < low <= high"),
         ("lr_range", 1e-3, "two finite numbers"),
         ("lr_find_iters", 2, "integer >= 5"),
+        ("variant", "Lung", "lower-case letters"),
+        ("variant", "", "lower-case letters"),
+        ("input_view", "lungs", "unknown view"),
+        ("equalize", 1, "True or False"),
+        ("view_margin", 0.5, "< 0.5"),
+        ("adversary_weight", -1.0, ">= 0"),
+        ("adversary_schedule", "linear", "must be one of"),
+        ("adversary_lr", 0.0, "> 0"),
+        ("adversary_hidden", 0, "integer >= 1"),
     ],
 )
 def test_bad_values_raise_naming_the_parameter(name: str, value: object, message: str):
@@ -83,6 +92,30 @@ def test_bad_values_raise_naming_the_parameter(name: str, value: object, message
         TrainConfig(**{name: value})
     if name not in ("backbone",):
         assert repr(value) in str(err.value)
+
+
+def test_a_variant_must_be_named_and_shallow_has_no_adversary():
+    with pytest.raises(ValueError, match=r"TrainConfig\.variant is 'baseline' but the input view"):
+        TrainConfig(scenario="deep", input_view="lung_mask")
+    with pytest.raises(ValueError, match=r"TrainConfig\.variant is 'baseline'"):
+        TrainConfig(scenario="deep", adversary_weight=0.5)
+    with pytest.raises(ValueError, match=r"TrainConfig\.adversary_weight must be 0 for shallow"):
+        TrainConfig(scenario="shallow", variant="adv", adversary_weight=0.5)
+    cfg = TrainConfig(
+        scenario="deep", variant="lung_adversary", input_view="lung_mask", equalize=True, adversary_weight=1
+    )
+    assert cfg.adversary == {"weight": 1.0, "schedule": "ganin", "lr": 1e-3, "hidden": 256}
+    assert (
+        TrainConfig().adversary is None
+        and TrainConfig(variant="lung", input_view="lung_crop").adversary is None
+    )
+    assert training.make_run_id("covid_vs_normal", "b", "deep", False, 2, "lung") == (
+        "covid_vs_normal__b__deep__nodecomp__seed2__lung"
+    )
+    assert (
+        training.make_run_id("covid_vs_normal", "b", "deep", True, 0)
+        == "covid_vs_normal__b__deep__decomp__seed0"
+    )
 
 
 def test_good_edge_values_pass():
@@ -100,7 +133,7 @@ def test_train_run_takes_the_manifest_a_config_and_paths_only():
 def test_the_transfer_notebook_parameters_are_config_fields_or_its_own():
     declared = set(pipeline.declared_parameters(config.NOTEBOOKS_DIR / "04_transfer.ipynb"))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert declared - fields == {"profile", "max_per_class"}
+    assert declared - fields == {"profile", "max_per_class", "n_seeds"}
 
 
 def test_finetune_epochs_are_the_total_over_its_stages():

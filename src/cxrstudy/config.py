@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,10 @@ HOLDOUT_SOURCES: tuple[str, ...] = ("actualmed",)
 
 #: Transfer scenarios (``scratch`` is the no-transfer control).
 SCENARIOS: tuple[str, ...] = ("shallow", "deep", "finetune", "scratch")
+#: The variant of the unmodified pipeline (full film, no adversary); its run ids carry no suffix.
+BASELINE_VARIANT = "baseline"
+#: A variant's name (profiles' ``variants``): lower-case words joined by underscores; it ends the run id.
+VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 #: Where the upstream repositories are read from; ``CXR_MIRROR`` overrides it (path, file:// or http(s)://).
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"

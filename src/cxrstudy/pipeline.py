@@ -28,7 +28,7 @@ from cxrstudy import config
 from cxrstudy.fileio import atomic_write_text, sha256_file, write_json
 
 KERNEL_NAME = "cxrstudy"
-PROFILE_KEYS = {"description", "common", "steps"}
+PROFILE_KEYS = {"description", "common", "variants", "steps"}
 STEP_KEYS = {"notebook", "name", "params"}
 
 
@@ -74,6 +74,7 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
         raise ProfileError(
             f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(PROFILE_KEYS)}"
         )
+    variants = _variants(raw.get("variants") or {}, path)
     steps: list[Step] = []
     for i, entry in enumerate(raw.get("steps") or []):
         if isinstance(entry, str):
@@ -83,9 +84,8 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
         bad = set(entry) - STEP_KEYS
         if bad:
             raise ProfileError(f"{path}: step {i + 1} ({entry['notebook']}): unknown key(s) {sorted(bad)}")
-        steps.append(
-            Step(entry.get("name") or entry["notebook"], entry["notebook"], dict(entry.get("params") or {}))
-        )
+        params = _with_variant(dict(entry.get("params") or {}), variants, f"{path}: step {i + 1}")
+        steps.append(Step(entry.get("name") or entry["notebook"], entry["notebook"], params))
     if not steps:
         raise ProfileError(f"{path}: no steps")
     names = [s.name for s in steps]
@@ -94,6 +94,34 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
         raise ProfileError(f"{path}: step names must be unique; repeated: {dupes} (give each run a 'name')")
     stem = path.stem
     return Profile(stem, str(raw.get("description", "")), dict(raw.get("common") or {}), steps, path)
+
+
+def _variants(raw: object, path: Path) -> dict[str, dict[str, Any]]:
+    """The profile's ``variants``: name -> parameter set (each a mapping without a ``variant`` key)."""
+    BASELINE, VARIANT_NAME = config.BASELINE_VARIANT, config.VARIANT_NAME  # noqa: N806
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: 'variants' must map variant names to parameter sets")
+    for name, params in raw.items():
+        if not isinstance(name, str) or not VARIANT_NAME.match(name) or name == BASELINE:
+            raise ProfileError(
+                f"{path}: variant name {name!r} must be lower-case letters, digits and underscores, "
+                f"and not {BASELINE!r} (the baseline is the notebooks' defaults)"
+            )
+        if not isinstance(params, dict) or "variant" in params:
+            raise ProfileError(
+                f"{path}: variant {name!r} must be a mapping of parameters (without 'variant')"
+            )
+    return {name: dict(params) for name, params in raw.items()}
+
+
+def _with_variant(params: dict[str, Any], variants: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
+    """A step's parameters with its variant's parameter set under them (the step's own win)."""
+    name = params.get("variant")
+    if name is None or name == config.BASELINE_VARIANT:
+        return params
+    if name not in variants:
+        raise ProfileError(f"{where}: variant {name!r} is not in the profile's variants {sorted(variants)}")
+    return {**variants[name], **params}
 
 
 def notebook_path(step: Step, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> Path:
@@ -235,7 +263,12 @@ READS: dict[str, tuple[str, ...]] = {
     "02_features": ("{processed}/manifest.csv", "{profile}/lungs"),
     "03_decomposition": ("{processed}/manifest.csv", "{profile}/lungs"),
     "04_transfer": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition"),
-    "05_evaluation": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition", "{profile}/runs"),
+    "05_evaluation": (
+        "{processed}/manifest.csv",
+        "{profile}/lungs",
+        "{profile}/decomposition",
+        "{profile}/runs",
+    ),
 }
 #: Package data files that count as code in a step's key (the Jinja2 templates of the written reports).
 PACKAGE_DATA_SUFFIX = ".j2"
@@ -385,14 +418,21 @@ def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[
     up_to_date = not ctx["force"] and stamp.get("key") == key and nb_out.is_file() and html.is_file()
     if up_to_date or (ctx["only"] and step.name not in ctx["only"]):
         print(f"  {step.name}: unchanged, skipped", flush=True)
-        return {**entry, "status": "cached", "seconds": stamp.get("seconds"), "finished": stamp.get("finished")}
+        return {
+            **entry,
+            "status": "cached",
+            "seconds": stamp.get("seconds"),
+            "finished": stamp.get("finished"),
+        }
     print(f"  {step.name}: running {nb_in.name} ...", flush=True)
     stamp_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
         _execute(nb_in, nb_out, params, ctx["kernel"], step)
     except StepFailed:
-        ctx["record"]["steps"].append({**entry, "status": "failed", "seconds": round(time.perf_counter() - t0, 2)})
+        ctx["record"]["steps"].append(
+            {**entry, "status": "failed", "seconds": round(time.perf_counter() - t0, 2)}
+        )
         raise
     seconds = round(time.perf_counter() - t0, 2)
     render_html(nb_out, html)
@@ -424,7 +464,13 @@ def run_profile(
     out = reports_dir / profile.name
     with profile_lock(out, f"reproduce --profile {profile.name}"):
         record = _new_record(profile, steps)
-        ctx = {"notebooks_dir": notebooks_dir, "force": force, "only": only, "kernel": kernel, "record": record}
+        ctx = {
+            "notebooks_dir": notebooks_dir,
+            "force": force,
+            "only": only,
+            "kernel": kernel,
+            "record": record,
+        }
         t_start = time.perf_counter()
         print(f"reproduce: profile {profile.name!r} ({len(steps)} steps) -> {out}", flush=True)
         try:

@@ -23,6 +23,12 @@ from cxrstudy.fileio import atomic_write_bytes, atomic_write_text, write_json
 from cxrstudy.models import Classifier, get_spec, model_transform
 from cxrstudy.plots import plot_learning_curve, save_figure
 from cxrstudy.tensorcache import load_uint8_batch
+from cxrstudy.training.adversary import (
+    SourceAdversaryCallback,
+    SourceCodes,
+    make_source_adversary,
+    with_source_column,
+)
 from cxrstudy.training.data import AUGMENTATION_NOTE, ImageList, TensorBatches, task_rows
 from cxrstudy.training.labels import (
     ComposedLoss,
@@ -34,12 +40,16 @@ from cxrstudy.training.labels import (
 )
 from cxrstudy.training.learner import HISTORY_COLUMNS, predict_loader, predictions_frame
 from cxrstudy.training.scenarios import train_images, train_shallow
-from cxrstudy.training.trainconfig import TrainConfig
+from cxrstudy.training.trainconfig import BASELINE, TrainConfig
 
 
-def make_run_id(task: str, backbone: str, scenario: str, decomposition: bool, seed: int) -> str:
-    """``<task>__<backbone>__<scenario>__<decomp|nodecomp>__seed<seed>``."""
-    return f"{task}__{backbone}__{scenario}__{'decomp' if decomposition else 'nodecomp'}__seed{seed}"
+def make_run_id(
+    task: str, backbone: str, scenario: str, decomposition: bool, seed: int, variant: str = BASELINE
+) -> str:
+    """``<task>__<backbone>__<scenario>__<decomp|nodecomp>__seed<seed>``, plus ``__<variant>`` for any
+    variant but the baseline (so baseline run ids are what they always were)."""
+    run_id = f"{task}__{backbone}__{scenario}__{'decomp' if decomposition else 'nodecomp'}__seed{seed}"
+    return run_id if variant == BASELINE else f"{run_id}__{variant}"
 
 
 @dataclass
@@ -81,7 +91,7 @@ def train_run(
     rows, space, targets = _labelled_rows(manifest, cfg, profile_dir)
     dev = config.resolve_device(cfg.device)
 
-    run_id = make_run_id(cfg.task, cfg.backbone, cfg.scenario, cfg.decomposition, cfg.seed)
+    run_id = make_run_id(cfg.task, cfg.backbone, cfg.scenario, cfg.decomposition, cfg.seed, cfg.variant)
     run_dir = Path(out_root) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").unlink(missing_ok=True)  # run.json marks a finished run: never leave a stale one
@@ -104,8 +114,9 @@ def train_run(
     if images is None:  # shallow: the val/test images, after the features (same tensor cache entries)
         images = _task_images(rows, cfg, image_root, model, tensor_dir)
     preds = _predict_eval(model, rows, space, cfg, images, dev)
+    adversary_log = extra.pop("_adversary_log", None)
     info = _run_info(run_id, cfg, space, rows, hist, preds, str(dev), train_seconds, extra)
-    _save_run(run_dir, model, hist, preds, info)
+    _save_run(run_dir, model, hist, preds, info, adversary_log)
     return RunResult(run_id, run_dir, info, hist, preds)
 
 
@@ -151,13 +162,15 @@ def _fit(
     history: list[dict[str, Any]],
     images: torch.Tensor | None,
 ) -> dict[str, Any]:
-    """Run the scenario's fit in a scratch folder (fastai's checkpoints); extra facts for run.json."""
+    """Run the scenario's fit in a scratch folder (fastai's checkpoints); extra facts for run.json (with the
+    source adversary, its per-epoch log under ``_adversary_log``)."""
     with tempfile.TemporaryDirectory(prefix="cxr-train-") as workdir:
         if cfg.scenario != "shallow":
-            return train_images(
+            adv = _source_adversary(model, rows, targets, cfg) if cfg.adversary_weight > 0 else None
+            facts = train_images(
                 model,
                 rows,
-                targets,
+                adv[0] if adv else targets,
                 loss,
                 cfg,
                 image_root=image_root,
@@ -165,7 +178,11 @@ def _fit(
                 workdir=Path(workdir),
                 history=history,
                 images=images,
+                callbacks=[adv[1]] if adv else (),
             )
+            if adv:
+                facts.update(_adversary_facts(adv[1]))
+            return facts
         return train_shallow(
             model,
             rows,
@@ -179,6 +196,35 @@ def _fit(
             workdir=Path(workdir),
             history=history,
         )
+
+
+def _source_adversary(
+    model: Classifier, rows: pd.DataFrame, targets: np.ndarray, cfg: TrainConfig
+) -> tuple[np.ndarray, SourceAdversaryCallback]:
+    """Targets with the per-class source column (codes from *training* rows only; -1 elsewhere) and the
+    adversary callback with the run's weight, schedule, learning rate and width."""
+    codes = SourceCodes.from_rows(rows, config.task_classes(cfg.task))
+    adversary = make_source_adversary(model, codes, hidden=cfg.adversary_hidden)
+    torch.manual_seed(cfg.seed + 2)  # the heads' initial weights, independently of the model's
+    for head in adversary.heads.values():
+        for layer in head:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    cb = SourceAdversaryCallback(
+        adversary, codes, cfg.adversary_weight, schedule=cfg.adversary_schedule, lr=cfg.adversary_lr
+    )
+    return with_source_column(targets, rows, codes), cb
+
+
+def _adversary_facts(cb: SourceAdversaryCallback) -> dict[str, Any]:
+    """run.json facts of the adversary (sources per class, final epoch's accuracy vs majority) and its log."""
+    log = cb.log_frame()
+    last = log.iloc[-1].to_dict() if len(log) else {}
+    return {
+        "adversary_sources": {c: list(s) for c, s in zip(cb.codes.classes, cb.codes.sources, strict=True)},
+        "adversary_last_epoch": {k: last.get(k) for k in ("adv_accuracy", "majority_accuracy", "weight")},
+        "_adversary_log": log,
+    }
 
 
 def _predict_eval(
@@ -231,6 +277,11 @@ def _run_info(
         "subclasses": list(space.subclasses),
         "parent_of": dict(space.parent_of),
         "parent_of_subclass": dict(space.parent_of),
+        "variant": cfg.variant,
+        "input_view": cfg.input_view,
+        "equalize": bool(cfg.equalize),
+        "view_margin": float(cfg.view_margin),
+        "adversary": cfg.adversary,
         "image_size": cfg.image_size,
         "epochs": cfg.epochs,
         "lr": float(extra.get("lr", cfg.lr)),
@@ -263,9 +314,19 @@ def _run_info(
 
 
 def _save_run(
-    run_dir: Path, model: nn.Module, hist: pd.DataFrame, preds: pd.DataFrame, info: dict[str, Any]
+    run_dir: Path,
+    model: nn.Module,
+    hist: pd.DataFrame,
+    preds: pd.DataFrame,
+    info: dict[str, Any],
+    adversary_log: pd.DataFrame | None = None,
 ) -> None:
-    """Write model.pth, history.csv, learning_curve.png, predictions.csv and, last, run.json."""
+    """Write model.pth, history.csv, learning_curve.png, predictions.csv, adversary.csv (with the source
+    adversary; else any stale one is removed) and, last, run.json."""
+    if adversary_log is not None:
+        atomic_write_text(run_dir / "adversary.csv", adversary_log.to_csv(index=False))
+    else:
+        (run_dir / "adversary.csv").unlink(missing_ok=True)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(run_dir / "model.pth", buf.getvalue())
@@ -320,11 +381,13 @@ def predict_images(
 
 
 def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
-    """One row per run: scenario, decomposition, subclasses, epochs, time and composed val/test accuracy."""
+    """One row per run: variant, scenario, decomposition, seed, subclasses, epochs, time and composed val/test
+    accuracy."""
     keys = (
         "run_id",
         "scenario",
         "decomposition",
+        "seed",
         "epochs_run",
         "best_epoch",
         "train_seconds",
@@ -334,26 +397,36 @@ def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
         "val_accuracy",
         "test_accuracy",
     )
-    rows = [{**{k: r.info[k] for k in keys}, "n_subclasses": len(r.info["subclasses"])} for r in results]
+    rows = [
+        {
+            **{k: r.info[k] for k in keys},
+            "variant": r.info.get("variant", BASELINE),
+            "n_subclasses": len(r.info["subclasses"]),
+        }
+        for r in results
+    ]
     return pd.DataFrame(rows)
 
 
 def describe_decomposition_effect(summary: pd.DataFrame) -> str:
-    """Plain-language comparison of decomposition on vs off (point estimates; intervals come in notebook 05)."""
+    """Plain-language comparison of decomposition on vs off, averaged over the seeds both ran (point estimates;
+    intervals come in notebook 05)."""
     on, off = summary[summary["decomposition"]], summary[~summary["decomposition"]]
     if on.empty or off.empty:
         return "Only one decomposition setting was run: no comparison."
-    a, b = on.iloc[0], off.iloc[0]
+    seeds = sorted(set(on["seed"]) & set(off["seed"]))
+    on, off = on[on["seed"].isin(seeds)], off[off["seed"].isin(seeds)]
     lines = []
     for split in ("val", "test"):
-        x, y = a[f"{split}_accuracy"], b[f"{split}_accuracy"]
-        if x is None or y is None or pd.isna(x) or pd.isna(y):
+        x = pd.to_numeric(on[f"{split}_accuracy"], errors="coerce").dropna()
+        y = pd.to_numeric(off[f"{split}_accuracy"], errors="coerce").dropna()
+        if x.empty or y.empty:
             continue
         lines.append(
-            f"{split}: {100 * x:.1f}% with decomposition vs {100 * y:.1f}% without "
-            f"({100 * (x - y):+.1f} points, n={int(a[f'n_{split}'])} images)"
+            f"{split}: {100 * x.mean():.1f}% with decomposition vs {100 * y.mean():.1f}% without "
+            f"({100 * (x.mean() - y.mean()):+.1f} points, n={int(on[f'n_{split}'].iloc[0])} images)"
         )
     return (
-        f"{a['scenario']} ({int(a['n_subclasses'])} subclasses vs {int(b['n_subclasses'])} classes): "
-        + "; ".join(lines)
+        f"{on['scenario'].iloc[0]} ({int(on['n_subclasses'].iloc[0])} subclasses vs "
+        f"{int(off['n_subclasses'].iloc[0])} classes), mean over {len(seeds)} seed(s): " + "; ".join(lines)
     )

@@ -6,12 +6,14 @@ the steps counted by a fastai callback (``learner.StepCounter``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from torch import nn
@@ -179,9 +181,11 @@ def train_images(
     workdir: Path,
     history: list[dict[str, Any]],
     images: torch.Tensor | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """deep / finetune / scratch on augmented images; returns extra facts for run.json (lr, budget, stages).
-    ``images``: the rows' uint8 tensor (N,1,S,S); None reads it from the shared tensor cache."""
+    ``images``: the rows' uint8 tensor (N,1,S,S); None reads it from the shared tensor cache. ``callbacks``
+    join the learner for every fit (the source adversary's ramp spans the whole budget, all stages)."""
     if images is None:
         from cxrstudy.tensorcache import load_uint8_batch
 
@@ -191,6 +195,11 @@ def train_images(
     learn = make_learner(
         model, DataLoaders(*loaders), loss, lr=cfg.lr, path=workdir, splitter=group_splitter, wd=cfg.wd
     )
+    budget = len(loaders[0]) * sum(cfg.stage_epochs())
+    for cb in callbacks:
+        if getattr(cb, "total_steps", "absent") is None:
+            cb.total_steps = budget
+        learn.add_cb(cb)
     counter = StepCounter()
     if cfg.scenario == "finetune":
         facts = _fit_finetune(learn, len(model.layer_groups()), cfg, history, counter)

@@ -19,7 +19,12 @@ _INT_MINIMUM: dict[str, int] = {
     "num_workers": 0,
     "patience": 0,
     "lr_find_iters": 5,
+    "adversary_hidden": 1,
 }
+
+BASELINE, VARIANT_NAME = config.BASELINE_VARIANT, config.VARIANT_NAME
+#: Adversary weight schedules (``adversary.adversary_weight``).
+ADVERSARY_SCHEDULES: tuple[str, ...] = ("ganin", "constant")
 
 #: Stages of finetune's default schedule (``learner.finetune_schedule`` on a Classifier's 4 layer groups:
 #: head; + last backbone group; everything).
@@ -51,7 +56,12 @@ class TrainConfig:
     finetune and shallow: the head), clamped to ``lr_range``; once per run, i.e. per (task, scenario,
     decomposition, seed), and recorded in run.json (``lr``, ``params.lr_found``). Without it, ``lr``. For
     finetune the rate is the head's and open backbone groups get ``slice(lr / lr_mult, lr)``.
-    ``wd`` None is fastai's default (0.01, decoupled)."""
+    ``wd`` None is fastai's default (0.01, decoupled).
+
+    Variant (issue 12): ``variant`` names the parameter set; ``input_view`` / ``equalize`` / ``view_margin``
+    say how the films were rendered (``lungs.render.view_root``; the caller passes that folder as
+    ``image_root``); ``adversary_weight`` > 0 adds the class-conditional source adversary
+    (``training.adversary``) with that peak weight, ramped by ``adversary_schedule`` (image scenarios only)."""
 
     task: str = "covid_vs_normal"
     scenario: str = "shallow"
@@ -72,12 +82,20 @@ class TrainConfig:
     dropout: float = 0.2
     lr_range: tuple[float, float] = (1e-5, 1e-2)
     lr_find_iters: int = 50
+    variant: str = BASELINE
+    input_view: str = "full"
+    equalize: bool = False
+    view_margin: float = 0.05
+    adversary_weight: float = 0.0
+    adversary_schedule: str = "ganin"
+    adversary_lr: float = 1e-3
+    adversary_hidden: int = 256
 
     def __post_init__(self) -> None:
         self._check_names()
         for name, low in _INT_MINIMUM.items():
             _check_int(name, getattr(self, name), low)
-        for name in ("decomposition", "use_lr_find"):
+        for name in ("decomposition", "use_lr_find", "equalize"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "must be True or False", getattr(self, name))
         _check_real("lr", self.lr, low=0.0, low_open=True)
@@ -88,6 +106,7 @@ class TrainConfig:
         if self.finetune_stages is not None:
             object.__setattr__(self, "finetune_stages", _check_stages(self.finetune_stages))
         object.__setattr__(self, "lr_range", _check_range(self.lr_range))
+        self._check_variant()
         if self.scenario == "finetune" and self.epochs < self.n_stages:
             _fail(
                 "epochs",
@@ -106,6 +125,49 @@ class TrainConfig:
     def stage_epochs(self) -> list[int]:
         """Epochs of each fit stage (they sum to ``epochs``)."""
         return stage_epochs(self.epochs, self.n_stages)
+
+    def _check_variant(self) -> None:
+        """Variant name, input view, margin and adversary settings."""
+        from cxrstudy.lungs.views import VIEWS
+
+        if not isinstance(self.variant, str) or not VARIANT_NAME.match(self.variant):
+            _fail(
+                "variant",
+                "must be lower-case letters, digits and underscores, starting with a letter",
+                self.variant,
+            )
+        if self.input_view not in VIEWS:
+            _fail("input_view", f"unknown view; expected one of {sorted(VIEWS)}", self.input_view)
+        _check_real("view_margin", self.view_margin, low=0.0, high=0.5)
+        _check_real("adversary_weight", self.adversary_weight, low=0.0)
+        _check_real("adversary_lr", self.adversary_lr, low=0.0, low_open=True)
+        if self.adversary_schedule not in ADVERSARY_SCHEDULES:
+            _fail("adversary_schedule", f"must be one of {ADVERSARY_SCHEDULES}", self.adversary_schedule)
+        if self.adversary_weight > 0 and self.scenario == "shallow":
+            _fail(
+                "adversary_weight",
+                "must be 0 for shallow (the frozen backbone has nothing to unlearn)",
+                self.adversary_weight,
+            )
+        plain = self.input_view == "full" and not self.equalize and self.adversary_weight == 0
+        if self.variant == BASELINE and not plain:
+            _fail(
+                "variant",
+                "is 'baseline' but the input view or adversary differs from the baseline's: name the variant",
+                self.variant,
+            )
+
+    @property
+    def adversary(self) -> dict[str, float | int | str] | None:
+        """The adversary's settings for run.json, None without one."""
+        if self.adversary_weight == 0:
+            return None
+        return {
+            "weight": float(self.adversary_weight),
+            "schedule": self.adversary_schedule,
+            "lr": float(self.adversary_lr),
+            "hidden": int(self.adversary_hidden),
+        }
 
     def _check_names(self) -> None:
         """Task, scenario, backbone and device must be ones the study knows."""
