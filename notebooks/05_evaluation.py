@@ -14,9 +14,9 @@
 # ---
 
 # %% [markdown]
-# # 05 · Evaluation: metrics with patient-bootstrap intervals, shortcut checks, saliency, scorecard, verdict
+# # 05 · Evaluation: metrics with patient-bootstrap intervals over seeds, shortcut checks, saliency, scorecard, recommended variant, verdict
 #
-# Evaluates every saved run of the profile from its stored predictions (no retraining): accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**, on the test split only (evaluation-only `holdout` rows never enter these); calibration (ECE, Brier, reliability diagrams); McNemar's test clustered on patient groups between scenarios and for class decomposition (on minus off), Holm-adjusted. Then the shortcut checks on frozen features (source identification across and within labels, lungs hidden / lungs only, leave-one-source-out, the one same-hospital source), Grad-CAM saliency with the share inside the lungs (the profile's segmented lungs from notebook 01_lungs when it ran, else a fixed central rectangle), and the confound-free scorecard of every run on its own penultimate features. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline, scorecard and shortcut-check figures also appear on the profile's `index.html`.
+# Evaluates every saved run of the profile from its stored predictions (no retraining). Runs come in configurations (task, backbone, scenario, decomposition, variant) with several seeds; every table gives per configuration the mean over seeds, the sd over seeds and the range of the per-seed intervals beside each run's own numbers. First, before any test number is read, the recommended variant is chosen on validation rows only by a rule fixed in the parameters. Then: accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**, on the test split only (evaluation-only `holdout` rows never enter these); calibration (ECE, Brier, reliability diagrams); McNemar's test clustered on patient groups between scenarios and for class decomposition (on minus off), per variant and seed, Holm-adjusted, and pooled over seeds. Then the shortcut checks on frozen features (source identification across and within labels, lungs hidden / lungs only, leave-one-source-out, the one same-hospital source), Grad-CAM saliency with the share inside the lungs (the profile's segmented lungs from notebook 01_lungs when it ran, else a fixed central rectangle), and the confound-free scorecard of every run on its own penultimate features of films it never saw. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline, scorecard and shortcut-check figures also appear on the profile's `index.html`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # evaluates reports/<profile>/runs/*
@@ -29,6 +29,11 @@ max_per_class = 0  # images kept per split and class, 0 keeps all; as in the oth
 n_bootstrap = 1000  # patient-group bootstrap resamples
 saliency_per_class = 4  # Grad-CAM images per class and outcome (correct / wrong) per run
 shortcut_checks = True  # run the feature-level shortcut checks
+input_view = "full"  # full, lung_crop or lung_mask: the films of the frozen-feature shortcut checks (as notebook 02)
+equalize = False  # histogram equalisation inside the lung mask (with a lung view)
+selection_task = "covid_normal_pneumonia"  # the recommended variant is chosen among this task's variants ...
+selection_scenario = "deep"  # ... of this scenario (decomposition off), on validation rows only
+selection_max_drop = 0.05  # a variant may lose at most this much of the baseline's validation COVID-19-vs-normal accuracy (seed means)
 
 # %%
 import pandas as pd
@@ -37,7 +42,18 @@ from IPython.display import Image, Markdown, display
 
 from cxrstudy import config
 from cxrstudy.data.splits import subsample
-from cxrstudy.evaluation import figures, report, runfeatures, saliency, scorecard, shortcuts, tables
+from cxrstudy.evaluation import (
+    figures,
+    report,
+    runfeatures,
+    saliency,
+    scorecard,
+    seeds,
+    selection,
+    shortcuts,
+    tables,
+)
+from cxrstudy.lungs.render import view_root
 
 config.seed_everything(seed)
 torch.set_num_threads(min(torch.get_num_threads(), 4))
@@ -52,16 +68,28 @@ excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() e
 runs = report.load_runs(out)
 if not runs:
     raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 04 first")
-display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "train_seconds", "epochs_run", "n_test")} for r in runs]))
+display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "train_seconds", "epochs_run", "n_test")}
+                      for r in runs]))
 
 # %% [markdown]
-# ## Test metrics per run
+# ## Recommended variant (validation rows only, rule fixed in the parameters)
 #
-# Percentages with 95% percentile intervals from resampling whole patient groups (an image enters a resample as often as its patient group was drawn). *val. accuracy* is what the headline run is chosen on; *accuracy* is the arg-max of the summed subclass probabilities and *hard-rule acc.* DeTraC's rule (the parent of the most probable subclass).
+# Before any test number is read: among the variants (baseline included) of `selection_task` / `selection_scenario` without decomposition, averaged over seeds, keep those whose mean validation COVID-19-vs-normal accuracy is at most `selection_max_drop` below the baseline's; among them pick the highest mean validation within-source contrast (the mean of the ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs on validation rows); if none reaches the floor, the highest validation accuracy. `cxrstudy.evaluation.selection` reads only rows whose split is `val`.
+
+# %%
+recommended = selection.select_variant(runs, selection_task, selection_scenario, max_drop=selection_max_drop)
+display(Markdown(f"**Recommended variant: {recommended['name']}**. {recommended['rule']}"))
+display(pd.DataFrame(recommended["candidates"]))
+
+# %% [markdown]
+# ## Test metrics per run and per configuration over seeds
+#
+# Percentages with 95% percentile intervals from resampling whole patient groups (an image enters a resample as often as its patient group was drawn). *val. accuracy* is what the headline run is chosen on; *accuracy* is the arg-max of the summed subclass probabilities and *hard-rule acc.* DeTraC's rule (the parent of the most probable subclass). The second table pools each configuration's seeds: mean, (sd) and [the lowest to the highest bound of the per-seed intervals].
 
 # %%
 entries = report.evaluate_runs(runs, n_bootstrap, seed)
 display(tables.runs_frame(entries))
+display(seeds.seed_frame(seeds.seed_summary(entries)))
 
 # %% [markdown]
 # ## Figures
@@ -76,7 +104,7 @@ for name, path in figure_paths.items():
 # %% [markdown]
 # ## Shortcut checks (linear heads on frozen features)
 #
-# All checks use the shallow level, a logistic regression on frozen ImageNet features, so they are cheap on a CPU; they say what the images make easy, not what each trained network did. *Source identification*: how well the features name the repository (patient-group 5-fold CV); across labels against the rule that knows only the label, and within each label against always naming its largest source. *Masking*: features of films with the lungs hidden, or with only the lungs kept (segmented lungs when the profile ran notebook 01_lungs, films failing its QC and profiles without it: the central rectangle, x and y 15-85%). *Leave-one-source-out*: a head trained without a whole source, tested on it, with the training composition. *Same hospital*: Actualmed, the only source with COVID-19 and normal films from one site.
+# All checks use the shallow level, a logistic regression on frozen ImageNet features, so they are cheap on a CPU; they say what the images make easy, not what each trained network did. Source identification, leave-one-source-out and the same-hospital probe read the films through the `input_view` / `equalize` parameters (as notebook 02; the feature cache is shared); the masking experiment always reads the plain films, whose size the lung masks have. *Source identification*: how well the features name the repository (patient-group 5-fold CV); across labels against the rule that knows only the label, and within each label against always naming its largest source. *Masking*: features of films with the lungs hidden, or with only the lungs kept (segmented lungs when the profile ran notebook 01_lungs, films failing its QC and profiles without it: the central rectangle, x and y 15-85%). *Leave-one-source-out*: a head trained without a whole source, tested on it, with the training composition. *Same hospital*: Actualmed, the only source with COVID-19 and normal films from one site.
 
 # %%
 paper_runs = {r["info"]["run_id"]: r["predictions"] for r in runs if r["info"]["task"] == tables.PAPER_TASK}
@@ -85,7 +113,7 @@ if shortcut_checks:
     checks_raw = shortcuts.run_shortcut_checks(
         manifest, paper_runs, image_root, backbone, image_size, config.TASKS[tables.PAPER_TASK],
         batch_size=batch_size, device=device, seed=seed, n_bootstrap=n_bootstrap, lung_masks=lung_masks,
-        lung_key=lung_key)
+        lung_key=lung_key, view_root=view_root(manifest, profile, input_view, equalize))
     sid = checks_raw["source_identification"]
     display(Markdown(f"Source identification across labels: accuracy {sid.get('accuracy')}, balanced "
                      f"{sid.get('balanced_accuracy')}, majority baseline {sid.get('majority_baseline')}, label-only "
@@ -98,11 +126,12 @@ if shortcut_checks:
 # %% [markdown]
 # ## Saliency (Grad-CAM)
 #
-# Grad-CAM on the last convolutional stage, explaining the predicted class, on each run's films as it saw them (its input view), for a seeded random sample of test images stratified by true class and outcome (up to `saliency_per_class` correct and as many wrong per class) of every run. The dashed outline is the film's lung region (segmented lungs resized to the map's grid, or the central rectangle); *in-lung* is the share of saliency inside it and *uniform* the region's area (what a uniform map would give). The maps come from `image_size / 32` cells per side (5x5 at 160 px), which limits what the share can say.
+# Grad-CAM on the last convolutional stage, explaining the predicted class, on each run's films as it saw them (its input view), for a seeded random sample of test images stratified by true class and outcome (up to `saliency_per_class` correct and as many wrong per class), for the first seed of every configuration and the headline runs (to keep the step fast). The dashed outline is the film's lung region (segmented lungs resized to the map's grid, or the central rectangle); *in-lung* is the share of saliency inside it and *uniform* the region's area (what a uniform map would give). The maps come from `image_size / 32` cells per side (5x5 at 160 px), which limits what the share can say.
 
 # %%
 head_run = tables.headline(entries).get("run_id")
-sal = saliency.saliency_for_runs(runs, image_root, saliency_per_class, fig_dir, seed,
+head_runs = [tables.headline(entries, t).get("run_id") for t in config.TASKS]
+sal = saliency.saliency_for_runs(seeds.first_seed_runs(runs, head_runs), image_root, saliency_per_class, fig_dir, seed,
                                  config.resolve_device(device), masks=lung_masks, manifest=manifest, profile=profile)
 display(sal.groupby(["run_id", "outcome"])[["lung_share", "uniform_share"]].mean().unstack())
 if head_run:
@@ -111,7 +140,7 @@ if head_run:
 # %% [markdown]
 # ## Confound-free scorecard
 #
-# Per run, on films it never trained on (its predictions' rows outside train/val), with patient-group bootstrap intervals: S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC (>= 0.80), S2 Actualmed balanced accuracy (>= 0.85, evaluation-only hospital), S3 source identification within COVID-19 films (<= its majority share + 5 points), S4 NIH pneumonia vs normal ROC-AUC (>= 0.85, three-class runs), S5 the paper's task accuracy (>= 94.17%). Where too few held-out films exist, a patient-grouped linear probe on the run's **own** penultimate features answers (`method` = probe); those features are computed once per run, on the films through the run's input view, and cached in `data/cache/run_features/`.
+# Per run, only on films the run never trained or validated on: a film is *seen* by a run when its manifest split is train or val AND its label is one of the run's classes (run.json `classes`); everything else is unseen (test, holdout, and films of labels outside the task, e.g. pneumonia films for a binary covid_vs_normal run). With patient-group bootstrap intervals: S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC (>= 0.80), S2 Actualmed balanced accuracy (>= 0.85, evaluation-only hospital), S3 source identification within COVID-19 films (<= its majority share + 5 points), S4 NIH pneumonia vs normal ROC-AUC (>= 0.85, three-class runs), S5 the paper's task accuracy (>= 94.17%). The probes (source identification within COVID-19, and the fallback where too few unseen predicted films exist, `method` = probe) are patient-grouped linear probes on the run's **own** penultimate features of unseen films only; those features are computed on the films through the run's input view (runs sharing input view and task one after the other, so their films are decoded once) and cached in `data/cache/run_features/`.
 
 # %%
 card = runfeatures.scorecard_entries(runs, manifest, image_root, device, batch_size, n_bootstrap, seed, profile)
@@ -130,22 +159,24 @@ checks = tables.assemble_shortcut_checks(
 results = report.build_results(
     out, manifest, shortcut_checks=checks, n_bootstrap=n_bootstrap, seed=seed, excluded=excluded, runs=runs,
     entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size},
-    scorecard=card)
+    scorecard=card, recommended_variant=recommended)
 report.write_model_card(results, out / "model_card.md")
 report.write_claim_checklist(results, out / "claim_checklist.md")
 display(Markdown(results["headline"]["text"]))
 display(tables.headline_frame(results))
 display(tables.comparisons_frame(results["comparisons"]))
+display(seeds.pooled_frame(results["comparisons"]))
 
 # %% [markdown]
 # ## Scorecard at a glance (shown on index.html)
 #
-# Every scorecard metric per run and variant with its 95% interval; dashed lines are the goals (S3: the share of the largest source among COVID-19 films plus 5 points).
+# Every scorecard metric per configuration over its seeds: the seed mean, the bar from the lowest to the highest bound of the seeds' 95% intervals; dashed lines are the goals (S3: the share of the largest source among COVID-19 films plus 5 points). The table: each goal per configuration, met when the seed mean meets it, and whether every seed's interval clears it.
 
 # %%
-scorecard_png = figures.scorecard_figure(results["scorecard"], results["goals"], fig_dir / figures.SCORECARD_FIGURE)
+scorecard_png = figures.scorecard_figure(results["scorecard_summary"], fig_dir / figures.SCORECARD_FIGURE)
 if scorecard_png is not None:
     display(Image(filename=str(scorecard_png)))
+display(seeds.scorecard_frame(results["scorecard_summary"], results["recommended_variant"]))
 
 # %% [markdown]
 # ## Shortcut checks at a glance (shown on index.html)
@@ -166,4 +197,4 @@ display(Markdown("\n".join(f"- {s}" for s in results["verdict"])))
 # %% [markdown]
 # ## What the accuracy can and cannot be trusted for
 #
-# The test accuracy is an honest estimate **for these runs on images like these**: patient-disjoint splits, near-duplicates removed across sources, decomposition fitted on training images only, the headline run chosen on validation, and intervals that resample patients rather than images. The intervals cover only the sampling of test patients: with one seed per configuration and unequal training budgets per scenario (both stated in `results.json`, `comparisons.design`), a difference between scenarios or between decomposition on and off mixes the method with seed-to-seed variation and budget, so the numbers do not rank them. They do **not** measure diagnostic accuracy: in these public collections COVID-19, normal and pneumonia films largely come from different repositories, and the checks above show how much of the label can be read from the source, from every part of the film, or with the lungs hidden. The scorecard asks the questions a source shortcut cannot answer (within one source, within one label, on a held-out hospital). A claim about patients needs an external test set from a hospital the model never saw (`make evaluate EXTERNAL=labels.csv`).
+# The test accuracy is an honest estimate **for these runs on images like these**: patient-disjoint splits, near-duplicates removed across sources, decomposition fitted on training images only, the headline run chosen on validation, and intervals that resample patients rather than images. The intervals cover only the sampling of test patients: with a few seeds per configuration (their spread is in `seed_summary`) and unequal training budgets per scenario (both stated in `results.json`, `comparisons.design`), a difference between scenarios or between decomposition on and off mixes the method with seed-to-seed variation and budget, so the numbers do not rank them. They do **not** measure diagnostic accuracy: in these public collections COVID-19, normal and pneumonia films largely come from different repositories, and the checks above show how much of the label can be read from the source, from every part of the film, or with the lungs hidden. The scorecard asks the questions a source shortcut cannot answer (within one source, within one label, on a held-out hospital). A claim about patients needs an external test set from a hospital the model never saw (`make evaluate EXTERNAL=labels.csv`).

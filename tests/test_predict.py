@@ -49,7 +49,7 @@ def images(tmp_path, mirror_file) -> list[Path]:
 def test_predict_writes_table_and_overlays(tmp_path, reports, images, monkeypatch, capsys):
     monkeypatch.setattr(config, "REPORTS_DIR", reports)
     out = tmp_path / "out"
-    rc = cli.main(["predict", *map(str, images), "--profile", "prof", "--out", str(out), "--device", "cpu"])
+    rc = cli.main(["predict", *map(str, images), "--profile", "prof", "--out", str(out)])  # device: auto
     assert rc == 0
     table = pd.read_csv(out / "predictions.csv")
     assert list(table.columns) == ["image", "run_id", "pred", "prob_covid", "prob_normal"]

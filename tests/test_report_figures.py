@@ -68,32 +68,46 @@ def _entry(run, metric, value, variant="baseline", method="model"):
 
 def test_scorecard_panels_and_figure(tmp_path):
     from cxrstudy.evaluation.scorecard import check_goals
+    from cxrstudy.evaluation.seeds import scorecard_summary
 
-    a = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0"
-    b = "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0"
+    a = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed{}"
+    b = "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0__lung_crop"
+    runs = [{"run_id": a.format(s), "task": "covid_vs_normal", "backbone": "efficientnet_lite0", "scenario": "deep",
+             "decomposition": False, "seed": s, "variant": "baseline"} for s in (0, 1)]
+    runs.append({**runs[0], "run_id": b, "scenario": "shallow", "variant": "lung_crop"})
     entries = [
-        _entry(a, "ieee8023_covid_vs_pneumonia_auc", 0.82, method="probe"),
-        _entry(a, "source_id_within_covid_accuracy", 0.62, method="probe"),
-        _entry(a, "source_id_within_covid_majority", 0.43, method="probe"),
-        _entry(a, "paper_task_accuracy", 0.95),
-        _entry(a, "nih_pneumonia_vs_normal_auc", None),
+        _entry(a.format(0), "ieee8023_covid_vs_pneumonia_auc", 0.82, method="probe"),
+        _entry(a.format(0), "source_id_within_covid_accuracy", 0.62, method="probe"),
+        _entry(a.format(0), "source_id_within_covid_majority", 0.43, method="probe"),
+        _entry(a.format(0), "paper_task_accuracy", 0.95),
+        _entry(a.format(0), "nih_pneumonia_vs_normal_auc", None),
+        _entry(a.format(1), "source_id_within_covid_accuracy", 0.58, method="probe"),
+        _entry(a.format(1), "source_id_within_covid_majority", 0.45, method="probe"),
+        _entry(a.format(1), "paper_task_accuracy", 0.91),
         _entry(b, "paper_task_accuracy", 0.93, variant="lung_crop"),
         _entry(b, "source_id_within_covid_accuracy", 0.5, variant="lung_crop", method="probe"),
         _entry(b, "source_id_within_covid_majority", 0.40, variant="lung_crop", method="probe"),
     ]
-    goals = check_goals(entries)
-    panels = F.scorecard_panels(entries, goals)
+    summary = scorecard_summary(runs, entries, check_goals(entries))
+    panels = F.scorecard_panels(summary)
     names = list(panels)
     assert len(names) == 5 and names[0].startswith("S1 ieee8023_covid_vs_pneumonia_auc (>= 0.8)")
     assert names[2] == "S3 source_id_within_covid_accuracy (<= majority + 5 points)"
-    s3 = panels[names[2]]
-    assert list(s3["label"]) == ["deep nodecomp seed0 (covid_vs_normal, probe)",
-                                 "shallow nodecomp seed0 [lung_crop] (covid_vs_normal, probe)"]
-    assert list(s3["target"]) == [pytest.approx(0.48), pytest.approx(0.45)]  # each run's majority + 5 points
+    s3 = panels[names[2]]  # one row per configuration: the seeds pooled
+    assert list(s3["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, 1 seed, probe)",
+                                 "deep nodecomp (covid_vs_normal, 2 seeds, probe)"]
+    # each configuration's target is the mean of its seeds' majority + 5 points
+    assert list(s3["target"]) == [pytest.approx(0.45), pytest.approx(0.49)]
     s5 = panels[names[4]]
-    assert list(s5["value"]) == [0.95, 0.93] and s5["target"].iloc[0] == pytest.approx(0.9417)
+    assert list(s5["value"]) == [0.93, pytest.approx(0.93)] and s5["target"].iloc[0] == pytest.approx(0.9417)
+    # the bar: the lowest lower bound to the highest upper bound of the seeds' intervals
+    assert (s5["ci_low"].iloc[1], s5["ci_high"].iloc[1]) == (pytest.approx(0.86), pytest.approx(0.99))
+    s1 = panels[names[0]]  # a seed without the metric does not count; a configuration without it reads n/a
+    assert list(s1["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, 1 seed)",
+                                 "deep nodecomp (covid_vs_normal, 2 seeds, probe)"]
+    assert s1["value"].iloc[1] == pytest.approx(0.82) and s1["value"].isna().iloc[0]
     assert panels[names[3]]["value"].isna().all()  # not computed: kept as a row, shown as n/a
-    path = F.scorecard_figure(entries, goals, tmp_path / F.FIGURE_DIR / F.SCORECARD_FIGURE)
+    path = F.scorecard_figure(summary, tmp_path / F.FIGURE_DIR / F.SCORECARD_FIGURE)
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 300 and im.height > 300
-    assert F.scorecard_figure([], [], path) is None and not path.exists()
+    assert F.scorecard_figure([], path) is None and not path.exists()

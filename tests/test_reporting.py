@@ -94,7 +94,7 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
     reporting.update_readme("default", readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
-    assert "| covid_vs_normal | shallow | off | – | 95.0 [90.0, 99.0] |" in text
+    assert "| covid_vs_normal | shallow | off | baseline | 0 | – | 95.0 [90.0, 99.0] |" in text
     assert "2026-11-26" in text and "abcdef1234" in text and "Verdict" in text
     assert "0.1 min for all steps" in text
 
@@ -106,17 +106,35 @@ def test_readme_table_is_markdown_from_data(tmp_path, monkeypatch):
     results["runs"][0]["test"]["hard_rule"] = {"accuracy": {"value": 0.88, "ci_low": 0.83, "ci_high": 0.93}}
     text = reporting.readme_results(results, RECORD)
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| task | scenario | decomposition | validation accuracy % | accuracy % (summed "
-                               "probabilities) | accuracy % (DeTraC hard rule) |")
+    assert table[0].startswith("| task | scenario | decomposition | variant | seeds | validation accuracy % | accuracy % "
+                               "(summed probabilities) | accuracy % (DeTraC hard rule) |")
     assert table[2:4] == [
-        "| a\\|b | shallow | off | – | 95.0 [90.0, 99.0] | – | – | – | – |",
-        "| covid_vs_normal | deep | on | 96.0 | 90.0 [85.0, 95.0] | 88.0 [83.0, 93.0] | 80.0 [70.0, 90.0] | – | 5.0 |",
+        "| a\\|b | shallow | off | baseline | 0 | – | 95.0 [90.0, 99.0] | – | – | – | – |",
+        "| covid_vs_normal | deep | on | baseline | 0 | 96.0 | 90.0 [85.0, 95.0] | 88.0 [83.0, 93.0] | 80.0 [70.0, 90.0] "
+        "| – | 5.0 |",
     ]
     assert table[4:] == [
-        f"| {config.PAPER_CITATION} | reported | | | 94.17 | | | | |",
-        f"| {config.DETRAC_CITATION} | reported | on | | | 93.1 | | | |",
+        f"| {config.PAPER_CITATION} | reported | | | | | 94.17 | | | | |",
+        f"| {config.DETRAC_CITATION} | reported | on | | | | | 93.1 | | | |",
     ]
     assert not any("<" in line or ">" in line for line in table)
+
+
+def test_run_tables_pool_seeds_per_configuration():
+    def run(seed, acc, lo, hi, variant="baseline"):
+        return {"run_id": f"r{seed}{variant}", "task": "covid_normal_pneumonia", "backbone": "b", "scenario": "deep",
+                "decomposition": False, "seed": seed, "variant": variant, "val_accuracy": acc,
+                "test": {"accuracy": {"value": acc, "ci_low": lo, "ci_high": hi}}}
+
+    results = {"runs": [run(0, 0.80, 0.75, 0.85), run(2, 0.84, 0.79, 0.90), run(1, 0.82, 0.76, 0.87),
+                        run(0, 0.70, 0.60, 0.80, "lung")]}
+    rows = reporting.headline_rows(results)
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("baseline", "0, 1, 2"), ("lung", "0")]
+    assert rows[0]["accuracy"] == {"value": "82.0", "sd": "2.0", "interval": "75.0, 90.0"}
+    assert rows[1]["accuracy"] == {"value": "70.0", "sd": "", "interval": "60.0, 80.0"}
+    md = reporting.readme_results(results, RECORD)
+    assert "| covid_normal_pneumonia | deep | off | baseline | 0, 1, 2 | 82.0 ± 2.0 | 82.0 ± 2.0 " \
+        "[75.0, 90.0] |" in md
 
 
 def _figure_files(out):
@@ -159,62 +177,90 @@ def test_index_escapes_run_fields_and_record(tmp_path):
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 7
 
 
-def _goal(goal, metric, run, value, met, variant="baseline", target=0.8):
-    return {"goal": goal, "run_id": run, "variant": variant, "metric": metric, "op": ">=", "target": target,
-            "value": value, "ci_low": None if value is None else value - 0.05,
-            "ci_high": None if value is None else value + 0.05, "met": met}
-
-
+THREE = "covid_normal_pneumonia__efficientnet_lite0__deep__nodecomp__seed{}"
 HEAD = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0"
-LUNGCROP = "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0__lungs"
-GOALS = [
-    _goal("S1", "ieee8023_covid_vs_pneumonia_auc", HEAD, 0.7, False),
-    _goal("S5", "paper_task_accuracy", HEAD, 0.95, True, target=0.9417),
-    _goal("S4", "nih_pneumonia_vs_normal_auc", HEAD, None, None),
-    _goal("S1", "ieee8023_covid_vs_pneumonia_auc", "other_run", 0.9, True),
-    _goal("S1", "ieee8023_covid_vs_pneumonia_auc", LUNGCROP, 0.85, True, variant="lung_crop"),
-]
 
 
-def test_goal_rows_and_headers():
+def _scorecard_results() -> dict:
+    """results.json parts of a profile whose three-class deep configuration ran two seeds of the baseline and
+    of the ``lung`` variant, plus the paper's task headline run; ``scorecard_summary`` from the real code."""
+    from cxrstudy.evaluation.scorecard import check_goals
+    from cxrstudy.evaluation.seeds import scorecard_summary
+
+    runs, card = [], []
+    values = {("baseline", 0): (0.70, 0.97), ("baseline", 1): (0.74, 0.95), ("lung", 0): (0.86, 0.95),
+              ("lung", 1): (0.90, 0.93), ("head", 0): (0.60, 0.96)}
+    for (variant, seed), (ieee, paper) in values.items():
+        run_id = HEAD if variant == "head" else THREE.format(seed) + ("__lung" if variant == "lung" else "")
+        task = run_id.split("__")[0]
+        runs.append({"run_id": run_id, "task": task, "backbone": "efficientnet_lite0", "scenario": "deep",
+                     "decomposition": False, "seed": seed, "variant": "baseline" if variant == "head" else variant})
+        for metric, value in (("ieee8023_covid_vs_pneumonia_auc", ieee), ("paper_task_accuracy", paper)):
+            card.append({"run_id": run_id, "variant": runs[-1]["variant"], "task": task, "metric": metric,
+                         "value": value, "ci_low": value - 0.03, "ci_high": value + 0.03, "n": 50,
+                         "method": "model"})
+    goals = check_goals(card)
+    return {"runs": runs, "scorecard": card, "goals": goals, "scorecard_summary": scorecard_summary(runs, card, goals),
+            "headline": {"text": "h", "run_id": HEAD},
+            "recommended_variant": {"name": "lung", "task": "covid_normal_pneumonia", "scenario": "deep",
+                                    "rule": "Keep validation accuracy >= 0.9; the highest contrast wins."}}
+
+
+def test_scorecard_rows_per_configuration_over_seeds():
     headers = reporting.goal_headers()
     assert [h["goal"] for h in headers] == ["S1", "S2", "S3", "S4", "S5"]
     assert headers[0]["rule"] == ">= 80" and headers[2]["rule"] == "<= majority + 5 points"
     assert headers[4]["rule"] == ">= 94.17"
-    results = {"goals": GOALS, "headline": {"run_id": HEAD}}
-    rows = reporting.goal_rows(results)
-    assert [(r["run_id"], r["variant"]) for r in rows] == [(HEAD, "baseline"), ("other_run", "baseline"),
-                                                            (LUNGCROP, "lung_crop")]
-    head = rows[0]
-    assert head["run"] == "deep nodecomp seed0 (covid_vs_normal)"
+    results = _scorecard_results()
+    rows = reporting.scorecard_table_rows(results)
+    assert [(r["run"], r["variant"], r["seeds"], r["recommended"]) for r in rows] == [
+        ("deep nodecomp (covid_normal_pneumonia)", "baseline", "2 seeds", False),
+        ("deep nodecomp (covid_normal_pneumonia)", "lung", "2 seeds", True),
+        ("deep nodecomp (covid_vs_normal)", "baseline", "1 seed", False),
+    ]
+    base, lung, head = rows
+    # S1 of the baseline: seed mean 72.0, sd over the two seeds, intervals 67.0 to 77.0: missed
+    assert base["goals"][0]["metric"] == {"value": "72.0", "sd": "2.8", "interval": "67.0, 77.0"}
+    assert base["goals"][0]["met"] == "missed" and base["goals"][0]["clears"] == "not all seeds clear"
+    # S1 of lung: seed mean 88 meets 80 and both intervals (83-89, 87-93) clear it
+    assert lung["goals"][0]["met"] == "met" and lung["goals"][0]["clears"] == "all seeds clear"
+    # S5 of lung: mean 94.0 < 94.17 although seed 0 reaches 95: missed on the mean
+    assert lung["goals"][4]["met"] == "missed" and lung["goals"][4]["metric"]["value"] == "94.0"
     assert [c["met"] for c in head["goals"]] == ["missed", "n/a", "n/a", "n/a", "met"]
-    assert head["goals"][0]["metric"] == {"value": "70.0", "interval": "65.0, 75.0"}
-    assert head["n_met"] == 1 and head["n_judged"] == 2
-    readme = reporting.readme_goal_rows(results)
-    assert [r["run_id"] for r in readme] == [HEAD, LUNGCROP]  # the headline run and every variant
+    assert head["goals"][0]["metric"] == {"value": "60.0", "sd": "", "interval": "57.0, 63.0"}
+    assert lung["n_met"] == 1 and lung["n_judged"] == 2
+    readme = reporting.readme_scorecard_rows(results)  # the headline's configuration, baseline beside variants
+    assert [(r["variant"], r["seeds"]) for r in readme] == [("baseline", "2 seeds"), ("lung", "2 seeds"),
+                                                            ("baseline", "1 seed")]
+    block = reporting.recommended_block(results)
+    assert block["name"] == "lung" and block["goals"] == lung["goals"]
 
 
 def test_index_and_readme_show_the_scorecard(tmp_path):
     from cxrstudy.evaluation.figures import FIGURE_DIR, SCORECARD_FIGURE
 
-    results = {**json.loads(json.dumps(RESULTS)), "goals": GOALS, "headline": {"text": "h", "run_id": HEAD}}
+    results = {**json.loads(json.dumps(RESULTS)), **_scorecard_results()}
     (tmp_path / "results.json").write_text(json.dumps(results))
     page = reporting.write_index(tmp_path, RECORD).read_text()
-    assert "<h2>Confound-free scorecard</h2>" in page and "<img" not in page
+    assert "<h2>Confound-free scorecard: the paper's number beside" in page and "<img" not in page
     assert "<th>S3 &lt;= majority + 5 points</th>" in page
-    assert "<td>deep nodecomp seed0 (covid_vs_normal)</td><td>baseline</td><td>70.0 <small>[65.0, 75.0]</small> " \
-        "<b>missed</b></td>" in page
-    assert page.index("<h2>Confound-free scorecard</h2>") < page.index("<h2>Verdict</h2>")
+    assert "<td>deep nodecomp (covid_normal_pneumonia)</td><td><b>lung (recommended)</b></td><td>2 seeds</td>" \
+        "<td>88.0 <small>± 2.8</small> <small>[83.0, 93.0]</small> <b>met</b> <small>all seeds clear</small></td>" in page
+    assert "<b>Recommended variant: lung</b> (covid_normal_pneumonia, deep). Keep validation accuracy &gt;= 0.9" in page
+    assert "S1 <b>met</b> (all seeds clear); S2 <b>n/a</b>" in page
+    assert "(reported)</td><td>–</td><td>–</td><td>–</td><td>–</td><td>94.17</td>" in page  # the paper beside S5
+    assert page.index("<h2>Confound-free scorecard") < page.index("<h2>Verdict</h2>")
     (tmp_path / FIGURE_DIR).mkdir()
     (tmp_path / FIGURE_DIR / SCORECARD_FIGURE).write_bytes(b"\x89PNG\r\n")
     page = reporting.write_index(tmp_path, RECORD).read_text()
     assert f"<img src='{FIGURE_DIR}/{SCORECARD_FIGURE}'" in page
     md = reporting.readme_results(results, RECORD)
-    assert "**Confound-free scorecard**" in md
+    assert "**Confound-free scorecard**" in md and "**Recommended variant: lung**" in md
     rows = [line for line in md.splitlines() if line.startswith("| deep nodecomp")]
-    assert rows[0] == "| deep nodecomp seed0 (covid_vs_normal) | baseline | 70.0 [65.0, 75.0] missed | – n/a | " \
-        "– n/a | – n/a | 95.0 [90.0, 100.0] met | 1 of 2 |"
-    assert len(rows) == 2 and "lung_crop" in rows[1] and "other_run" not in md
+    assert rows[1] == "| deep nodecomp (covid_normal_pneumonia) | **lung** (recommended) | 2 seeds | 88.0 ± 2.8 " \
+        "[83.0, 93.0] met (all seeds clear) | – n/a | – n/a | – n/a | 94.0 ± 1.4 [90.0, 98.0] missed (not all seeds " \
+        "clear) | 1 of 2 |"
+    assert len(rows) == 3 and f"| {config.PAPER_CITATION} (reported) | | | – | – | – | – | 94.17 | – |" in md
 
 
 def test_index_shows_the_lung_stage(tmp_path):

@@ -57,11 +57,25 @@ def study(tmp_path_factory):
     return m, root, run_dir, model.eval()
 
 
-def test_scorecard_rows_are_the_films_the_scorecard_needs():
-    rows = RF.scorecard_rows(_manifest())
-    got = rows.groupby(["source_name", "label"]).size().to_dict()
-    assert got == {("cxnet", "covid"): 10, ("ieee8023", "covid"): 10, ("ieee8023", "pneumonia"): 4,
-                   ("nih", "normal"): 4, ("nih", "pneumonia"): 4}
+TWO = {"task": "covid_vs_normal", "classes": ["covid", "normal"]}
+THREE = {"task": "covid_normal_pneumonia", "classes": ["covid", "normal", "pneumonia"]}
+
+
+def test_scorecard_rows_are_the_films_the_run_never_saw_that_the_scorecard_needs():
+    m = _manifest()  # every third film of a source and label is in the test split, the others in train
+    got = RF.scorecard_rows(m, THREE).groupby(["source_name", "label", "split"]).size().to_dict()
+    assert got == {("cxnet", "covid", "test"): 4, ("ieee8023", "covid", "test"): 4, ("ieee8023", "pneumonia", "test"): 2,
+                   ("nih", "normal", "test"): 2, ("nih", "pneumonia", "test"): 2}
+    # a binary run never saw pneumonia films of any split, and has no NIH metric
+    got = RF.scorecard_rows(m, TWO).groupby(["source_name", "label", "split"]).size().to_dict()
+    assert got == {("cxnet", "covid", "test"): 4, ("ieee8023", "covid", "test"): 4, ("ieee8023", "pneumonia", "test"): 2,
+                   ("ieee8023", "pneumonia", "train"): 2}
+
+
+def test_scorecard_order_puts_runs_of_one_view_and_task_together():
+    infos = [{"task": "a"}, {"task": "b"}, {"task": "a", "input_view": "lung_mask"}, {"task": "a"}, {"task": "b"}]
+    order = RF.scorecard_order([{"info": i} for i in infos])
+    assert order == [0, 3, 1, 4, 2]
 
 
 def test_features_are_the_runs_backbone_on_model_transform_and_cached(study):
@@ -69,7 +83,7 @@ def test_features_are_the_runs_backbone_on_model_transform_and_cached(study):
     from cxrstudy.models import get_spec, model_transform
 
     m, root, run_dir, model = study
-    rows = RF.scorecard_rows(m)
+    rows = RF.scorecard_rows(m, THREE)
     feats = RF.run_features(run_dir, rows, root, device="cpu")
     assert feats.shape == (len(rows), get_spec("efficientnet_lite0").num_features)
     assert list(feats.index) == list(rows["image"]) and feats.attrs["computed"] == len(rows)
@@ -94,7 +108,7 @@ def test_features_are_the_runs_backbone_on_model_transform_and_cached(study):
 
 def test_another_image_root_or_model_does_not_reuse_the_cache(study, tmp_path):
     m, root, run_dir, _ = study
-    rows = RF.scorecard_rows(m).head(3)
+    rows = RF.scorecard_rows(m, TWO).head(3)
     RF.run_features(run_dir, rows, root, device="cpu")
     other = tmp_path / "views"
     for p in rows["image"]:
@@ -102,18 +116,52 @@ def test_another_image_root_or_model_does_not_reuse_the_cache(study, tmp_path):
         (other / p).write_bytes((root / p).read_bytes())
     assert RF.run_features(run_dir, rows, other, device="cpu").attrs["computed"] == 3  # e.g. lung-cropped views
     with pytest.raises(FileNotFoundError, match="image root"):
-        RF.run_features(run_dir, RF.scorecard_rows(m), other, device="cpu")
+        RF.run_features(run_dir, RF.scorecard_rows(m, TWO), other, device="cpu")
     assert RF.run_variant({"variant": "lung_crop"}) == "lung_crop" and RF.run_variant({}) == "baseline"
 
 
-def test_scorecard_entries_for_a_run(study):
+def test_runs_share_features_only_when_their_backbone_weights_match(study, tmp_path):
+    """Another head on the same backbone (e.g. every shallow run's frozen backbone) reuses the features;
+    a changed backbone weight does not."""
     m, root, run_dir, _ = study
+    rows = RF.scorecard_rows(m, TWO).head(4)
+    first = RF.run_features(run_dir, rows, root, device="cpu")
+    state = torch.load(run_dir / "model.pth", weights_only=True)
+    for name, change in (("other_head", "head.weight"), ("other_backbone", "backbone.conv_stem.weight")):
+        other = tmp_path / name
+        other.mkdir()
+        (other / "run.json").write_text((run_dir / "run.json").read_text())
+        torch.save({**state, change: state[change] + 0.5}, other / "model.pth")
+        feats = RF.run_features(other, rows, root, device="cpu")
+        assert feats.attrs["computed"] == (0 if name == "other_head" else len(rows))
+        assert (feats.attrs["cache_file"] == first.attrs["cache_file"]) == (name == "other_head")
+
+
+def _preds(m: pd.DataFrame) -> pd.DataFrame:
+    """A perfect binary run's predictions of the manifest's covid and normal films."""
     preds = m[m["label"].isin(["covid", "normal"])][["image", "split", "label", "source", "patient_group"]]
     preds = preds.assign(prob_covid=np.where(preds["label"] == "covid", 0.9, 0.2))
-    preds = preds.assign(prob_normal=1 - preds["prob_covid"], pred=np.where(preds["prob_covid"] > 0.5, "covid", "normal"))
+    return preds.assign(prob_normal=1 - preds["prob_covid"], pred=np.where(preds["prob_covid"] > 0.5, "covid", "normal"))
+
+
+def test_scorecard_entries_for_a_run(study, monkeypatch):
+    m, root, run_dir, _ = study
     info = json.loads((run_dir / "run.json").read_text())
-    entries = RF.scorecard_entries([{"dir": run_dir, "info": info, "predictions": preds}], m, root, "cpu",
+    asked = []
+    real = RF.run_features
+    monkeypatch.setattr(RF, "run_features", lambda d, rows, *a: asked.append(rows) or real(d, rows, *a))
+    # the probe reads only COVID-19 films the run never saw: 4 test films per source, below the 10 needed
+    entries = RF.scorecard_entries([{"dir": run_dir, "info": info, "predictions": _preds(m)}], m, root, "cpu",
                                    n_bootstrap=50)
+    got = {e["metric"]: e for e in entries}
+    sid = got["source_id_within_covid_accuracy"]
+    assert sid["method"] == "probe" and sid["n"] == 0 and sid["value"] is None and "fewer than two" in sid["note"]
+    seen = asked[0]["split"].isin(["train", "val"]) & asked[0]["label"].isin(info["classes"])
+    assert len(asked[0]) and not seen.any()  # features only of films the run never trained or validated on
+    # the same films held out: the probe names their source
+    unseen = m.assign(split=np.where(m["label"] == "covid", "test", m["split"]))
+    entries = RF.scorecard_entries([{"dir": run_dir, "info": info, "predictions": _preds(unseen)}], unseen, root,
+                                   "cpu", n_bootstrap=50)
     got = {e["metric"]: e for e in entries}
     assert {e["run_id"] for e in entries} == {run_dir.name} and {e["variant"] for e in entries} == {"baseline"}
     sid = got["source_id_within_covid_accuracy"]

@@ -186,15 +186,30 @@ def test_actualmed_balanced_accuracy_by_hand():
 def test_probe_fallback_when_too_few_held_out_films():
     m = _manifest(n_ieee_test=6)  # < 10 held-out films per class
     preds = _predict(m, THREE["classes"])
-    got = _by_metric(SC.scorecard_for_run(THREE, preds, m, None, n_bootstrap=NB))
-    e = got["ieee8023_covid_vs_pneumonia_auc"]
-    assert e["value"] is None and e["method"] == "probe" and "no features" in e["note"]
+    # a three-class run ranks covid against pneumonia itself: few films keep the model's own score, with a note
+    # (a probe would see the same few unseen films), and no ranking needs features
+    e = _by_metric(SC.scorecard_for_run(THREE, preds, m, None, n_bootstrap=NB))[
+        "ieee8023_covid_vs_pneumonia_auc"
+    ]
+    assert e["method"] == "model" and e["n"] == 2 * 6 and "few films" in e["note"] and e["value"] > 0.9
+    assert set(SC.feature_rows(THREE, preds, m)["label"]) == {"covid"}  # the source probe's films only
     feats = _label_features(m)
     got = _by_metric(SC.scorecard_for_run(THREE, preds, m, feats, n_bootstrap=NB))
-    e = got["ieee8023_covid_vs_pneumonia_auc"]
-    assert e["method"] == "probe" and "probe fallback" in e["note"]
-    assert e["n"] == 2 * (30 + 6)  # every ieee8023 covid + pneumonia film, all splits
-    assert e["value"] > 0.9
+    assert got["ieee8023_covid_vs_pneumonia_auc"] == e
+    # a binary run has no P(pneumonia): the probe answers, on unseen films only; it never saw pneumonia
+    # films, whatever their split, so they all enter, with the held-out covid films
+    two_preds = _predict(m, TWO["classes"])
+    two = _by_metric(SC.scorecard_for_run(TWO, two_preds, m, feats, n_bootstrap=NB))
+    e2 = two["ieee8023_covid_vs_pneumonia_auc"]
+    assert e2["method"] == "probe" and "probe fallback" in e2["note"] and e2["n"] == 6 + 30 + 6
+    assert e2["value"] > 0.9
+    # the features of feature_rows are all the scorecard reads: nothing reported missing
+    needed = SC.feature_rows(TWO, two_preds, m)
+    got_needed = _by_metric(
+        SC.scorecard_for_run(TWO, two_preds, m, feats.loc[needed["image"]], n_bootstrap=NB)
+    )
+    assert {k: v["value"] for k, v in got_needed.items()} == {k: v["value"] for k, v in two.items()}
+    assert not any("without features" in (v.get("note") or "") for v in got_needed.values())
     assert got["nih_pneumonia_vs_normal_auc"]["method"] == "model"  # 20 + 20 held out: enough
     # too few patient groups (many films of one patient) also sends it to the probe
     few = _manifest(n_ieee_test=20)
@@ -209,9 +224,9 @@ def test_source_probe_without_signal_reads_no_source_signal():
     rng = np.random.default_rng(1)
     m = pd.concat(
         [
-            _rows("cxnet", "covid", 60, "train"),
-            _rows("ieee8023", "covid", 30, "train"),
-            _rows("mhh", "covid", 8, "train"),
+            _rows("cxnet", "covid", 60, "test"),
+            _rows("ieee8023", "covid", 30, "holdout"),
+            _rows("mhh", "covid", 8, "test"),
         ],
         ignore_index=True,
     )
@@ -228,6 +243,59 @@ def test_source_probe_without_signal_reads_no_source_signal():
         and row["reading"] == "no source signal"
         and row["sources"] == ["cxnet", "ieee8023"]
     )
+
+
+def test_a_film_is_seen_when_train_or_val_and_a_class_of_the_run():
+    m = pd.concat(
+        [
+            _rows("cxnet", "covid", 3, "train"),
+            _rows("cxnet", "covid", 2, "val", "v"),
+            _rows("cxnet", "covid", 2, "test", "x"),
+            _rows("actualmed", "covid", 2, "holdout"),
+            _rows("nih", "pneumonia", 4, "train"),
+            _rows("nih", "pneumonia", 1, "test", "x"),
+        ],
+        ignore_index=True,
+    )
+    copy = m.iloc[[0]].assign(split="test")  # the same film again, in the test split
+    m = pd.concat([m, copy], ignore_index=True)
+    two = SC.unseen(m, TWO["classes"])
+    assert two.groupby(["split", "label"]).size().to_dict() == {
+        ("holdout", "covid"): 2,
+        ("test", "covid"): 2,
+        ("test", "pneumonia"): 1,
+        ("train", "pneumonia"): 4,
+    }
+    assert m["image"].iloc[0] not in set(two["image"])  # a copy of a training film stays seen
+    three = SC.unseen(m, THREE["classes"])
+    assert set(three["split"]) == {"test", "holdout"} and len(three) == 5
+    assert SC.held_out(m).equals(SC.unseen(m))  # without classes: every label counts as the run's
+
+
+def test_feature_rows_are_unseen_covid_films_and_fallback_films_only():
+    m = _manifest(n_ieee_test=20)  # enough held-out films: the model answers both rankings
+    preds = _predict(m, THREE["classes"])
+    rows = SC.feature_rows(THREE, preds, m)
+    assert set(zip(rows["source_name"], rows["label"], rows["split"], strict=True)) == {
+        ("ieee8023", "covid", "test"),
+        ("cxnet", "covid", "test"),
+    }
+    few = _manifest(n_ieee_test=6)
+    rows = SC.feature_rows(THREE, _predict(few, THREE["classes"]), few)
+    assert set(rows["label"]) == {"covid"}  # few films, but the three-class run ranks the pair itself
+    one = few.copy()  # one patient per class among the held-out ieee8023 films: the probe must answer
+    test_ieee = (one["source_name"] == "ieee8023") & (one["split"] == "test")
+    one.loc[test_ieee, "patient_group"] = one.loc[test_ieee, "label"] + "_one_patient"
+    rows = SC.feature_rows(THREE, _predict(one, THREE["classes"]), one)
+    assert set(rows.loc[rows["label"] != "covid", "source_name"]) == {"ieee8023"} and set(rows["split"]) == {
+        "test"
+    }
+    every = SC.feature_rows(TWO, None, few)  # no predictions: every probe fallback's films
+    assert every.groupby(["label", "split"]).size().to_dict() == {
+        ("covid", "test"): 6 + 10,
+        ("pneumonia", "test"): 6,
+        ("pneumonia", "train"): 30,
+    }
 
 
 def test_reading_helper():
@@ -330,17 +398,22 @@ def test_real_source_id_within_covid(real):
     preds = _predict(m, THREE["classes"], lambda r: np.full((len(r), 3), 1 / 3))
     got = _by_metric(SC.scorecard_for_run(THREE, preds, m, feats, n_bootstrap=300))
     acc, maj = got["source_id_within_covid_accuracy"], got["source_id_within_covid_majority"]
-    covid = m[m["label"] == "covid"]
+    covid = m[(m["label"] == "covid") & ~m["split"].isin(["train", "val"])]  # the films the run never saw
     counts = covid["source_name"].value_counts()
     assert acc["n"] == maj["n"] == int(counts[counts >= 10].sum())
     assert maj["value"] == pytest.approx(counts.max() / counts[counts >= 10].sum())
     assert acc["value"] >= maj["value"] - 0.05
     assert acc["ci_low"] <= acc["value"] <= acc["ci_high"]
-    # the real test split holds < 10 ieee8023 pneumonia films: probe on all ieee8023 covid + pneumonia films
+    # the real test split holds < 10 ieee8023 pneumonia films, from more than one patient: a three-class run
+    # keeps its own ranking of the unseen ieee8023 covid + pneumonia films, with a note
     ieee = got["ieee8023_covid_vs_pneumonia_auc"]
-    assert ieee["method"] == "probe"
+    assert ieee["method"] == "model" and "few films" in ieee["note"]
     assert ieee["n"] == int(
-        ((m["source_name"] == "ieee8023") & m["label"].isin(["covid", "pneumonia"])).sum()
+        (
+            (m["source_name"] == "ieee8023")
+            & m["label"].isin(["covid", "pneumonia"])
+            & ~m["split"].isin(["train", "val"])
+        ).sum()
     )
     assert got["nih_pneumonia_vs_normal_auc"]["method"] == "model"
     assert got["nih_pneumonia_vs_normal_auc"]["value"] == pytest.approx(0.5)

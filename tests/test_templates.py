@@ -148,12 +148,15 @@ def test_index_and_readme_from_results(tmp_path, results):
     assert "&amp; Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010 (reported)</td><td>94.17</td>" in page
     md = reporting.readme_results(results, record)
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 4 + 2 + 2 + 1 and not any(TAG.search(line) for line in table)
-    assert table[6] == f"| {config.PAPER_CITATION} | reported | | | 94.17 | | | | |"
-    assert "**Confound-free scorecard**" in md and "<h2>Confound-free scorecard</h2>" in page
+    # run table (2 + 4 configurations + 2 reported), scorecard (2 + the headline's configuration + the paper)
+    assert len(table) == 2 + 4 + 2 + 2 + 1 + 1 and not any(TAG.search(line) for line in table)
+    assert table[6] == f"| {config.PAPER_CITATION} | reported | | | | | 94.17 | | | | |"
+    assert "**Confound-free scorecard**" in md and "<h2>Confound-free scorecard" in page
     head = results["headline"]["run_id"]
     assert "accuracy % (DeTraC hard rule)</th>" in page and "validation accuracy %</th>" in page
-    assert sum(r["run_id"] == head for r in reporting.readme_goal_rows(results)) == 1
+    [row] = reporting.readme_scorecard_rows(results)
+    assert (row["run"], row["seeds"]) == ("shallow nodecomp (covid_vs_normal)", "1 seed")
+    assert [s["run_ids"] for s in results["scorecard_summary"] if s["scenario"] == "shallow"] == [[head]]
     assert md.startswith("Latest `default` run: 2026-11-30, commit `0123456789`, cpu (2 CPU cores; ), 0.0 min")
     assert "**Verdict.**" in md and results["headline"]["text"] in md
 

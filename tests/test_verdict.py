@@ -16,8 +16,16 @@ def results(**checks):
         "shortcut_checks": checks,
         "comparisons": {
             "decomposition_effect": [
-                {"task": "covid_vs_normal", "scenario": "deep", "accuracy_difference": m(-0.039, -0.086, 0.0)},
-                {"task": "covid_vs_normal", "scenario": "finetune", "accuracy_difference": m(-0.034, -0.058, -0.011)},
+                {
+                    "task": "covid_vs_normal",
+                    "scenario": "deep",
+                    "accuracy_difference": m(-0.039, -0.086, 0.0),
+                },
+                {
+                    "task": "covid_vs_normal",
+                    "scenario": "finetune",
+                    "accuracy_difference": m(-0.034, -0.058, -0.011),
+                },
             ]
         },
     }
@@ -43,14 +51,29 @@ def test_closing_states_what_one_seed_and_unequal_budgets_support():
         "seeds_per_configuration": {"min": 1, "max": 1},
         "epochs_run_by_scenario": {"shallow": [14], "deep": [3], "finetune": [3], "scratch": [3]},
     }
-    (text,) = V.closing({"comparisons": {"design": design}})
+    runs = [
+        {"scenario": "shallow", "epochs": 30},
+        {"scenario": "deep", "epochs": 3},
+        {"scenario": "finetune", "epochs": 9},
+        {"scenario": "scratch", "epochs": 3},
+    ]
+    (text,) = V.closing({"comparisons": {"design": design}, "runs": runs})
     assert "Trust the numbers" not in text
     assert "Each configuration ran once (one seed), so seed-to-seed variation is not measured" in text
-    assert "unequal numbers of epochs (shallow 14, deep 3, finetune 3, scratch 3)" in text
+    assert "the image scenarios trained for unequal numbers of epochs (deep 3, finetune 9, scratch 3)" in text
+    assert "shallow trains only a linear head on cached features (14 epochs run)" in text
     assert "do not rank the scenarios" in text and text.endswith(V.NOT_DIAGNOSTIC)
-    design = {"seeds_per_configuration": {"min": 3, "max": 3}, "epochs_run_by_scenario": {"deep": [3], "scratch": [3]}}
-    (text,) = V.closing({"comparisons": {"design": design}})
-    assert "3 to 3 seeds" in text and "epochs" not in text
+    design = {
+        "seeds_per_configuration": {"min": 3, "max": 3},
+        "epochs_run_by_scenario": {"deep": [3], "scratch": [3]},
+    }
+    runs = [{"scenario": "deep", "epochs": 3}, {"scenario": "scratch", "epochs": 3}]
+    (text,) = V.closing({"comparisons": {"design": design}, "runs": runs})
+    assert (
+        "3 seeds each" in text
+        and "deep, scratch had equal budgets (3 epochs, the same optimizer steps)" in text
+    )
+    assert "unequal" not in text
 
 
 def test_source_identification_across_labels_is_read_against_the_label_only_rule():
@@ -68,21 +91,42 @@ def test_source_identification_across_labels_is_read_against_the_label_only_rule
 def test_source_identification_within_label_reads_against_the_majority():
     within = [
         # at its majority: no source signal, whatever the across-label figure says
-        {"label": "normal", "n": 457, "sources": ["actualmed", "nih"], "accuracy": 0.97, "ci_low": 0.95,
-         "ci_high": 0.99, "majority": 0.969},
-        {"label": "covid", "n": 963, "sources": ["cxnet", "ieee8023"], "accuracy": 0.62, "ci_low": 0.58,
-         "ci_high": 0.65, "majority": 0.43},
+        {
+            "label": "normal",
+            "n": 457,
+            "sources": ["actualmed", "nih"],
+            "accuracy": 0.97,
+            "ci_low": 0.95,
+            "ci_high": 0.99,
+            "majority": 0.969,
+        },
+        {
+            "label": "covid",
+            "n": 963,
+            "sources": ["cxnet", "ieee8023"],
+            "accuracy": 0.62,
+            "ci_low": 0.58,
+            "ci_high": 0.65,
+            "majority": 0.43,
+        },
         {"label": "pneumonia", "n": 3, "sources": [], "accuracy": None, "majority": None, "note": "too few"},
     ]
-    checks = {"source_identification": {"accuracy": 0.71, "majority_baseline": 0.46}, "source_id_within_label": within}
+    checks = {
+        "source_identification": {"accuracy": 0.71, "majority_baseline": 0.46},
+        "source_id_within_label": within,
+    }
     text = V.source_identification(checks)[1]
-    assert "normal films (actualmed, nih; n=457) 97.0% [95.0, 99.0] against 96.9% for always naming the largest " \
+    assert (
+        "normal films (actualmed, nih; n=457) 97.0% [95.0, 99.0] against 96.9% for always naming the largest "
         "source: no source signal" in text
+    )
     assert "covid films (cxnet, ieee8023; n=963) 62.0% [58.0, 65.0] against 43.0%" in text
     assert "source signal present" in text and "pneumonia" not in text
     assert "easy to see" not in text
-    assert text.endswith("Among covid films the repositories look different beyond the label: a model can tell "
-                         "sources apart there, which becomes a shortcut wherever label and source go together.")
+    assert text.endswith(
+        "Among covid films the repositories look different beyond the label: a model can tell "
+        "sources apart there, which becomes a shortcut wherever label and source go together."
+    )
     only_normal = V.source_identification({"source_id_within_label": within[:1]})[0]
     assert only_normal.endswith("no source signal.")
 
@@ -95,7 +139,10 @@ def test_masking_claims_only_what_the_three_views_support():
         "lung_region": "fixed rectangle",
     }
     (sentence,) = V.masking(checks)
-    assert "93.6% [90.4, 96.5] test accuracy on the whole film, 91.6% [88.0, 95.1] with the lungs hidden" in sentence
+    assert (
+        "93.6% [90.4, 96.5] test accuracy on the whole film, 91.6% [88.0, 95.1] with the lungs hidden"
+        in sentence
+    )
     assert "central rectangle" in sentence and "signal is everywhere" in sentence
     assert "not show that the lungs are unused" in sentence and "does not need the lungs" not in sentence
     checks["masked_lungs"] = {"accuracy": m(0.6, 0.5, 0.7)}
@@ -111,16 +158,26 @@ def test_masking_claims_only_what_the_three_views_support():
 
 def test_leave_one_source_out_reports_sensitivity_with_the_training_composition():
     nih = {
-        "held_out": "nih", "n": 443, "labels": ["normal"], "accuracy": m(0.034, 0.016, 0.055),
-        "sensitivity": {"normal": m(0.034, 0.016, 0.055)}, "n_train": 980,
-        "train_counts": {"covid": 963, "normal": 17}, "train_sources": {"normal": {"actualmed": 14, "figure1": 3}},
+        "held_out": "nih",
+        "n": 443,
+        "labels": ["normal"],
+        "accuracy": m(0.034, 0.016, 0.055),
+        "sensitivity": {"normal": m(0.034, 0.016, 0.055)},
+        "n_train": 980,
+        "train_counts": {"covid": 963, "normal": 17},
+        "train_sources": {"normal": {"actualmed": 14, "figure1": 3}},
     }
     am = {
-        "held_out": "actualmed", "n": 40, "labels": ["covid", "normal"], "accuracy": m(0.6, 0.45, 0.75),
+        "held_out": "actualmed",
+        "n": 40,
+        "labels": ["covid", "normal"],
+        "accuracy": m(0.6, 0.45, 0.75),
         "sensitivity": {"covid": m(0.808, 0.667, 0.944), "normal": m(0.214, 0.0, 0.429)},
         "train_counts": {"covid": 937, "normal": 446},
     }
-    out = V.leave_one_source_out({"leave_one_source_out": [am, nih, {"held_out": "x", "n": 3, "skipped": "few"}]})
+    out = V.leave_one_source_out(
+        {"leave_one_source_out": [am, nih, {"held_out": "x", "n": 3, "skipped": "few"}]}
+    )
     assert out[0] == (
         "Each source held out of training in turn, a linear head on frozen features recognises (sensitivity per "
         "class on the held-out source): actualmed covid 80.8% [66.7, 94.4], normal 21.4% [0.0, 42.9] (n=40); "
@@ -128,29 +185,41 @@ def test_leave_one_source_out_reports_sensitivity_with_the_training_composition(
     )
     assert len(out) == 3
     assert "does not carry over to actualmed" in out[1]
-    assert "the head saw 963 covid and 17 normal films (normal: actualmed 14, figure1 3) and calls 3% of nih's " \
+    assert (
+        "the head saw 963 covid and 17 normal films (normal: actualmed 14, figure1 3) and calls 3% of nih's "
         "normal films normal" in out[2]
+    )
     assert "with only 17 normal films left" in out[2] and "not how nih films look" in out[2]
     old = V.leave_one_source_out({"leave_one_source_out": [{**nih, "train_counts": None}]})
     assert "composition was not recorded" in old[1]
     few = V.leave_one_source_out({"leave_one_source_out": [{**am, "counts": {"covid": 26, "normal": 3}}]})
-    assert "calls 21% of actualmed's 3 normal films normal: with only 3 such films held out, too few" in few[1]
+    assert (
+        "calls 21% of actualmed's 3 normal films normal: with only 3 such films held out, too few" in few[1]
+    )
 
 
 def test_same_hospital_and_saliency():
-    sh = V.same_hospital({"same_hospital": {"source": "actualmed", "n": 40, "probe": {"accuracy": m(0.875, 0.76, 0.97)}}})
+    sh = V.same_hospital(
+        {"same_hospital": {"source": "actualmed", "n": 40, "probe": {"accuracy": m(0.875, 0.76, 0.97)}}}
+    )
     assert sh == [
         "Within the one hospital with both COVID-19 and normal films (actualmed, n=40), a cross-validated linear "
         "head reaches 87.5% [76.0, 97.0]: too few images for a firm conclusion."
     ]
     sal = {
-        "n_used": 16, "cam_grid": 5, "image_size": 160,
-        "in_lung_share": {**m(0.73, 0.69, 0.77), "n": 16}, "uniform_reference": {**m(0.49, 0.49, 0.49), "n": 16},
+        "n_used": 16,
+        "cam_grid": 5,
+        "image_size": 160,
+        "in_lung_share": {**m(0.73, 0.69, 0.77), "n": 16},
+        "uniform_reference": {**m(0.49, 0.49, 0.49), "n": 16},
         "excess_over_uniform": m(0.24, 0.2, 0.28),
     }
     coarse = V.saliency({"saliency_in_lung_share": 0.73, "saliency": sal})[0]
     assert "on 16 test images" in coarse and "stratified by true class and outcome" in coarse
-    assert "73.0% [69.0, 77.0] of the saliency inside the central rectangle, against 49.0% for a uniform" in coarse
+    assert (
+        "73.0% [69.0, 77.0] of the saliency inside the central rectangle, against 49.0% for a uniform"
+        in coarse
+    )
     assert "only 5x5 cells at 160 px input, too coarse" in coarse
     fine = V.saliency({"lung_region": "segmented", "saliency": {**sal, "cam_grid": 12}})[0]
     assert "segmented lungs" in fine and fine.endswith("more than a uniform map would put there.")
@@ -163,24 +232,73 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
     res = {
         "headline": {"run_id": "r", "task": "covid_vs_normal", "scenario": "deep", "decomposition": False},
         "scorecard": [
-            {"run_id": "r", "variant": "baseline", "metric": "ieee8023_covid_vs_pneumonia_auc", "value": 0.7,
-             "ci_low": 0.6, "ci_high": 0.8, "method": "probe"},
-            {"run_id": "r", "variant": "baseline", "metric": "nih_pneumonia_vs_normal_auc", "value": None,
-             "ci_low": None, "ci_high": None, "method": "model", "note": "no pneumonia class"},
+            {
+                "run_id": "r",
+                "variant": "baseline",
+                "metric": "ieee8023_covid_vs_pneumonia_auc",
+                "value": 0.7,
+                "ci_low": 0.6,
+                "ci_high": 0.8,
+                "method": "probe",
+            },
+            {
+                "run_id": "r",
+                "variant": "baseline",
+                "metric": "nih_pneumonia_vs_normal_auc",
+                "value": None,
+                "ci_low": None,
+                "ci_high": None,
+                "method": "model",
+                "note": "no pneumonia class",
+            },
         ],
         "goals": [
-            {"goal": "S1", "run_id": "r", "variant": "baseline", "metric": "ieee8023_covid_vs_pneumonia_auc",
-             "op": ">=", "target": 0.8, "value": 0.7, "ci_low": 0.6, "ci_high": 0.8, "met": False},
-            {"goal": "S4", "run_id": "r", "variant": "baseline", "metric": "nih_pneumonia_vs_normal_auc",
-             "op": ">=", "target": 0.85, "value": None, "ci_low": None, "ci_high": None, "met": None},
-            {"goal": "S1", "run_id": "other", "variant": "baseline", "metric": "ieee8023_covid_vs_pneumonia_auc",
-             "op": ">=", "target": 0.8, "value": 0.9, "ci_low": 0.8, "ci_high": 1.0, "met": True},
+            {
+                "goal": "S1",
+                "run_id": "r",
+                "variant": "baseline",
+                "metric": "ieee8023_covid_vs_pneumonia_auc",
+                "op": ">=",
+                "target": 0.8,
+                "value": 0.7,
+                "ci_low": 0.6,
+                "ci_high": 0.8,
+                "met": False,
+            },
+            {
+                "goal": "S4",
+                "run_id": "r",
+                "variant": "baseline",
+                "metric": "nih_pneumonia_vs_normal_auc",
+                "op": ">=",
+                "target": 0.85,
+                "value": None,
+                "ci_low": None,
+                "ci_high": None,
+                "met": None,
+            },
+            {
+                "goal": "S1",
+                "run_id": "other",
+                "variant": "baseline",
+                "metric": "ieee8023_covid_vs_pneumonia_auc",
+                "op": ">=",
+                "target": 0.8,
+                "value": 0.9,
+                "ci_low": 0.8,
+                "ci_high": 1.0,
+                "met": True,
+            },
         ],
     }
     (text,) = V.scorecard(res)
-    assert text.startswith("Confound-free scorecard of the headline covid_vs_normal run (deep, decomposition off")
-    assert "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 80.0] (linear probe on the run's " \
+    assert text.startswith(
+        "Confound-free scorecard of the headline covid_vs_normal run (deep, decomposition off"
+    )
+    assert (
+        "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 80.0] (linear probe on the run's "
         "features), goal >= 80%: missed" in text
+    )
     assert "S4 NIH pneumonia vs normal ROC-AUC not computed (no pneumonia class)" in text
     assert text.endswith("Goals met: 0 of the 1 that could be judged.")
     assert V.scorecard({"headline": {"run_id": "r"}}) == []
@@ -188,26 +306,44 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
 
 def test_comparisons_are_clustered_and_holm_adjusted():
     comps = {
-        "scenarios_mcnemar": [{"a": "shallow", "b": "scratch", "mcnemar": {"p_value": 0.001, "p_holm": 0.004}}],
+        "scenarios_mcnemar": [
+            {"a": "shallow", "b": "scratch", "mcnemar": {"p_value": 0.001, "p_holm": 0.004}}
+        ],
         "decomposition_effect": [{"scenario": "deep", "mcnemar": {"p_value": 0.04, "p_holm": 0.12}}],
         "multiplicity": {"n_tests": 2, "n_below_0_05_raw": 2, "n_below_0_05_holm": 1},
     }
     (text,) = V.comparisons(comps)
     assert text.startswith("2 paired comparisons") and "clustered on patient groups (Obuchowski 1998)" in text
-    assert "2 have p < 0.05 before and 1 after Holm's adjustment for the 2 tests (shallow vs scratch (decomposition " \
+    assert (
+        "2 have p < 0.05 before and 1 after Holm's adjustment for the 2 tests (shallow vs scratch (decomposition "
         "off))." in text
+    )
     comps["decomposition_effect"][0]["mcnemar"]["p_holm"] = 0.01
     comps["decomposition_effect"][0]["task"] = "covid_normal_pneumonia"
     comps["scenarios_mcnemar"][0]["task"] = "covid_vs_normal"
     (text,) = V.comparisons(comps)
-    assert "(shallow vs scratch (decomposition off, covid_vs_normal); decomposition on vs off (deep, " \
+    assert (
+        "(shallow vs scratch (decomposition off, covid_vs_normal); decomposition on vs off (deep, "
         "covid_normal_pneumonia))." in text
+    )
     assert V.comparisons({}) == []
 
 
 def test_scratch_with_decomposition_is_said_to_use_imagenet_features():
-    runs = [{"task": "covid_vs_normal", "scenario": "scratch", "decomposition": True, "test": {"accuracy": m(0.8, 0.7, 0.9)}},
-            {"task": "covid_vs_normal", "scenario": "scratch", "decomposition": False, "test": {"accuracy": m(0.85)}}]
+    runs = [
+        {
+            "task": "covid_vs_normal",
+            "scenario": "scratch",
+            "decomposition": True,
+            "test": {"accuracy": m(0.8, 0.7, 0.9)},
+        },
+        {
+            "task": "covid_vs_normal",
+            "scenario": "scratch",
+            "decomposition": False,
+            "test": {"accuracy": m(0.85)},
+        },
+    ]
     (text,) = V.scratch_decomposition({"runs": runs})
     assert "(covid_vs_normal 80.0% [70.0, 90.0]) is not free of ImageNet" in text and "k-means" in text
     assert V.scratch_decomposition({"runs": runs[1:]}) == []
@@ -222,3 +358,72 @@ def test_decomposition_names_tasks_when_there_are_two():
     (sentence,) = V.decomposition({"decomposition_effect": dec})
     assert "deep (covid_vs_normal) +5.0 [+1.0, +9.0]; deep (covid_normal_pneumonia) +1.0" in sentence
     assert sentence.endswith("above zero in 1 of 2 scenarios and below zero in 0.")
+
+
+def test_decomposition_and_comparisons_name_seeds_and_variants_and_pool_over_seeds():
+    dec = [
+        {
+            "task": "covid_vs_normal",
+            "scenario": "deep",
+            "variant": "baseline",
+            "seed": s,
+            "accuracy_difference": m(d, d - 0.04, d + 0.04),
+            "mcnemar": {"p_value": p, "p_holm": p},
+        }
+        for s, d, p in ((0, 0.02, 0.5), (1, -0.01, 0.01))
+    ]
+    pooled = [
+        {
+            "task": "covid_vs_normal",
+            "scenario": "deep",
+            "variant": "baseline",
+            "n_seeds": 2,
+            "accuracy_difference": {"mean": 0.005, "sd": 0.0212},
+            "n_favour_a": 1,
+            "n_favour_b": 1,
+        }
+    ]
+    (sentence,) = V.decomposition({"decomposition_effect": dec, "decomposition_over_seeds": pooled})
+    assert "deep seed 0 +2.0 [-2.0, +6.0]; deep seed 1 -1.0 [-5.0, +3.0]" in sentence
+    assert "above zero in 0 of 2 scenario-seed pairs" in sentence
+    assert sentence.endswith(
+        "Pooled over seeds (points): deep mean +0.5 (sd 2.1), on better in 1 and off better in 1 of 2 seeds."
+    )
+    pairs = [
+        {
+            "task": "covid_vs_normal",
+            "a": "shallow",
+            "b": "deep",
+            "decomposition": False,
+            "variant": "lung",
+            "seed": 1,
+            "mcnemar": {"p_value": 0.001, "p_holm": 0.01},
+        }
+    ]
+    (text,) = V.comparisons(
+        {
+            "scenarios_mcnemar": pairs,
+            "decomposition_effect": dec,
+            "multiplicity": {"n_tests": 3, "n_below_0_05_raw": 2, "n_below_0_05_holm": 2},
+        }
+    )
+    assert (
+        "(shallow vs deep (decomposition off, lung, seed 1); decomposition on vs off (deep, seed 1))." in text
+    )
+
+
+def test_variants_are_read_against_the_baseline_with_the_seed_spread():
+    def cfg(variant, s1, s3, sd=0.01):
+        goals = [{"goal": "S1", "mean": s1, "sd": sd}, {"goal": "S3", "mean": s3, "sd": sd}]
+        return {"task": "t", "scenario": "deep", "decomposition": False, "variant": variant, "goals": goals}
+
+    results = {
+        "recommended_variant": {"task": "t", "scenario": "deep", "name": "baseline"},
+        "scorecard_summary": [cfg("baseline", 0.65, 0.51), cfg("lung", 0.77, 0.50)],
+    }
+    (text,) = V.variants_against_baseline(results)
+    assert "lung: S1 +12.0, S3 -1.0" in text
+    results["scorecard_summary"][1] = cfg("lung", 0.77, 0.50, sd=0.2)
+    (text,) = V.variants_against_baseline(results)
+    assert "S1 +12.0 (within the seed sd)" in text
+    assert V.variants_against_baseline({"scorecard_summary": []}) == []

@@ -49,8 +49,16 @@ def test_smoke_profile_end_to_end():
     for r in results["runs"]:
         acc = r["test"]["accuracy"]
         assert 0 <= acc["ci_low"] <= acc["ci_high"] <= 1 and 0 <= acc["value"] <= 1
+    # the variant ran through its lung view with the source adversary, and one variant is recommended on validation
+    adv = [r for r in results["runs"] if r.get("variant") == "lung_adversary"]
+    assert len(adv) == 1 and adv[0]["input_view"] == "lung_mask"
+    assert (out / "runs" / adv[0]["run_id"] / "adversary.csv").is_file()
+    rec = results["recommended_variant"]
+    assert rec["name"] in {"baseline", "lung_adversary"} and "validation" in rec["rule"]
+    assert {e["variant"] for e in results["scorecard"]} >= {"baseline", "lung_adversary"}
     index = (out / "index.html").read_text()
     assert all(f"html/{name}.html" in index for name in steps)
+    assert "Recommended variant" in index or "recommended variant" in index
     print(f"smoke reproduce: {seconds:.0f} s")
 
     # Nothing changed: every step is skipped and the whole run takes well under a minute.

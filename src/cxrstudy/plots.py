@@ -168,17 +168,22 @@ def plot_per_source_heatmap(table: pd.DataFrame, title: str | None = None) -> Fi
     return fig
 
 
+def _image_grid(n: int, ncols: int) -> tuple[Figure, object]:
+    """A figure of ``n`` image panels, ``ncols`` wide at most, axes switched off."""
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
 def plot_saliency_grid(images, cams, titles, ncols: int = 4, region=None) -> Figure:
     """Images with their Grad-CAM overlaid (jet, 45%); the lung region drawn as a dashed rectangle."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _image_grid(len(images), ncols)
     for ax, img, cam, t in zip(axes.flat, images, cams, titles, strict=False):
         s = cam.shape[0]
         ax.imshow(np.asarray(img.resize((cam.shape[1], s))), cmap="gray")
@@ -405,12 +410,7 @@ def plot_saliency_regions(images, cams, titles, regions, ncols: int = 4) -> Figu
     """Images with their Grad-CAM overlaid (jet, 45%) and each film's lung region (boolean, map grid) outlined."""
     import numpy as np
 
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _image_grid(len(images), ncols)
     for ax, img, cam, t, region in zip(axes.flat, images, cams, titles, regions, strict=False):
         ax.imshow(np.asarray(img.resize((cam.shape[1], cam.shape[0]))), cmap="gray")
         ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)

@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cxrstudy import config
 from cxrstudy.fileio import atomic_write_text
 from cxrstudy.inference import choose_run, decode_for_models, input_key, prediction_frame, view_mask
 
@@ -91,7 +92,7 @@ def _overlays(model, info: dict, dec, key, table: pd.DataFrame, paths: list[Path
     from cxrstudy.evaluation.saliency import gradcam_maps
 
     inputs = dec.inputs[key]
-    maps = gradcam_maps(model, inputs, info, list(table["pred"]), device=device)
+    maps = gradcam_maps(model, inputs, info, list(table["pred"]), device=config.resolve_device(device))
     written = []
     for name, img, m, mask, row in zip(_overlay_names(paths), inputs, maps, dec.masks, table.itertuples(), strict=True):
         probs = ", ".join(f"{c} {getattr(row, f'prob_{c}'):.2f}" for c in info["classes"])

@@ -82,20 +82,27 @@ def device_info(device: str = "auto") -> dict[str, Any]:
 
 def _metric(metric: Any) -> dict[str, str] | None:
     """A metric dict ``{value, ci_low, ci_high}`` or a bare fraction as display percentages, None if absent:
-    ``{'value': '96.1', 'interval': '93.2, 98.5'}`` (``interval`` empty when the metric has none)."""
+    ``{'value': '96.1', 'sd': '', 'interval': '93.2, 98.5'}`` (``interval`` empty when the metric has none)."""
     if isinstance(metric, dict) and metric.get("value") is not None:
         v, lo, hi = metric["value"], metric.get("ci_low"), metric.get("ci_high")
         interval = "" if lo is None or hi is None else f"{100 * lo:.1f}, {100 * hi:.1f}"
-        return {"value": f"{100 * v:.1f}", "interval": interval}
+        return {"value": f"{100 * v:.1f}", "sd": "", "interval": interval}
     if isinstance(metric, (int, float)):
-        return {"value": f"{100 * metric:.1f}", "interval": ""}
+        return {"value": f"{100 * metric:.1f}", "sd": "", "interval": ""}
     return None
 
 
-def _short_run(run_id: str) -> str:
-    """``scenario decomp|nodecomp seedN (task)`` from a run_id."""
-    parts = str(run_id).split("__")
-    return f"{' '.join(parts[2:])} ({parts[0]})" if len(parts) >= 5 else str(run_id)
+def _spread(s: Any) -> dict[str, str] | None:
+    """A spread over seeds (``seeds.spread``) as display percentages: ``value`` the seed mean, ``sd`` (empty
+    for one seed), ``interval`` the lowest to highest bound of the per-seed 95% intervals; None if absent."""
+    if not isinstance(s, dict) or s.get("mean") is None:
+        return None
+    lo, hi = s.get("interval_low"), s.get("interval_high")
+    return {
+        "value": f"{100 * s['mean']:.1f}",
+        "sd": f"{100 * s['sd']:.1f}" if (s.get("n") or 0) > 1 and s.get("sd") is not None else "",
+        "interval": "" if lo is None or hi is None else f"{100 * lo:.1f}, {100 * hi:.1f}",
+    }
 
 
 def goal_headers() -> list[dict[str, str]]:
@@ -118,32 +125,57 @@ def headline_run_ids(results: dict[str, Any]) -> list[str]:
     return [h["run_id"] for h in heads if h.get("run_id")]
 
 
-def goal_rows(results: dict[str, Any], run_ids: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per (run, variant) of results.json ``goals`` (all, or those of ``run_ids``): each goal's
-    value ``_metric``, ``met`` (``met`` / ``missed`` / ``n/a``) and the count met of those judged."""
-    goals = [g for g in results.get("goals") or [] if run_ids is None or g.get("run_id") in run_ids]
-    keys = list(dict.fromkeys((g.get("run_id"), g.get("variant")) for g in goals))
-    if run_ids is not None:
-        keys.sort(key=lambda k: (run_ids.index(k[0]), str(k[1])))
+def _recommended_key(results: dict[str, Any]) -> tuple | None:
+    """(task, scenario, variant) of the recommended variant (decomposition off), None without one."""
+    rec = results.get("recommended_variant") or {}
+    return (rec.get("task"), rec.get("scenario"), rec["name"]) if rec.get("name") else None
+
+
+def _goal_cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal of a ``scorecard_summary`` entry for display: seed spread, ``met`` (the seed mean) and
+    ``clears`` (every seed's interval clears the goal)."""
+    mine = {g["goal"]: g for g in cfg.get("goals") or []}
+    cells = []
+    for h in goal_headers():
+        g = mine.get(h["goal"], {})
+        met = {True: "met", False: "missed"}.get(g.get("met"), "n/a")
+        clear = {True: "all seeds clear", False: "not all seeds clear"}.get(g.get("all_seeds_clear"), "")
+        cells.append({"goal": h["goal"], "rule": h["rule"], "metric": _spread(g), "met": met, "clears": clear})
+    return cells
+
+
+def scorecard_table_rows(results: dict[str, Any], keep: Any = None) -> list[dict[str, Any]]:
+    """One row per configuration of results.json ``scorecard_summary`` (all, or those ``keep(cfg)`` accepts):
+    each goal's cell (:func:`_goal_cells`), goals met of those judged, and whether it is the recommended variant."""
+    rec = _recommended_key(results)
     rows = []
-    for run_id, variant in keys:
-        mine = {g["goal"]: g for g in goals if (g.get("run_id"), g.get("variant")) == (run_id, variant)}
-        cells = []
-        for h in goal_headers():
-            g = mine.get(h["goal"], {})
-            met = {True: "met", False: "missed"}.get(g.get("met"), "n/a")
-            cells.append({"goal": h["goal"], "metric": _metric(g if g.get("value") is not None else None), "met": met})
+    for cfg in results.get("scorecard_summary") or []:
+        if keep is not None and not keep(cfg):
+            continue
+        cells = _goal_cells(cfg)
+        n = cfg.get("n_seeds", 0)
         rows.append(
             {
-                "run": _short_run(run_id),
-                "run_id": str(run_id),
-                "variant": str(variant),
+                "run": f"{cfg['scenario']} {'decomp' if cfg['decomposition'] else 'nodecomp'} ({cfg['task']})",
+                "variant": str(cfg["variant"]),
+                "seeds": f"{n} seed{'s' if n != 1 else ''}",
+                "recommended": rec == (cfg["task"], cfg["scenario"], cfg["variant"]) and not cfg["decomposition"],
                 "goals": cells,
                 "n_met": sum(c["met"] == "met" for c in cells),
                 "n_judged": sum(c["met"] != "n/a" for c in cells),
             }
         )
     return rows
+
+
+def recommended_block(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The recommended variant for the pages: name, task, scenario, rule and its goal cells; None without one."""
+    rec = results.get("recommended_variant") or {}
+    if not rec.get("rule"):
+        return None
+    rows = [r for r in scorecard_table_rows(results) if r["recommended"]]
+    return {"name": str(rec.get("name") or "none"), "task": str(rec.get("task")), "scenario": str(rec.get("scenario")),
+            "rule": str(rec["rule"]), "goals": rows[0]["goals"] if rows else []}
 
 
 def check_items(value: Any) -> list[dict[str, Any]]:
@@ -164,24 +196,24 @@ def check_items(value: Any) -> list[dict[str, Any]]:
 
 
 def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every run in results.json with its display metrics (``_metric``), best accuracy first within a task."""
-    runs = sorted(
-        results.get("runs", []),
-        key=lambda r: (r.get("task", ""), -((r.get("test", {}).get("accuracy") or {}).get("value") or 0)),
-    )
+    """One row per configuration (results.json ``seed_summary``, else computed from ``runs``): seeds and each
+    test metric's seed mean, sd and range of the per-seed intervals (:func:`_spread`)."""
+    from cxrstudy.evaluation.seeds import seed_summary
+
+    summary = results.get("seed_summary") or seed_summary(results.get("runs") or [])
     return [
         {
-            "task": str(r.get("task")),
-            "backbone": str(r.get("backbone")),
-            "scenario": str(r.get("scenario")),
-            "decomposition": "on" if r.get("decomposition") else "off",
-            "seed": str(r.get("seed")),
-            "variant": str(r.get("variant") or "baseline"),
-            "val_accuracy": _metric(r.get("val_accuracy")),
-            "hard_rule_accuracy": _metric((r.get("test", {}).get("hard_rule") or {}).get("accuracy")),
-            **{k: _metric(r.get("test", {}).get(k)) for k in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
+            "task": str(s.get("task")),
+            "backbone": str(s.get("backbone")),
+            "scenario": str(s.get("scenario")),
+            "decomposition": "on" if s.get("decomposition") else "off",
+            "variant": str(s.get("variant") or "baseline"),
+            "seeds": ", ".join(str(x) for x in s.get("seeds") or []),
+            "val_accuracy": _spread(s.get("val_accuracy")),
+            "accuracy": _spread(s.get("test_accuracy")),
+            **{k: _spread(s.get(k)) for k in ("hard_rule_accuracy", "balanced_accuracy", "roc_auc", "ece")},
         }
-        for r in runs
+        for s in summary
     ]
 
 
@@ -241,7 +273,8 @@ def index_html(out: Path, record: dict[str, Any]) -> str:
         lung_region=str(checks.get("lung_region") or ""),
         lungs=lung_summary(results.get("lung_segmentation")),
         goal_headers=goal_headers(),
-        goal_rows=goal_rows(results),
+        goal_rows=scorecard_table_rows(results),
+        recommended=recommended_block(results),
         figures=index_figures(out),
         steps=_steps(out, record),
         files=[p for p in ("model_card.md", "claim_checklist.md", "results.json", "run.json") if (out / p).is_file()],
@@ -270,9 +303,12 @@ def _md_cell(value: Any) -> str:
 
 def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
     """Markdown for the README's results section (template ``readme_results.md.j2``): metrics, date, machine."""
+    from cxrstudy.evaluation.verdict import recommendation
+
     headline = (results.get("headline") or {}).get("text")
     verdict = results.get("verdict") or []
-    verdict = [v for v in (verdict if isinstance(verdict, list) else [verdict]) if v != headline]
+    shown = {headline, *recommendation(results)}  # both have their own place in the block
+    verdict = [v for v in (verdict if isinstance(verdict, list) else [verdict]) if v not in shown]
     text = render(
         "readme_results.md.j2",
         {"cell": _md_cell},
@@ -286,17 +322,24 @@ def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
         headline=headline,
         verdict=verdict,
         goal_headers=goal_headers(),
-        goal_rows=readme_goal_rows(results),
+        goal_rows=readme_scorecard_rows(results),
+        recommended=recommended_block(results),
         config=config,
     )
     return text.rstrip("\n")
 
 
-def readme_goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Scorecard rows for the README: the headline run(s) and every run of a non-baseline variant."""
-    heads = headline_run_ids(results)
-    variants = [g["run_id"] for g in results.get("goals") or [] if g.get("variant") not in (None, "baseline")]
-    return goal_rows(results, list(dict.fromkeys([*heads, *variants])))
+def readme_scorecard_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scorecard rows for the README: the headline runs' configurations, and every configuration that has
+    variants (baseline and variants side by side)."""
+    heads = set(headline_run_ids(results))
+    summary = results.get("scorecard_summary") or []
+    varied = {(c["task"], c["backbone"], c["scenario"], c["decomposition"]) for c in summary if c["variant"] != "baseline"}
+    return scorecard_table_rows(
+        results,
+        lambda c: bool(heads & set(c.get("run_ids") or []))
+        or (c["task"], c["backbone"], c["scenario"], c["decomposition"]) in varied,
+    )
 
 
 def update_readme(profile: str = "default", readme: Path = config.ROOT / "README.md") -> None:

@@ -188,25 +188,30 @@ def shortcut_figure(checks: dict, path: Path) -> Path | None:
     return path
 
 
-def scorecard_panels(scorecard: Sequence[dict], goals: Sequence[dict]) -> dict[str, pd.DataFrame]:
-    """One table per goal's metric (label, value, ci_low, ci_high, target, op): a row per run and variant."""
+def config_label(cfg: dict) -> str:
+    """``scenario decomp|nodecomp [variant] (task, n seeds)`` of a ``seeds`` summary entry (figure rows)."""
+    label = f"{cfg['scenario']} {'decomp' if cfg['decomposition'] else 'nodecomp'}"
+    label += f" [{cfg['variant']}]" if cfg["variant"] != "baseline" else ""
+    n = cfg["n_seeds"]
+    return label + f" ({cfg['task']}, {n} seed{'s' if n != 1 else ''}"
+
+
+def scorecard_panels(summary: Sequence[dict]) -> dict[str, pd.DataFrame]:
+    """One table per goal (label, value, ci_low, ci_high, target, op) from results.json ``scorecard_summary``:
+    a row per configuration, the seed mean with the range of its seeds' 95% intervals as the bar."""
     from cxrstudy.evaluation.scorecard import GOALS
 
-    by_key = {(g["run_id"], g["variant"], g["metric"]): g for g in goals}
     panels = {}
     for goal in GOALS:
         rows = []
-        for e in scorecard:
-            if e["metric"] != goal.metric:
+        for cfg in summary:
+            g = next((x for x in cfg.get("goals") or [] if x["goal"] == goal.goal), None)
+            if g is None:
                 continue
-            g = by_key.get((e["run_id"], e["variant"], e["metric"]), {})
-            label = " ".join(str(e["run_id"]).split("__")[2:]) or str(e["run_id"])
-            label += f" [{e['variant']}]" if e["variant"] != "baseline" else ""
-            label += f" ({e['task']}{', probe' if e.get('method') == 'probe' else ''})"
-            rows.append(
-                {"label": label, **{k: e.get(k) for k in ("value", "ci_low", "ci_high")},
-                 "target": g.get("target"), "op": goal.op}
-            )
+            probe = "probe" in ((cfg.get("metrics") or {}).get(goal.metric) or {}).get("methods", [])
+            rows.append({"label": config_label(cfg) + (", probe)" if probe else ")"), "value": g["mean"],
+                         "ci_low": g["interval_low"], "ci_high": g["interval_high"], "target": g["target"],
+                         "op": goal.op})
         title = f"{goal.goal} {goal.metric} ({goal.op} " + (
             f"majority + {100 * goal.margin:.0f} points)" if goal.relative_to else f"{goal.target:.4g})"
         )
@@ -214,19 +219,20 @@ def scorecard_panels(scorecard: Sequence[dict], goals: Sequence[dict]) -> dict[s
     return panels
 
 
-def scorecard_figure(scorecard: Sequence[dict], goals: Sequence[dict], path: Path) -> Path | None:
-    """Save the scorecard figure (one panel per goal); with no entries, remove a stale one and return None."""
+def scorecard_figure(summary: Sequence[dict], path: Path) -> Path | None:
+    """Save the scorecard figure (one panel per goal, a row per configuration) from results.json
+    ``scorecard_summary``; with no entries, remove a stale one and return None."""
     from cxrstudy import plots
 
     path = Path(path)
-    panels = {k: t for k, t in scorecard_panels(scorecard, goals).items() if len(t)}
+    panels = {k: t for k, t in scorecard_panels(summary).items() if len(t)}
     if not panels:
         path.unlink(missing_ok=True)
         return None
     fig = plots.plot_scorecard(
         panels,
-        "value (95% CI, patient-group bootstrap; films the run never trained on)",
-        "Confound-free scorecard per run: dashed lines are the goals",
+        "seed mean; bar: lowest to highest bound of the seeds' 95% intervals (patient-group bootstrap, unseen films)",
+        "Confound-free scorecard per configuration over seeds: dashed lines are the goals",
     )
     plots.save_figure(fig, path, close=True)
     return path

@@ -19,6 +19,7 @@ from cxrstudy import config
 from cxrstudy.evaluation.figures import evaluation_figures
 from cxrstudy.evaluation.metrics import evaluate_predictions
 from cxrstudy.evaluation.scorecard import check_goals
+from cxrstudy.evaluation.seeds import run_variant, scorecard_summary, seed_summary
 from cxrstudy.evaluation.tables import (
     PAPER_TASK,
     RUN_KEYS,
@@ -92,7 +93,9 @@ def run_entry(info: dict, test: dict, **extra: Any) -> dict:
     entry = {
         "run_id": info.get("run_id"),
         **{k: info[k] for k in RUN_KEYS},
-        "variant": str(info.get("variant") or "baseline"),
+        "variant": run_variant(info),
+        "input_view": str(info.get("input_view", "full")),
+        "equalize": bool(info.get("equalize", False)),
         "epochs": info.get("epochs"),
         "epochs_run": info.get("epochs_run"),
         "train_seconds": info.get("train_seconds"),
@@ -156,11 +159,13 @@ def build_results(
     entries: list[dict] | None = None,
     params: dict | None = None,
     scorecard: list[dict] | None = None,
+    recommended_variant: dict | None = None,
     write: bool = True,
 ) -> dict:
     """Evaluate every saved run of a profile and write ``results.json`` (schema: docs/results_schema.md).
     ``runs`` / ``entries``: already loaded runs and their ``evaluate_runs`` output, to avoid redoing them;
-    ``scorecard``: ``runfeatures.scorecard_entries`` of the runs (``goals`` are checked from it)."""
+    ``scorecard``: ``runfeatures.scorecard_entries`` of the runs (``goals`` are checked from it);
+    ``recommended_variant``: ``selection.select_variant`` (made on validation rows before any test number)."""
     profile_dir = Path(profile_dir)
     runs = load_runs(profile_dir) if runs is None else runs
     entries = evaluate_runs(runs, n_bootstrap, seed) if entries is None else entries
@@ -174,11 +179,14 @@ def build_results(
         "runs": entries,
         "comparisons": compare_runs(runs, n_bootstrap, seed),
         "shortcut_checks": shortcut_checks or {},
+        "seed_summary": seed_summary(entries),
         "scorecard": list(scorecard or []),
         "goals": check_goals(scorecard or []),
+        "recommended_variant": recommended_variant,
         "lung_segmentation": lung_segmentation(profile_dir),
         "reference": reference(),
     }
+    results["scorecard_summary"] = scorecard_summary(entries, results["scorecard"], results["goals"])
     results["headline"] = headline(entries)
     other = [t for t in config.TASKS if t != PAPER_TASK and any(e["task"] == t for e in entries)]
     results["headline_other_tasks"] = {t: headline(entries, t) for t in other}

@@ -3,15 +3,23 @@
 :func:`run_features` passes the manifest rows' films through the run's ``Classifier.backbone`` (weights from
 ``runs/<run_id>/model.pth``; preprocessing ``models.model_transform`` at the run's image size, in its two
 steps: each film decoded and resized to uint8 once for all runs of a request, then ``normalize_batch``;
-inference mode, channels_last, batches of 32) and caches the result in ``data/cache/run_features/<run_id>_<key>.npz`` (outside the run folder,
-which the evaluation step reads: a cache there would change its own input). Each cached row
-is keyed by the manifest row (image, sha256, width, height) and the file under the image root (size, mtime);
-the file as a whole by the model file's SHA-256, the resolved image root, backbone and image size. A request
-reuses every cached row it can and computes only the rest, so re-running notebook 05 computes nothing.
+inference mode, channels_last, batches of 32) and caches the result in ``data/cache/run_features/<backbone>_<key>.npz``
+(outside the run folder, which the evaluation step reads: a cache there would change its own input). Each
+cached row is keyed by the manifest row (image, sha256, width, height) and the file under the image root (size,
+mtime); the file as a whole by the SHA-256 of the run's backbone weights (:func:`backbone_digest`: runs with the
+same backbone, e.g. the frozen ImageNet backbone of every shallow run, share one file), the resolved image root,
+backbone and image size. A request reuses every cached row it can and computes only the rest, so re-running
+notebook 05 computes nothing.
 
-:func:`scorecard_rows` are the films the scorecard needs: every COVID-19 film (source identification within
-COVID-19), ieee8023 COVID-19 + other pneumonia and NIH normal + pneumonia (the probe fallbacks).
-:func:`scorecard_entries` runs :func:`cxrstudy.evaluation.scorecard.scorecard_for_run` for every run.
+:func:`scorecard_rows` are the films whose features the scorecard reads for one run, and only films the run
+never trained or validated on: a film is *seen* by a run when its manifest split is ``train`` or ``val`` AND
+its label is one of the run's classes (run.json ``classes``); everything else is unseen (test, holdout, and
+films of labels outside the task, e.g. pneumonia films for a binary covid_vs_normal run). They are the
+unseen COVID-19 films (source identification within COVID-19) and, where a ranking metric falls back to
+the probe, the unseen ieee8023 covid + pneumonia or NIH normal + pneumonia films
+(:func:`cxrstudy.evaluation.scorecard.feature_rows`). :func:`scorecard_entries` runs
+:func:`cxrstudy.evaluation.scorecard.scorecard_for_run` for every run, runs sharing (input view, task)
+one after the other, so :func:`decoded_films` decodes each group's films once.
 """
 
 from __future__ import annotations
@@ -30,29 +38,19 @@ import pandas as pd
 import torch
 
 from cxrstudy import config
-from cxrstudy.fileio import atomic_write_bytes, sha256_file
+from cxrstudy.evaluation.seeds import run_variant  # noqa: F401 (re-exported: the run's variant)
+from cxrstudy.fileio import atomic_write_bytes
 
 #: Folder of the runs' cached features (the key covers the run's weights, so a retrained run misses).
 CACHE_DIR = config.CACHE_DIR / "run_features"
 #: Bump when what is cached changes meaning.
-CACHE_VERSION = 1
-#: (source_name or None for every source, labels) of the films the scorecard needs.
-SCORECARD_FILMS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
-    (None, ("covid",)),
-    ("ieee8023", ("covid", "pneumonia")),
-    ("nih", ("normal", "pneumonia")),
-)
+CACHE_VERSION = 2
+def scorecard_rows(manifest: pd.DataFrame, run_info: dict, predictions: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Manifest rows whose films the scorecard reads features of for one run: only films it never trained
+    or validated on (``scorecard.feature_rows``; every probe fallback's films when ``predictions`` is None)."""
+    from cxrstudy.evaluation.scorecard import feature_rows
 
-
-def scorecard_rows(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Manifest rows whose films the scorecard needs (:data:`SCORECARD_FILMS`), in manifest order."""
-    keep = np.zeros(len(manifest), dtype=bool)
-    for source, labels in SCORECARD_FILMS:
-        hit = manifest["label"].isin(labels).to_numpy()
-        if source is not None:
-            hit = hit & (manifest["source_name"] == source).to_numpy()
-        keep |= hit
-    return manifest[keep].drop_duplicates("image").reset_index(drop=True)
+    return feature_rows(run_info, predictions, manifest)
 
 
 def row_identities(rows: pd.DataFrame, image_root: Path) -> list[str]:
@@ -69,11 +67,22 @@ def row_identities(rows: pd.DataFrame, image_root: Path) -> list[str]:
     return out
 
 
+def backbone_digest(run_dir: Path) -> str:
+    """SHA-256 of the run's backbone weights (``backbone.*`` tensors of model.pth: names, dtypes, shapes, bytes)."""
+    state = torch.load(Path(run_dir) / "model.pth", map_location="cpu", weights_only=True)
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state if k.startswith("backbone.")):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def model_key(run_dir: Path, info: dict, image_root: Path) -> str:
-    """Key of a run's feature file: model weights, backbone, image size, resolved image root, version."""
+    """Key of a run's feature file: backbone weights, backbone, image size, resolved image root, version."""
     payload = {
         "version": CACHE_VERSION,
-        "model": sha256_file(Path(run_dir) / "model.pth"),
+        "backbone_weights": backbone_digest(run_dir),
         "backbone": info["backbone"],
         "image_size": int(info["image_size"]),
         "root": str(Path(image_root).resolve()),
@@ -160,7 +169,7 @@ def run_features(
     rows = rows.drop_duplicates("image").reset_index(drop=True)
     ids = row_identities(rows, image_root)
     key = model_key(run_dir, info, image_root)
-    path = CACHE_DIR / f"{run_dir.name}_{key[:16]}.npz"
+    path = CACHE_DIR / f"{info['backbone']}_{key[:24]}.npz"
     cached = _read_cache(path, key) if cache else {}
     todo = [i for i, k in enumerate(ids) if k not in cached]
     if todo:
@@ -180,11 +189,6 @@ def run_features(
     out.columns = [f"f{j}" for j in range(out.shape[1])]
     out.attrs.update(computed=len(todo), cache_file=str(path))
     return out
-
-
-def run_variant(info: dict) -> str:
-    """The run's variant (run.json ``variant``), ``baseline`` when absent."""
-    return str(info.get("variant") or "baseline")
 
 
 def run_view(info: dict) -> tuple[str, bool, float]:
@@ -207,6 +211,13 @@ def run_image_root(
     return view_root(manifest, profile, view, equalize, margin, Path(image_root))
 
 
+def scorecard_order(runs: Sequence[dict]) -> list[int]:
+    """Indices of ``runs`` with runs sharing (input view, task) next to each other (first appearance order)."""
+    keys = [(run_view(r["info"]), r["info"].get("task")) for r in runs]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    return sorted(range(len(runs)), key=lambda i: (first[keys[i]], i))
+
+
 def scorecard_entries(
     runs: Sequence[dict],
     manifest: pd.DataFrame,
@@ -217,16 +228,17 @@ def scorecard_entries(
     seed: int = 0,
     profile: str | None = None,
 ) -> list[dict]:
-    """Scorecard entries of every run (``report.load_runs`` items) on the run's own features, each run's
-    films through its input view (:func:`run_image_root`; ``image_root`` holds the plain films)."""
+    """Scorecard entries of every run (``report.load_runs`` items, entries in their order) on the run's own
+    features of films it never trained or validated on (:func:`scorecard_rows`), each run's films through its
+    input view (:func:`run_image_root`; ``image_root`` holds the plain films)."""
     from cxrstudy.evaluation.scorecard import scorecard_for_run
 
-    rows = scorecard_rows(manifest)
-    out: list[dict] = []
-    for run in runs:
+    done: dict[int, list[dict]] = {}
+    for i in scorecard_order(runs):
+        run = runs[i]
         info = {"run_id": Path(run["dir"]).name, **run["info"]}
-        variant = run_variant(info)
+        rows = scorecard_rows(manifest, info, run["predictions"])
         root = run_image_root(info, manifest, profile, image_root)
         feats = run_features(run["dir"], rows, root, device, batch_size) if len(rows) else None
-        out += scorecard_for_run(info, run["predictions"], manifest, feats, variant, n_bootstrap, seed)
-    return out
+        done[i] = scorecard_for_run(info, run["predictions"], manifest, feats, run_variant(info), n_bootstrap, seed)
+    return [e for i in range(len(runs)) for e in done[i]]

@@ -1,24 +1,30 @@
 """Confound-free scorecard of one trained run: questions that source shortcuts cannot answer for it.
 
-Every model-scored metric uses only the run's **held-out** images: rows of its ``predictions.csv``
-whose ``split`` is neither ``train`` nor ``val`` (``test``, plus any ``holdout`` rows such as an
-evaluation-only source). The run's own split column is the authority on what it trained on.
-Intervals are 95% percentile intervals of the patient-group bootstrap of
-:mod:`cxrstudy.evaluation.metrics`. Metrics (``metric`` of each entry):
+Every metric of a run is computed only on films the run never trained or validated on. A film is
+**seen** by a run when its manifest split is ``train`` or ``val`` AND its label is one of the run's classes
+(run.json ``classes``); everything else is **unseen** (``test``, ``holdout``, and films of labels outside the
+task, e.g. pneumonia films of any split for a binary covid_vs_normal run). The run's ``predictions.csv``
+repeats the manifest split for the rows it predicted; the probes read the manifest. Model-scored
+metrics use the unseen rows of the run's predictions; the probes (source identification within COVID-19
+and the probe fallbacks) use the run's penultimate features of unseen manifest films only
+(:func:`feature_rows` names them). Intervals are 95% percentile intervals of the patient-group bootstrap
+of :mod:`cxrstudy.evaluation.metrics`. Metrics (``metric`` of each entry):
 
 * ``paper_task_accuracy``: COVID-19 vs normal on the test split; three-class runs are restricted to
   covid/normal rows and predict the larger of P(covid) and P(normal).
 * ``ieee8023_covid_vs_pneumonia_auc``: ieee8023 COVID-19 films ranked above ieee8023 other-pneumonia
   films by P(covid) / (P(covid) + P(pneumonia)) (binary runs: P(covid)). With fewer than
-  :data:`MIN_FILMS` films or :data:`MIN_GROUPS` patient groups of a class among the held-out rows,
-  a patient-grouped cross-validated linear probe on the run's penultimate features of *all* ieee8023
-  covid + pneumonia films answers instead (``method`` = ``probe``).
+  :data:`MIN_FILMS` films or :data:`MIN_GROUPS` patient groups of a class among the unseen predicted
+  rows, a patient-grouped cross-validated linear probe on the run's penultimate features of the unseen
+  ieee8023 covid + pneumonia films answers instead (``method`` = ``probe``), except when the run itself
+  scores both classes on films of two or more patient groups each (three-class runs): the probe would see
+  the same few films, so the model's ranking is kept with a ``note`` and its wide interval.
 * ``actualmed_covid_vs_normal_balanced_accuracy``: held-out Actualmed covid/normal rows, predicting
   the larger of P(covid) and P(normal); both classes are needed.
 * ``source_id_within_covid_accuracy`` / ``_majority``: a 5-fold StratifiedGroupKFold linear probe
-  predicting the source of COVID-19 films (sources with >= ``min_films`` films) from the run's
-  features, and the share of the largest source; both bootstrapped over patient groups.
-* ``nih_pneumonia_vs_normal_auc`` (three-class runs): held-out NIH rows ranked by
+  predicting the source of the unseen COVID-19 films (sources with >= ``min_films`` films) from the
+  run's features, and the share of the largest source; both bootstrapped over patient groups.
+* ``nih_pneumonia_vs_normal_auc`` (three-class runs): unseen NIH rows ranked by
   P(pneumonia) / (P(pneumonia) + P(normal)); probe fallback as for ieee8023.
 
 A metric that cannot be computed has ``value`` None and a ``note`` saying why; it is never dropped.
@@ -42,8 +48,10 @@ FIELDS: tuple[str, ...] = ("run_id", "variant", "task", "metric", "value", "ci_l
 MIN_FILMS = 10
 #: ... this many patient groups, of either class send a ranking metric to the probe fallback.
 MIN_GROUPS = 5
-#: Splits a run learned from; everything else in its predictions is held out.
+#: Splits a run learned from (a film of these splits is seen when its label is one of the run's classes).
 SEEN_SPLITS: frozenset[str] = frozenset({"train", "val"})
+#: The films of the source-identification probe.
+PROBE_LABEL = "covid"
 #: How many probe folds (StratifiedGroupKFold over patient groups).
 N_SPLITS = 5
 LEVEL = 0.95
@@ -103,24 +111,57 @@ def _none(note: str, n: int = 0, method: str = "model") -> dict:
     return _result(None, n, method, note)
 
 
-def _with_source_names(predictions: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Predictions plus ``source_name`` (from the manifest by image, else by ``source`` = owner/repo)."""
+def with_source_names(predictions: pd.DataFrame, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Predictions plus ``source_name`` (from the manifest by image, else by ``source`` = owner/repo through
+    the manifest or ``data.sources.SOURCES``)."""
+    from cxrstudy.data.sources import SOURCES
+
     df = predictions.reset_index(drop=True).copy()
     if "source_name" in df.columns:
         return df
-    by_image = manifest.drop_duplicates("image").set_index("image")["source_name"]
-    df["source_name"] = df["image"].map(by_image)
-    if "source" in df.columns and df["source_name"].isna().any():
-        by_repo = manifest.drop_duplicates("source").set_index("source")["source_name"]
+    by_repo = pd.Series({src.repo: name for name, src in SOURCES.items()}, dtype=object)
+    df["source_name"] = None
+    if manifest is not None:
+        df["source_name"] = df["image"].map(
+            manifest.drop_duplicates("image").set_index("image")["source_name"]
+        )
+        by_repo = pd.concat([manifest.drop_duplicates("source").set_index("source")["source_name"], by_repo])
+    if "source" in df.columns:
+        by_repo = by_repo[~by_repo.index.duplicated()]
         df["source_name"] = df["source_name"].fillna(df["source"].map(by_repo))
     return df
 
 
-def held_out(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Rows of a run's predictions it never trained or validated on (split not train/val)."""
-    seen = predictions["split"].astype(str).isin(SEEN_SPLITS)
-    seen_images = set(predictions.loc[seen, "image"])
-    return predictions[~seen & ~predictions["image"].isin(seen_images)]
+def unseen(frame: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows of ``frame`` (predictions or manifest) a run with ``classes`` never trained or validated on: not
+    (split train/val and label among ``classes``; None: every label), nor a copy of such a row's image."""
+    seen = frame["split"].astype(str).isin(SEEN_SPLITS)
+    if classes is not None:
+        seen &= frame["label"].isin(list(classes))
+    return frame[~seen & ~frame["image"].isin(set(frame.loc[seen, "image"]))]
+
+
+def held_out(predictions: pd.DataFrame, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows of a run's predictions it never trained or validated on (:func:`unseen`)."""
+    return unseen(predictions, classes)
+
+
+def _run_classes(run_info: dict) -> tuple[str, ...]:
+    """The run's classes (run.json ``classes``, else its task's)."""
+    return tuple(run_info.get("classes") or config.task_classes(run_info["task"]))
+
+
+def _rankings(classes: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """(metric, source, positive, negative) of the ranking metrics a run with ``classes`` is scored on."""
+    out = [("ieee8023_covid_vs_pneumonia_auc", "ieee8023", "covid", "pneumonia")]
+    if "pneumonia" in classes:
+        out.append(("nih_pneumonia_vs_normal_auc", "nih", "pneumonia", "normal"))
+    return out
+
+
+def _pair_rows(frame: pd.DataFrame, source: str, positive: str, negative: str) -> pd.DataFrame:
+    """Rows of one source with one of two labels."""
+    return frame[(frame["source_name"] == source) & frame["label"].isin([positive, negative])]
 
 
 def pair_score(df: pd.DataFrame, positive: str, negative: str) -> np.ndarray:
@@ -279,7 +320,7 @@ def _paper_task(preds: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
 
 def _ranking(
     held: pd.DataFrame,
-    manifest: pd.DataFrame,
+    probe_films: pd.DataFrame,
     features: pd.DataFrame | None,
     source: str,
     positive: str,
@@ -287,20 +328,42 @@ def _ranking(
     n_bootstrap: int,
     seed: int,
 ) -> dict:
-    """ROC-AUC of ``positive`` above ``negative`` on held-out ``source`` rows, else the probe fallback."""
-    rows = held[(held["source_name"] == source) & held["label"].isin([positive, negative])]
+    """ROC-AUC of ``positive`` above ``negative`` on held-out ``source`` rows, else the probe fallback on
+    ``probe_films`` (the run's unseen manifest films)."""
+    rows = _pair_rows(held, source, positive, negative)
     why = _too_few(rows, [positive, negative])
-    if why is None:
+    if not _needs_probe(rows, positive, negative):
         res = _binary_metrics(
             rows, pair_score(rows, positive, negative), positive, negative, n_bootstrap, seed
         )
-        return _result(res["per_class"][positive]["roc_auc"], len(rows), "model")
+        note = (
+            None
+            if why is None
+            else f"few films: {why}; the run scores both classes and a probe would see the same films, so the model's own ranking is kept (read the interval)"
+        )
+        return _result(res["per_class"][positive]["roc_auc"], len(rows), "model", note)
     if features is None:
         return _none(f"{why}; no features for the probe fallback", len(rows), "probe")
-    every = manifest[(manifest["source_name"] == source) & manifest["label"].isin([positive, negative])]
+    every = _pair_rows(probe_films, source, positive, negative)
     out = probe_auc(features, every, positive, negative, n_bootstrap, seed)
-    out["note"] = "; ".join(x for x in (f"probe fallback: {why}", out.get("note")) if x)
+    out["note"] = "; ".join(
+        x for x in (f"probe fallback: {why} (probe on unseen films)", out.get("note")) if x
+    )
     return out
+
+
+def _scores_both(rows: pd.DataFrame, positive: str, negative: str) -> bool:
+    """Whether the run itself ranks ``positive`` against ``negative`` on these rows (it has both classes, and
+    each has films from two or more patient groups): then a probe on the same unseen films adds only noise."""
+    if f"prob_{positive}" not in rows.columns or f"prob_{negative}" not in rows.columns:
+        return False
+    return all(rows.loc[rows["label"] == c, "patient_group"].nunique() >= 2 for c in (positive, negative))
+
+
+def _needs_probe(rows: pd.DataFrame, positive: str, negative: str) -> bool:
+    """Whether a ranking metric goes to the probe fallback: too few held-out films and the run cannot rank
+    the pair itself (:func:`_too_few`, :func:`_scores_both`)."""
+    return _too_few(rows, [positive, negative]) is not None and not _scores_both(rows, positive, negative)
 
 
 def _actualmed(held: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
@@ -314,6 +377,20 @@ def _actualmed(held: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
     return _result(res["balanced_accuracy"], len(rows), "model")
 
 
+def feature_rows(run_info: dict, predictions: pd.DataFrame | None, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Manifest rows (manifest order) whose features :func:`scorecard_for_run` reads for this run: its unseen
+    COVID-19 films and, for each ranking metric sent to the probe fallback, its unseen films of that source
+    and pair (every ranking's when ``predictions`` is None)."""
+    classes = _run_classes(run_info)
+    films = unseen(with_source_names(manifest), classes)
+    keep = set(films.loc[films["label"] == PROBE_LABEL, "image"])
+    held = None if predictions is None else held_out(with_source_names(predictions, manifest), classes)
+    for _, source, pos, neg in _rankings(classes):
+        if held is None or _needs_probe(_pair_rows(held, source, pos, neg), pos, neg):
+            keep |= set(_pair_rows(films, source, pos, neg)["image"])
+    return manifest[manifest["image"].isin(keep)].drop_duplicates("image").reset_index(drop=True)
+
+
 def scorecard_for_run(
     run_info: dict,
     predictions: pd.DataFrame,
@@ -323,27 +400,27 @@ def scorecard_for_run(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> list[dict]:
-    """Every scorecard entry of one run (module docstring); ``features`` indexed by image, or None."""
-    classes = tuple(run_info.get("classes") or config.task_classes(run_info["task"]))
-    preds = _with_source_names(predictions, manifest)
-    held = held_out(preds)
-    three = "pneumonia" in classes
-    results: dict[str, dict] = {"paper_task_accuracy": _paper_task(preds, n_bootstrap, seed)}
+    """Every scorecard entry of one run (module docstring) on films it never trained or validated on;
+    ``features`` (the run's, indexed by image; :func:`feature_rows` suffice) or None."""
+    classes = _run_classes(run_info)
+    held = held_out(with_source_names(predictions, manifest), classes)
+    films = unseen(with_source_names(manifest), classes)
+    results: dict[str, dict] = {"paper_task_accuracy": _paper_task(predictions, n_bootstrap, seed)}
+    rankings = {m: (src, pos, neg) for m, src, pos, neg in _rankings(classes)}
     results["ieee8023_covid_vs_pneumonia_auc"] = _ranking(
-        held, manifest, features, "ieee8023", "covid", "pneumonia", n_bootstrap, seed
+        held, films, features, *rankings["ieee8023_covid_vs_pneumonia_auc"], n_bootstrap, seed
     )
     results["actualmed_covid_vs_normal_balanced_accuracy"] = _actualmed(held, n_bootstrap, seed)
     if features is None:
         results["source_id_within_covid_accuracy"] = _none("no features given", method="probe")
         results["source_id_within_covid_majority"] = _none("no features given", method="probe")
     else:
-        covid = manifest[manifest["label"] == "covid"]
-        acc, maj, _ = _source_probe(features, covid, 10, n_bootstrap, seed)
+        acc, maj, _ = _source_probe(features, films[films["label"] == PROBE_LABEL], 10, n_bootstrap, seed)
         results["source_id_within_covid_accuracy"] = acc
         results["source_id_within_covid_majority"] = maj
-    if three:
+    if "nih_pneumonia_vs_normal_auc" in rankings:
         results["nih_pneumonia_vs_normal_auc"] = _ranking(
-            held, manifest, features, "nih", "pneumonia", "normal", n_bootstrap, seed
+            held, films, features, *rankings["nih_pneumonia_vs_normal_auc"], n_bootstrap, seed
         )
     else:
         results["nih_pneumonia_vs_normal_auc"] = _none(

@@ -456,13 +456,17 @@ def run_shortcut_checks(
     n_bootstrap: int = 1000,
     lung_masks: dict[str, np.ndarray] | None = None,
     lung_key: str = "",
+    view_root: Path | None = None,
 ) -> dict:
     """Every feature-level check: source identification (across and within labels), masking,
     leave-one-source-out, same hospital, and the lung region used (``lung_region``).
 
-    Features come from ``cxrstudy.features.extract_features`` (cached). ``lung_masks`` (image -> boolean
-    mask at the film's size, e.g. :func:`load_lung_masks`; ``lung_key`` names them) switches the masking
-    from the rectangle to the segmented lungs. ``run_predictions`` maps run_id to predictions (same hospital).
+    Features come from ``cxrstudy.features.extract_features`` (cached). ``view_root``: the films through the
+    checks' input view (``lungs.render.view_root``; None: ``image_root``) for source identification,
+    leave-one-source-out and same hospital; the masking experiment always reads the plain films under
+    ``image_root`` (the lung masks are at their size). ``lung_masks`` (image -> boolean mask at the film's
+    size, e.g. :func:`load_lung_masks`; ``lung_key`` names them) switches the masking from the rectangle to
+    the segmented lungs. ``run_predictions`` maps run_id to predictions (same hospital).
     """
     from cxrstudy.data.splits import loso_folds
     from cxrstudy.evaluation.scorecard import source_id_within_label
@@ -479,7 +483,8 @@ def run_shortcut_checks(
     variants.update(masking_features(manifest, feats, image_root, lung_masks, lung_key))
     rows = _task_rows(manifest, classes)
     folds = folds_from_masks(rows, loso_folds(rows))
-    unmasked = variants["unmasked"]
+    plain = view_root is None or Path(view_root).resolve() == Path(image_root).resolve()
+    unmasked = variants["unmasked"] if plain else feats(view_root)
     return {
         "lung_region": lung_region_info(lung_masks, manifest["image"].astype(str).tolist()),
         "source_identification": source_identification(unmasked, manifest, seed),

@@ -21,9 +21,19 @@ from cxrstudy.evaluation.metrics import (
     probs_from_frame,
     seed_spread,
 )
+from cxrstudy.evaluation.seeds import (
+    CONFIG_KEYS,
+    config_key,
+    config_order,
+    pooled_pairs,
+    run_key,
+    run_variant,
+    seed_summary,
+)
 
 PAPER_TASK = "covid_vs_normal"
-#: What identifies a run (with ``classes``, required in every run.json).
+#: What every run.json must hold (with ``classes``); a run is identified by these and its variant
+#: (``seeds.run_key``: run.json ``variant``, ``baseline`` when absent).
 RUN_KEYS = ("task", "backbone", "scenario", "decomposition", "seed")
 
 
@@ -93,18 +103,20 @@ def _pair(a: dict, b: dict, n_bootstrap: int, seed: int) -> dict:
 
 
 def _scenario_pairs(by_key: dict[tuple, dict], n_bootstrap: int, seed: int) -> list[dict]:
-    """McNemar and accuracy difference of every pair of scenarios with the same task, backbone, decomposition, seed."""
+    """McNemar and accuracy difference of every pair of scenarios with the same task, backbone,
+    decomposition, variant and seed."""
     out = []
     groups: dict[tuple, list[dict]] = {}
-    for (task, bb, _sc, dec, sd), r in by_key.items():
-        groups.setdefault((task, bb, dec, sd), []).append(r)
-    for (task, bb, dec, sd), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        rs = sorted(rs, key=lambda r: config.SCENARIOS.index(r["info"]["scenario"]))
+    for (task, bb, _sc, dec, variant, sd), r in by_key.items():
+        groups.setdefault((task, bb, dec, variant, sd), []).append(r)
+    for (task, bb, dec, variant, sd), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        rs = sorted(rs, key=lambda r: _scenario_order(r["info"]["scenario"]))
         for a, b in combinations(rs, 2):
             entry = {
                 "task": task,
                 "backbone": bb,
                 "decomposition": dec,
+                "variant": variant,
                 "seed": sd,
                 "a": a["info"]["scenario"],
                 "b": b["info"]["scenario"],
@@ -114,25 +126,28 @@ def _scenario_pairs(by_key: dict[tuple, dict], n_bootstrap: int, seed: int) -> l
 
 
 def _decomposition_pairs(by_key: dict[tuple, dict], n_bootstrap: int, seed: int) -> list[dict]:
-    """Decomposition on minus off for every run that has a twin without decomposition."""
+    """Decomposition on minus off for every run that has a twin without decomposition (same variant and seed)."""
     out = []
-    for (task, bb, sc, dec, sd), r in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        other = by_key.get((task, bb, sc, False, sd))
+    for (task, bb, sc, dec, variant, sd), r in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        other = by_key.get((task, bb, sc, False, variant, sd))
         if dec and other is not None:
-            out.append(
-                {"task": task, "backbone": bb, "scenario": sc, "seed": sd, **_pair(r, other, n_bootstrap, seed)}
-            )
+            head = {"task": task, "backbone": bb, "scenario": sc, "variant": variant, "seed": sd}
+            out.append({**head, **_pair(r, other, n_bootstrap, seed)})
     return out
 
 
 def _seed_spreads(by_key: dict[tuple, dict]) -> list[dict]:
-    """Spread of test accuracy over seeds, where a setting ran several seeds."""
-    seeds: dict[tuple, list[float]] = {}
-    for (task, bb, sc, dec, _sd), r in by_key.items():
-        seeds.setdefault((task, bb, sc, dec), []).append(split_accuracy(r["predictions"], "test"))
+    """Spread of test accuracy over seeds, where a configuration ran several seeds."""
+    seeds: dict[tuple, dict] = {}
+    for key, r in by_key.items():
+        seeds.setdefault(key[:-1], {})[key[-1]] = split_accuracy(r["predictions"], "test")
     return [
-        {"task": task, "backbone": bb, "scenario": sc, "decomposition": dec, "test_accuracy": seed_spread(accs)}
-        for (task, bb, sc, dec), accs in sorted(seeds.items(), key=lambda kv: str(kv[0]))
+        {
+            **dict(zip(CONFIG_KEYS, key, strict=True)),
+            "seeds": sorted(accs, key=str),
+            "test_accuracy": seed_spread(list(accs.values())),
+        }
+        for key, accs in sorted(seeds.items(), key=lambda kv: config_order(kv[0]))
         if len(accs) > 1
     ]
 
@@ -158,18 +173,16 @@ def _design(runs: Sequence[dict]) -> dict:
     epochs: dict[str, set] = {}
     for r in runs:
         info = r["info"]
-        key = (info["task"], info["backbone"], info["scenario"], info["decomposition"])
-        seeds.setdefault(key, set()).add(info["seed"])
+        seeds.setdefault(config_key(info), set()).add(info["seed"])
         ep = info.get("epochs_run", info.get("epochs"))
         if ep is not None:
             epochs.setdefault(info["scenario"], set()).add(int(ep))
     counts = [len(v) for v in seeds.values()]
     return {
         "n_configurations": len(seeds),
+        "configuration_keys": list(CONFIG_KEYS),
         "seeds_per_configuration": {"min": min(counts, default=0), "max": max(counts, default=0)},
-        "epochs_run_by_scenario": {
-            sc: sorted(epochs[sc]) for sc in sorted(epochs, key=_scenario_order)
-        },
+        "epochs_run_by_scenario": {sc: sorted(epochs[sc]) for sc in sorted(epochs, key=_scenario_order)},
     }
 
 
@@ -179,15 +192,30 @@ def _scenario_order(scenario: str) -> int:
 
 
 def compare_runs(runs: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Clustered McNemar between scenarios; decomposition on minus off; Holm adjustment over both;
-    spread over seeds (where several); the design (seeds per configuration, epochs)."""
-    by_key = {tuple(r["info"][k] for k in RUN_KEYS): r for r in runs}
+    """Clustered McNemar between scenarios and decomposition on minus off, per variant and seed; Holm
+    adjustment over both; both pooled over seeds; spread over seeds (where several); the design."""
+    by_key: dict[tuple, dict] = {}
+    for r in runs:
+        key = run_key(r["info"])
+        if key in by_key:
+            raise ValueError(
+                f"two runs share task, backbone, scenario, decomposition, variant and seed {key}: "
+                f"{by_key[key]['dir']} and {r['dir']}"
+            )
+        by_key[key] = r
     pairs = _scenario_pairs(by_key, n_bootstrap, seed)
     dec = _decomposition_pairs(by_key, n_bootstrap, seed)
+    multiplicity = _adjust_for_multiplicity([pairs, dec])
     return {
         "scenarios_mcnemar": pairs,
         "decomposition_effect": dec,
-        "multiplicity": _adjust_for_multiplicity([pairs, dec]),
+        "multiplicity": multiplicity,
+        "scenarios_over_seeds": pooled_pairs(
+            pairs, ("task", "backbone", "decomposition", "variant", "a", "b")
+        ),
+        "decomposition_over_seeds": pooled_pairs(
+            dec, ("task", "backbone", "scenario", "variant"), "decomposition on", "decomposition off"
+        ),
         "seed_spread": _seed_spreads(by_key),
         "design": _design(runs),
     }
@@ -208,8 +236,9 @@ def paper_position(acc: dict) -> str:
     return "inside"
 
 
-def _headline_text(task: str, best: dict, position: str, best_scratch: dict | None) -> str:
-    """The headline sentence: the chosen run's test accuracy against the published figures."""
+def _headline_text(task: str, best: dict, position: str, best_scratch: dict | None, over: dict) -> str:
+    """The headline sentence: the chosen configuration's test accuracy over its seeds, its first seed's run
+    with its interval, against the published figures."""
     where = {
         "above": "above the interval",
         "below": "below the interval",
@@ -217,15 +246,25 @@ def _headline_text(task: str, best: dict, position: str, best_scratch: dict | No
         "unknown": "not comparable (no interval)",
     }[position]
     task_name = "Paper's task" if task == "covid_vs_normal" else "Three-class task"
+    acc, val = over["test_accuracy"], over.get("val_accuracy") or {}
+    n = over["n_seeds"]
+    config_txt = (
+        f"{best['backbone']}, {best['scenario']}, decomposition {'on' if best['decomposition'] else 'off'}"
+    )
+    if val.get("mean") is not None:
+        config_txt += f"; mean validation accuracy {100 * val['mean']:.1f}%"
+    seeds_txt = (
+        f"{100 * acc['mean']:.1f}% test accuracy on average over its {n} seeds (sd {100 * acc['sd']:.1f} points; "
+        f"per-seed 95% intervals from {_pct_plain(acc['interval_low'])} to {_pct_plain(acc['interval_high'])}); "
+        if n > 1
+        else ""
+    )
     text = (
-        f"{task_name} ({task}): the best transfer model "
-        "chosen on validation accuracy "
-        f"({best['backbone']}, {best['scenario']}, decomposition {'on' if best['decomposition'] else 'off'}"
-        + (f"; validation accuracy {100 * best['val_accuracy']:.1f}%" if best.get("val_accuracy") is not None else "")
-        + ") "
-        f"reaches {fmt_pct(best['test']['accuracy'])} test accuracy (95% CI, patient-group bootstrap, "
-        f"{best['test']['n']} images of {best['test']['n_groups']} patient groups). "
-        f"The paper's {100 * config.PAPER_ACCURACY:.2f}% is {where}; "
+        f"{task_name} ({task}): the best transfer configuration chosen on validation accuracy "
+        f"(mean over seeds, never test) ({config_txt}) reaches {seeds_txt}"
+        f"its seed-{best['seed']} run reaches {fmt_pct(best['test']['accuracy'])} (95% CI, patient-group "
+        f"bootstrap, {best['test']['n']} images of {best['test']['n_groups']} patient groups). "
+        f"The paper's {100 * config.PAPER_ACCURACY:.2f}% is {where} of that run; "
         f"DeTraC reported {100 * config.DETRAC_ACCURACY:.1f}%."
     )
     if best_scratch is not None:
@@ -234,7 +273,7 @@ def _headline_text(task: str, best: dict, position: str, best_scratch: dict | No
 
 
 def headline_table(entries: Sequence[dict]) -> list[dict]:
-    """Every run's headline metrics, sorted by task, scenario and decomposition."""
+    """Every run's headline metrics, sorted by configuration (``seeds.config_order``) and seed."""
     return [
         {
             "run_id": e["run_id"],
@@ -242,6 +281,7 @@ def headline_table(entries: Sequence[dict]) -> list[dict]:
             "backbone": e["backbone"],
             "scenario": e["scenario"],
             "decomposition": e["decomposition"],
+            "variant": run_variant(e),
             "seed": e["seed"],
             "val_accuracy": e.get("val_accuracy"),
             "accuracy": e["test"]["accuracy"],
@@ -249,38 +289,64 @@ def headline_table(entries: Sequence[dict]) -> list[dict]:
             "balanced_accuracy": e["test"]["balanced_accuracy"],
             "roc_auc": e["test"]["roc_auc"],
         }
-        for e in sorted(
-            entries, key=lambda e: (e["task"], _scenario_order(e["scenario"]), e["decomposition"])
-        )
+        for e in sorted(entries, key=lambda e: (*config_order(config_key(e)), str(e["seed"])))
     ]
 
 
+def _over_seeds(entries: Sequence[dict], best: dict) -> dict:
+    """Validation and test accuracy of the chosen run's configuration over its seeds (``seed_summary`` fields)."""
+    same = [e for e in entries if config_key(e) == config_key(best)]
+    [summary] = seed_summary(same)
+    return {k: summary[k] for k in ("n_seeds", "seeds", "val_accuracy", "test_accuracy")}
+
+
+def _best_configuration(runs: Sequence[dict]) -> dict:
+    """The first seed's run of the configuration with the best mean validation accuracy over its seeds
+    (ties: configuration order); test numbers are never read."""
+    by_config: dict[tuple, list[dict]] = {}
+    for e in runs:
+        by_config.setdefault(config_key(e), []).append(e)
+
+    def mean_val(key: tuple) -> float:
+        vals = [e["val_accuracy"] for e in by_config[key] if e.get("val_accuracy") is not None]
+        return float(np.mean(vals)) if vals else -1.0
+
+    key = max(sorted(by_config, key=config_order), key=mean_val)
+    return min(by_config[key], key=lambda e: e["seed"])
+
+
 def headline(entries: Sequence[dict], task: str = PAPER_TASK) -> dict:
-    """Best transfer run of ``task`` (chosen on validation accuracy, not test) against the published figures."""
+    """Best transfer run of ``task`` (chosen on validation accuracy, not test; among baseline runs when
+    there are any: variants are chosen by ``selection``) against the published figures."""
     runs = [e for e in entries if e["task"] == task]
+    if any(run_variant(e) == "baseline" for e in runs):
+        runs = [e for e in runs if run_variant(e) == "baseline"]
     transfer = [e for e in runs if e["scenario"] != "scratch"]
     if not transfer:
         return {"task": task, "text": f"No transfer run of {task} was evaluated."}
-    best = max(
-        transfer, key=lambda e: -1 if e.get("val_accuracy") is None else e["val_accuracy"]
-    )  # ties: first run_id; never test
+    best = _best_configuration(transfer)
     scratch = [e for e in runs if e["scenario"] == "scratch"]
-    best_scratch = max(scratch, key=lambda e: e.get("val_accuracy") or -1) if scratch else None
+    best_scratch = _best_configuration(scratch) if scratch else None
     position = paper_position(best["test"]["accuracy"])
+    over = _over_seeds(runs, best)
+    text = _headline_text(task, best, position, best_scratch, over)
     return {
         "task": task,
         "run_id": best["run_id"],
-        "selected_on": "validation accuracy",
+        "selected_on": "mean validation accuracy over the configuration's seeds (its first seed's run)",
         "scenario": best["scenario"],
         "decomposition": best["decomposition"],
+        "variant": run_variant(best),
+        "seed": best["seed"],
         "accuracy": best["test"]["accuracy"],
+        "over_seeds": over,
         "paper_accuracy": config.PAPER_ACCURACY,
         "paper_citation": config.PAPER_CITATION,
         "detrac_accuracy": config.DETRAC_ACCURACY,
         "detrac_citation": config.DETRAC_CITATION,
         "paper_position": position,
         "scratch_accuracy": best_scratch["test"]["accuracy"] if best_scratch else None,
-        "text": _headline_text(task, best, position, best_scratch),
+        "text": text,
         "table": headline_table(entries),
     }
 
@@ -295,6 +361,7 @@ def headline_frame(results: dict) -> pd.DataFrame:
             "task": r["task"],
             "scenario": r["scenario"],
             "decomposition": "on" if r["decomposition"] else "off",
+            "variant": r.get("variant", "baseline"),
             "seed": r["seed"],
             "val. accuracy": _pct_plain(r.get("val_accuracy")),
             "accuracy (summed probabilities)": fmt_pct(r["accuracy"]),
@@ -373,6 +440,7 @@ def comparisons_frame(comparisons: dict) -> pd.DataFrame:
             "comparison": f"{c['a']} vs {c['b']}",
             "task": c["task"],
             "decomposition": c["decomposition"],
+            "variant": c.get("variant", "baseline"),
             "seed": c["seed"],
             **_cmp_cells(c),
         }
@@ -383,6 +451,7 @@ def comparisons_frame(comparisons: dict) -> pd.DataFrame:
             "comparison": f"decomposition on - off ({c['scenario']})",
             "task": c["task"],
             "decomposition": "",
+            "variant": c.get("variant", "baseline"),
             "seed": c["seed"],
             **_cmp_cells(c),
         }
@@ -412,7 +481,10 @@ def loso_frame(entries: Sequence[dict]) -> pd.DataFrame:
 def masking_frame(masking: dict) -> pd.DataFrame:
     """The masking experiment (whole image, lungs masked, lungs only) as percentages with CIs."""
     return pd.DataFrame(
-        {k: {m: fmt_pct(v[m]) for m in ("accuracy", "balanced_accuracy", "roc_auc")} for k, v in masking.items()}
+        {
+            k: {m: fmt_pct(v[m]) for m in ("accuracy", "balanced_accuracy", "roc_auc")}
+            for k, v in masking.items()
+        }
     ).T
 
 
@@ -495,7 +567,11 @@ def stratified_mean_ci(
 def _saliency_stats(used: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
     """In-lung share, uniform reference and their difference over the sampled images, with intervals."""
     area = rectangle_region()["area_share"]
-    uniform = used["uniform_share"].fillna(area) if "uniform_share" in used.columns else used["lung_share"] * 0 + area
+    uniform = (
+        used["uniform_share"].fillna(area)
+        if "uniform_share" in used.columns
+        else used["lung_share"] * 0 + area
+    )
     strata = (used["label"].astype(str) + "/" + used["outcome"].astype(str)).to_numpy()
     share, uni, excess = stratified_mean_ci(
         [used["lung_share"], uniform, used["lung_share"] - uniform], strata, n_bootstrap, seed
@@ -505,7 +581,12 @@ def _saliency_stats(used: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
         "uniform_reference": uni,
         "excess_over_uniform": excess,
         "per_stratum": pd.Series(strata).value_counts().sort_index().to_dict(),
-        "bootstrap": {"unit": "image", "strata": "true class x outcome", "n_requested": n_bootstrap, "seed": seed},
+        "bootstrap": {
+            "unit": "image",
+            "strata": "true class x outcome",
+            "n_requested": n_bootstrap,
+            "seed": seed,
+        },
     }
 
 
@@ -535,7 +616,9 @@ def _saliency_summary(saliency: pd.DataFrame, saliency_run: str | None, n_bootst
             "regions": saliency["region"].value_counts().to_dict() if "region" in saliency.columns else {},
             **stats,
             "by_run": (
-                all_rows.groupby("run_id")["lung_share"].mean().to_dict() if "run_id" in all_rows.columns else {}
+                all_rows.groupby("run_id")["lung_share"].mean().to_dict()
+                if "run_id" in all_rows.columns
+                else {}
             ),
             "by_outcome": used.groupby("outcome")["lung_share"].mean().to_dict(),
             "by_label": used.groupby("label")["lung_share"].mean().to_dict(),
@@ -555,15 +638,20 @@ def assemble_shortcut_checks(
     source_id_within_label: list | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    input_view: str = "full",
+    equalize: bool = False,
 ) -> dict:
     """results.json ``shortcut_checks`` from the separate checks (any of them may be missing).
     ``saliency``: ``saliency_for_runs`` table; the in-lung share is over ``saliency_run``'s images when given.
-    ``lung_region``: ``shortcuts.lung_region_info`` of the masks used (None: the fixed rectangle)."""
+    ``lung_region``: ``shortcuts.lung_region_info`` of the masks used (None: the fixed rectangle);
+    ``input_view`` / ``equalize``: the films of the checks other than masking (notebook 05's parameters)."""
     detail = lung_region or {"kind": "fixed rectangle", "rectangle": rectangle_region()}
     out: dict = {
         "lung_region": detail["kind"],
         "lung_region_detail": detail,
         "level": "linear heads on frozen features (shallow)",
+        "input_view": input_view,
+        "equalize": bool(equalize),
     }
     if source_identification is not None:
         out["source_identification_accuracy"] = source_identification.get("accuracy")

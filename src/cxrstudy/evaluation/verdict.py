@@ -57,7 +57,9 @@ def _goal_part(goal: dict, entry: dict) -> str:
     if goal.get("value") is None:
         return f"{name} not computed ({entry.get('note') or 'no value'})"
     how = " (linear probe on the run's features)" if entry.get("method") == "probe" else ""
-    target = "n/a" if goal.get("target") is None else f"{100 * goal['target']:.2f}".rstrip("0").rstrip(".") + "%"
+    target = (
+        "n/a" if goal.get("target") is None else f"{100 * goal['target']:.2f}".rstrip("0").rstrip(".") + "%"
+    )
     verdict = {True: "met", False: "missed", None: "not judged"}[goal.get("met")]
     return f"{name} {fmt_pct(entry or {'value': goal['value']})}{how}, goal {goal['op']} {target}: {verdict}"
 
@@ -78,10 +80,85 @@ def scorecard(results: dict) -> list[str]:
         judged = sum(g.get("met") is not None for g in mine)
         out.append(
             f"Confound-free scorecard of the headline {head.get('task')} run ({head.get('scenario')}, decomposition "
-            f"{'on' if head.get('decomposition') else 'off'}; held-out films only, 95% CI): " + "; ".join(parts)
+            f"{'on' if head.get('decomposition') else 'off'}; held-out films only, 95% CI): "
+            + "; ".join(parts)
             + f". Goals met: {met} of the {judged} that could be judged."
         )
     return out
+
+
+def _goal_over_seeds_part(g: dict) -> str:
+    """One goal of the recommended variant: seed mean (sd, interval range), target, met, all seeds clear."""
+    name = f"{g['goal']} {METRIC_NAMES.get(g['metric'], g['metric'])}"
+    if g.get("mean") is None:
+        return f"{name} not computed"
+    target = "n/a" if g.get("target") is None else f"{100 * g['target']:.2f}".rstrip("0").rstrip(".") + "%"
+    met = {True: "met", False: "not met", None: "not judged"}[g.get("met")]
+    clear = {
+        True: "every seed's interval clears it",
+        False: "not every seed's interval clears it",
+        None: "intervals incomplete",
+    }[g.get("all_seeds_clear")]
+    spread = f"sd {100 * g['sd']:.1f} points, " if g.get("n", 0) > 1 else ""
+    lo, hi = g.get("interval_low"), g.get("interval_high")
+    ivs = f"intervals {100 * lo:.1f}-{100 * hi:.1f}%" if lo is not None and hi is not None else "no intervals"
+    return f"{name} {100 * g['mean']:.1f}% ({spread}{ivs}), goal {g['op']} {target}: {met}, {clear}"
+
+
+def recommendation(results: dict) -> list[str]:
+    """The variant recommended on validation rows only, and its scorecard over seeds against S1-S5."""
+    rec = results.get("recommended_variant") or {}
+    if not rec.get("name"):
+        return [f"No variant was recommended: {rec['rule']}"] if rec.get("rule") else []
+    cfgs = [
+        c
+        for c in results.get("scorecard_summary") or []
+        if (c["task"], c["scenario"], c["variant"]) == (rec.get("task"), rec.get("scenario"), rec["name"])
+        and not c["decomposition"]
+    ]
+    text = (
+        f"Recommended variant: {rec['name']}, by a rule fixed before any test number was read. {rec['rule']}"
+    )
+    if not cfgs or not cfgs[0].get("goals"):
+        return [text + " Its scorecard was not computed."]
+    cfg = cfgs[0]
+    return [
+        text
+        + f" On films its runs never trained or validated on, over its {cfg['n_seeds']} seed(s) (met: the seed "
+        "mean meets the goal): " + "; ".join(_goal_over_seeds_part(g) for g in cfg["goals"]) + "."
+    ]
+
+
+def variants_against_baseline(results: dict) -> list[str]:
+    """Each variant of the selection's task and scenario against its baseline: the difference of the seed means
+    of every goal's metric (points), and whether the seed spread makes it more than noise."""
+    rec = results.get("recommended_variant") or {}
+    cfgs = {
+        c["variant"]: c
+        for c in results.get("scorecard_summary") or []
+        if (c["task"], c["scenario"]) == (rec.get("task"), rec.get("scenario")) and not c["decomposition"]
+    }
+    base = cfgs.get("baseline")
+    if base is None or len(cfgs) < 2:
+        return []
+    goals = {g["goal"]: g for g in base["goals"]}
+    parts = []
+    for name, cfg in cfgs.items():
+        if name == "baseline":
+            continue
+        diffs = []
+        for g in cfg["goals"]:
+            b = goals.get(g["goal"]) or {}
+            if g.get("mean") is None or b.get("mean") is None:
+                continue
+            d = 100 * (g["mean"] - b["mean"])
+            noise = 100 * max(g.get("sd") or 0.0, b.get("sd") or 0.0)
+            diffs.append(f"{g['goal']} {d:+.1f}{'' if abs(d) > noise else ' (within the seed sd)'}")
+        parts.append(f"{name}: " + ", ".join(diffs))
+    return [
+        f"Variants against the baseline ({rec.get('task')}, {rec.get('scenario')}; difference of seed means, points; "
+        "S3 lower is better, the others higher): " + "; ".join(parts) + "."
+    ]
 
 
 def _within_reading(w: dict) -> str:
@@ -127,7 +204,9 @@ def source_identification(checks: dict) -> list[str]:
         present = [w["label"] for w in within if _within_reading(w) == "source signal present"]
         out.append(
             "Within one label, where the label cannot help, the probe (patient-grouped 5-fold CV, sources with at "
-            "least 10 films) names the source of " + "; ".join(_within_label_part(w) for w in within) + "."
+            "least 10 films) names the source of "
+            + "; ".join(_within_label_part(w) for w in within)
+            + "."
             + (
                 f" Among {' and '.join(present)} films the repositories look different beyond the label: a model "
                 "can tell sources apart there, which becomes a shortcut wherever label and source go together."
@@ -269,7 +348,8 @@ def saliency(checks: dict) -> list[str]:
     if grid is not None and grid < COARSE_GRID:
         at = f" at {size} px input" if size else ""
         return [
-            sentence + f". The maps have only {grid}x{grid} cells{at}, too coarse to tell lung from mediastinum or "
+            sentence
+            + f". The maps have only {grid}x{grid} cells{at}, too coarse to tell lung from mediastinum or "
             "chest wall: the share says where the coarse evidence sits, not that the model reads the lungs."
         ]
     if excess.get("ci_low") is not None and excess["ci_low"] > 0:
@@ -288,12 +368,15 @@ def comparisons(comps: dict) -> list[str]:
         return []
     tests = [*comps.get("scenarios_mcnemar", []), *comps.get("decomposition_effect", [])]
     several = len({c.get("task") for c in tests}) > 1
+    seeds = len({c.get("seed") for c in tests}) > 1
     names = [
         (
             f"{c['a']} vs {c['b']} (decomposition {'on' if c.get('decomposition') else 'off'}"
             if "a" in c
             else f"decomposition on vs off ({c['scenario']}"
         )
+        + (f", {c['variant']}" if c.get("variant", "baseline") != "baseline" else "")
+        + (f", seed {c.get('seed')}" if seeds else "")
         + (f", {c.get('task')})" if several else ")")
         for c in tests
         if (c["mcnemar"].get("p_holm") is not None and c["mcnemar"]["p_holm"] < 0.05)
@@ -306,11 +389,30 @@ def comparisons(comps: dict) -> list[str]:
     ]
 
 
+def _pooled_decomposition(comps: dict, several_tasks: bool) -> str:
+    """Decomposition on minus off pooled over seeds, where a configuration ran several seeds."""
+    parts = []
+    for c in comps.get("decomposition_over_seeds") or []:
+        d = c["accuracy_difference"]
+        if c["n_seeds"] < 2 or d.get("mean") is None:
+            continue
+        name = c["scenario"] + (f" ({c['task']})" if several_tasks else "")
+        name += f" [{c['variant']}]" if c.get("variant", "baseline") != "baseline" else ""
+        parts.append(
+            f"{name} mean {100 * d['mean']:+.1f} (sd {100 * d['sd']:.1f}), on better in {c['n_favour_a']} "
+            f"and off better in {c['n_favour_b']} of {c['n_seeds']} seeds"
+        )
+    return (" Pooled over seeds (points): " + "; ".join(parts) + ".") if parts else ""
+
+
 def decomposition(comps: dict) -> list[str]:
-    """Class decomposition on minus off per scenario, and how many intervals exclude zero."""
+    """Class decomposition on minus off per scenario (and seed), how many intervals exclude zero, and the
+    difference pooled over seeds."""
     dec = comps.get("decomposition_effect") or []
     if not dec:
         return []
+    several_tasks = len({e["task"] for e in dec}) > 1
+    several_seeds = len({e.get("seed") for e in dec}) > 1
     parts, above, below = [], 0, 0
     for d in dec:
         diff = d["accuracy_difference"]
@@ -319,12 +421,16 @@ def decomposition(comps: dict) -> list[str]:
             continue
         above += lo > 0
         below += hi < 0
-        name = f"{d['scenario']} ({d['task']})" if len({e["task"] for e in dec}) > 1 else d["scenario"]
+        name = f"{d['scenario']} ({d['task']})" if several_tasks else d["scenario"]
+        name += f" [{d['variant']}]" if d.get("variant", "baseline") != "baseline" else ""
+        name += f" seed {d.get('seed')}" if several_seeds else ""
         parts.append(f"{name} {100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    unit = "scenario-seed pairs" if several_seeds else "scenarios"
     return [
         "Class decomposition, test accuracy on minus off (points, 95% CI): " + "; ".join(parts) + ". "
-        f"Its interval lies above zero in {above} of {len(parts)} scenarios and below zero in {below}"
+        f"Its interval lies above zero in {above} of {len(parts)} {unit} and below zero in {below}"
         + (": no evidence here that decomposition helps." if above == 0 else ".")
+        + _pooled_decomposition(comps, several_tasks)
     ]
 
 
@@ -333,12 +439,38 @@ def scratch_decomposition(results: dict) -> list[str]:
     runs = [r for r in results.get("runs") or [] if r.get("scenario") == "scratch" and r.get("decomposition")]
     if not runs:
         return []
-    accs = "; ".join(f"{r['task']} {fmt_pct(r['test']['accuracy'])}" for r in runs)
+    several = len(runs) > len({r["task"] for r in runs})  # seeds or variants: name them
+    accs = "; ".join(
+        f"{r['task']}" + (f" seed {r.get('seed')}" if several else "") + f" {fmt_pct(r['test']['accuracy'])}"
+        for r in runs
+    )
     return [
         f"The scratch control with class decomposition ({accs}) is not free of ImageNet: its subclasses come from "
         "k-means on ImageNet-pretrained features (notebook 03), so pretrained knowledge enters through its "
         "training labels; only scratch without decomposition is a no-transfer control."
     ]
+
+
+def _budget_text(runs: list[dict], epochs: dict) -> str:
+    """The training budgets in words: equal epochs (hence optimizer steps) for the image scenarios of a task, or
+    what differed; shallow's own budget (a linear head on cached features) named beside them."""
+    planned: dict[str, set] = {}
+    for r in runs:
+        if r.get("scenario") not in (None, "shallow") and r.get("epochs") is not None:
+            planned.setdefault(r["scenario"], set()).add(int(r["epochs"]))
+    shallow = epochs.get("shallow")
+    shallow_txt = (
+        f"; shallow trains only a linear head on cached features ({'/'.join(map(str, shallow))} epochs run)"
+        if shallow
+        else ""
+    )
+    if not planned:
+        return ""
+    if len({frozenset(v) for v in planned.values()}) == 1:
+        n = "/".join(str(x) for x in sorted(next(iter(planned.values()))))
+        return f"; {', '.join(planned)} had equal budgets ({n} epochs, the same optimizer steps){shallow_txt}"
+    parts = ", ".join(f"{sc} {'/'.join(str(x) for x in sorted(v))}" for sc, v in planned.items())
+    return f", and the image scenarios trained for unequal numbers of epochs ({parts}){shallow_txt}"
 
 
 def closing(results: dict) -> list[str]:
@@ -351,16 +483,21 @@ def closing(results: dict) -> list[str]:
     if seeds["max"] == 1:
         seed_txt = "Each configuration ran once (one seed), so seed-to-seed variation is not measured"
     else:
-        seed_txt = f"Configurations ran with {seeds['min']} to {seeds['max']} seeds (spread under comparisons.seed_spread)"
-    budget = ""
-    if len({tuple(v) for v in epochs.values()}) > 1:
-        budget = (
-            ", and the scenarios trained for unequal numbers of epochs ("
-            + ", ".join(f"{sc} {'/'.join(str(x) for x in v)}" for sc, v in epochs.items())
-            + ")"
+        n_txt = (
+            f"{seeds['max']} seeds each"
+            if seeds["min"] == seeds["max"]
+            else f"{seeds['min']} to {seeds['max']} seeds"
         )
+        seed_txt = (
+            f"Configurations ran with {n_txt} (mean, sd and the range of the per-seed intervals under "
+            "seed_summary); seed-to-seed spread is measured, but a few seeds do not pin it down"
+        )
+    budget = _budget_text(results.get("runs") or [], epochs)
     return [
-        "The intervals cover only the sampling of test patients. " + seed_txt + budget + ": the numbers describe "
+        "The intervals cover only the sampling of test patients. "
+        + seed_txt
+        + budget
+        + ": the numbers describe "
         "these runs on these films; they do not rank the scenarios or settle whether decomposition helps. "
         + NOT_DIAGNOSTIC
     ]
@@ -375,6 +512,8 @@ def verdict(results: dict) -> list[str]:
         *([head["text"]] if head.get("text") else []),
         *interval_width(head),
         *scorecard(results),
+        *recommendation(results),
+        *variants_against_baseline(results),
         *source_identification(checks),
         *masking(checks),
         *leave_one_source_out(checks),

@@ -1,0 +1,150 @@
+"""Choosing the recommended variant on validation rows only, by a rule fixed before any test number is read.
+
+Rule (notebook 05's parameters ``selection_task``, ``selection_scenario``, ``selection_floor``): among the
+variants (baseline included) of that task and scenario without class decomposition, each averaged over
+its seeds, keep those whose mean validation COVID-19-vs-normal accuracy (covid/normal validation rows,
+the larger of P(covid) and P(normal)) is at least the floor; among them pick the highest mean validation
+within-source contrast, the mean of (ieee8023 COVID-19 vs other pneumonia ROC-AUC by
+P(covid) / (P(covid) + P(pneumonia)), NIH pneumonia vs normal ROC-AUC by
+P(pneumonia) / (P(pneumonia) + P(normal))), each on the run's validation rows. When no variant reaches the
+floor, the highest mean validation COVID-19-vs-normal accuracy wins, and the rule says so.
+
+Only rows whose ``split`` is ``val`` are read: :func:`validation_rows` filters each run's predictions once,
+first, and nothing else here sees them; results, metrics and scorecard entries are never read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxrstudy.evaluation.metrics import compute_metrics
+from cxrstudy.evaluation.scorecard import pair_score, with_source_names
+from cxrstudy.evaluation.seeds import BASELINE, run_variant
+
+#: The one split the selection reads.
+SPLIT = "val"
+#: (source, positive, negative) of the within-source contrasts.
+CONTRASTS: tuple[tuple[str, str, str], ...] = (("ieee8023", "covid", "pneumonia"), ("nih", "pneumonia", "normal"))
+
+
+def validation_rows(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The validation rows of a run's predictions (with ``source_name``): the only rows the selection reads."""
+    return with_source_names(predictions[predictions["split"] == SPLIT])
+
+
+def _binary(rows: pd.DataFrame, positive: str, negative: str) -> dict:
+    """Point metrics (no bootstrap) of ``positive`` vs ``negative`` rows scored by the pair ratio."""
+    score = pair_score(rows, positive, negative)
+    return compute_metrics(rows["label"], np.column_stack([score, 1.0 - score]), [positive, negative], None, 0)
+
+
+def validation_scores(val: pd.DataFrame) -> dict[str, float | None]:
+    """``val_paper_task_accuracy`` and ``val_within_source_auc`` (mean of the defined contrasts) of one
+    run's validation rows (:func:`validation_rows`)."""
+    if not (val["split"] == SPLIT).all():
+        raise ValueError("validation_scores reads validation rows only")
+    paper = val[val["label"].isin(["covid", "normal"])]
+    acc = _binary(paper, "covid", "normal")["accuracy"]["value"] if len(paper) else None
+    aucs = []
+    for source, pos, neg in CONTRASTS:
+        rows = val[(val["source_name"] == source) & val["label"].isin([pos, neg])]
+        if f"prob_{pos}" in rows.columns and rows["label"].nunique() == 2:
+            aucs.append(_binary(rows, pos, neg)["per_class"][pos]["roc_auc"]["value"])
+    aucs = [a for a in aucs if a is not None]
+    return {"val_paper_task_accuracy": acc, "val_within_source_auc": float(np.mean(aucs)) if aucs else None}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the defined values (None when none is)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def candidates(runs: Sequence[dict], task: str, scenario: str, floor: float) -> list[dict]:
+    """Per variant of ``task`` / ``scenario`` without decomposition (``report.load_runs`` items): seeds and
+    the seed means of the validation scores, and whether the accuracy floor is passed."""
+    by_variant: dict[str, list[dict]] = {}
+    for run in runs:
+        info = run["info"]
+        if info["task"] == task and info["scenario"] == scenario and not info["decomposition"]:
+            scores = validation_scores(validation_rows(run["predictions"]))
+            by_variant.setdefault(run_variant(info), []).append({"seed": info["seed"], **scores})
+    out = []
+    for variant in sorted(by_variant, key=lambda v: (v != BASELINE, v)):
+        seeds = by_variant[variant]
+        acc = _mean([s["val_paper_task_accuracy"] for s in seeds])
+        out.append({
+            "variant": variant,
+            "n_seeds": len(seeds),
+            "seeds": sorted(s["seed"] for s in seeds),
+            "val_paper_task_accuracy": acc,
+            "val_within_source_auc": _mean([s["val_within_source_auc"] for s in seeds]),
+            "passes_floor": acc is not None and acc >= floor,
+        })
+    return out
+
+
+def _rule_text(task: str, scenario: str, floor: float) -> str:
+    """The rule in words with its numbers."""
+    return (
+        f"Among the variants of {task} {scenario} without decomposition, averaged over seeds, on validation rows "
+        f"only: keep those whose mean validation COVID-19-vs-normal accuracy is >= {floor:g} "
+        f"({100 * floor:g}%); among them pick the highest mean validation within-source contrast (mean of the "
+        "ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs); if none reaches the floor, "
+        "pick the highest mean validation COVID-19-vs-normal accuracy."
+    )
+
+
+def _fmt(value: float | None) -> str:
+    """A score with three decimals, 'n/a' for None."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def baseline_floor(runs: Sequence[dict], task: str, scenario: str, max_drop: float) -> float:
+    """The accuracy floor ``max_drop`` below the baseline's mean validation COVID-19-vs-normal accuracy (a
+    variant may cost at most that much); ValueError without a baseline run to measure it on."""
+    base = [c for c in candidates(runs, task, scenario, 0.0) if c["variant"] == BASELINE]
+    if not base or base[0]["val_paper_task_accuracy"] is None:
+        raise ValueError(f"selection: no baseline run of {task} {scenario} to set the floor {max_drop:g} below")
+    return float(base[0]["val_paper_task_accuracy"]) - float(max_drop)
+
+
+def select_variant(
+    runs: Sequence[dict], task: str, scenario: str, floor: float | None = None, max_drop: float | None = None
+) -> dict:
+    """results.json ``recommended_variant``: ``name`` (None without candidates), ``rule`` (in words, with
+    the numbers and the outcome), ``task``, ``scenario``, ``floor``, ``candidates``. The floor is either
+    absolute (``floor``) or ``max_drop`` below the baseline's validation accuracy; give exactly one."""
+    if (floor is None) == (max_drop is None):
+        raise ValueError("selection: give exactly one of floor (absolute) and max_drop (below the baseline)")
+    relative = ""
+    if max_drop is not None:
+        floor = baseline_floor(runs, task, scenario, max_drop)
+        relative = f" (the floor is the baseline's mean validation accuracy minus {max_drop:g})"
+    assert floor is not None
+    cands = candidates(runs, task, scenario, floor)
+    rule = _rule_text(task, scenario, floor) + relative
+    out = {"name": None, "rule": rule, "task": task, "scenario": scenario, "floor": floor,
+           "selected_on": "validation rows only", "candidates": cands}
+    if not cands:
+        out["rule"] = f"{rule} No run of {task} {scenario} without decomposition was found: nothing recommended."
+        return out
+    passing = [c for c in cands if c["passes_floor"]]
+    if passing:  # ties: baseline first, then by name (candidates' order)
+        best = max(passing, key=lambda c: -np.inf if c["val_within_source_auc"] is None else c["val_within_source_auc"])
+        outcome = (
+            f" {len(passing)} of {len(cands)} variants reach the floor; {best['variant']!r} has the highest "
+            f"within-source contrast ({_fmt(best['val_within_source_auc'])}, validation accuracy "
+            f"{_fmt(best['val_paper_task_accuracy'])}, {best['n_seeds']} seed(s))."
+        )
+    else:
+        best = max(cands, key=lambda c: -np.inf if c["val_paper_task_accuracy"] is None else c["val_paper_task_accuracy"])
+        outcome = (
+            f" No variant reaches the floor of {floor:g}; {best['variant']!r} has the highest validation "
+            f"accuracy ({_fmt(best['val_paper_task_accuracy'])}, {best['n_seeds']} seed(s))."
+        )
+    out.update(name=best["variant"], rule=rule + outcome, passed_floor=bool(passing))
+    return out
