@@ -90,7 +90,9 @@ def headline_figure(entries: Sequence[dict], path: Path) -> Path:
 
     table = headline_table(entries)
     panels = {
-        task: _interval_rows([(" ".join(r["run_id"].split("__")[1:]), r["accuracy"]) for r in table if r["task"] == task])
+        task: _interval_rows(
+            [(" ".join(r["run_id"].split("__")[1:]), r["accuracy"]) for r in table if r["task"] == task]
+        )
         for task in dict.fromkeys(r["task"] for r in table)
     }
     fig = plots.plot_intervals(
@@ -143,8 +145,11 @@ def evaluation_figures(runs: Sequence[dict], entries: Sequence[dict], fig_dir: P
         _save(fig, fig_dir / f"roc_pr_{e['run_id']}.png", paths)
     table = per_source_table(runs)
     if not table.empty:
-        _save(plots.plot_per_source_heatmap(table, "test accuracy per source and label"),
-              fig_dir / "per_source_accuracy.png", paths)
+        _save(
+            plots.plot_per_source_heatmap(table, "test accuracy per source and label"),
+            fig_dir / "per_source_accuracy.png",
+            paths,
+        )
     paths["accuracy_vs_paper"] = headline_figure(entries, fig_dir / HEADLINE_FIGURE)
     return paths
 
@@ -153,7 +158,11 @@ def shortcut_panels(checks: dict) -> dict[str, pd.DataFrame]:
     """Tables of the shortcut-check figure: masking experiment, leave-one-source-out, same hospital."""
     masking = [
         (name, (checks.get(key) or {}).get("accuracy"))
-        for key, name in (("unmasked", "whole image"), ("masked_lungs", "lungs masked"), ("lungs_only", "lungs only"))
+        for key, name in (
+            ("unmasked", "whole image"),
+            ("masked_lungs", "lungs masked"),
+            ("lungs_only", "lungs only"),
+        )
     ]
     loso = [
         (f"without {e['held_out']} ({' and '.join(e.get('labels') or [])}, n={e.get('n')})", e["accuracy"])
@@ -169,14 +178,21 @@ def shortcut_panels(checks: dict) -> dict[str, pd.DataFrame]:
     }
 
 
+def _nonempty(panels: dict[str, pd.DataFrame], path: Path) -> tuple[Path, dict[str, pd.DataFrame]]:
+    """The panels with rows; with none, a stale figure at ``path`` is removed."""
+    path = Path(path)
+    panels = {k: t for k, t in panels.items() if len(t)}
+    if not panels:
+        path.unlink(missing_ok=True)
+    return path, panels
+
+
 def shortcut_figure(checks: dict, path: Path) -> Path | None:
     """Save the shortcut-check figure; with nothing to plot, remove a stale one and return None."""
     from cxrstudy import plots
 
-    path = Path(path)
-    panels = {k: t for k, t in shortcut_panels(checks).items() if len(t)}
+    path, panels = _nonempty(shortcut_panels(checks), path)
     if not panels:
-        path.unlink(missing_ok=True)
         return None
     fig = plots.plot_intervals(
         panels,
@@ -209,9 +225,16 @@ def scorecard_panels(summary: Sequence[dict]) -> dict[str, pd.DataFrame]:
             if g is None:
                 continue
             probe = "probe" in ((cfg.get("metrics") or {}).get(goal.metric) or {}).get("methods", [])
-            rows.append({"label": config_label(cfg) + (", probe)" if probe else ")"), "value": g["mean"],
-                         "ci_low": g["interval_low"], "ci_high": g["interval_high"], "target": g["target"],
-                         "op": goal.op})
+            rows.append(
+                {
+                    "label": config_label(cfg) + (", probe)" if probe else ")"),
+                    "value": g["mean"],
+                    "ci_low": g["interval_low"],
+                    "ci_high": g["interval_high"],
+                    "target": g["target"],
+                    "op": goal.op,
+                }
+            )
         title = f"{goal.goal} {goal.metric} ({goal.op} " + (
             f"majority + {100 * goal.margin:.0f} points)" if goal.relative_to else f"{goal.target:.4g})"
         )
@@ -224,10 +247,8 @@ def scorecard_figure(summary: Sequence[dict], path: Path) -> Path | None:
     ``scorecard_summary``; with no entries, remove a stale one and return None."""
     from cxrstudy import plots
 
-    path = Path(path)
-    panels = {k: t for k, t in scorecard_panels(summary).items() if len(t)}
+    path, panels = _nonempty(scorecard_panels(summary), path)
     if not panels:
-        path.unlink(missing_ok=True)
         return None
     fig = plots.plot_scorecard(
         panels,

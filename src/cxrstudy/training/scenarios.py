@@ -67,6 +67,28 @@ def _budget(
     }
 
 
+def _fit_once(
+    learn: Learner,
+    cfg: TrainConfig,
+    lr: float,
+    history: list[dict[str, Any]],
+    counter: StepCounter | None = None,
+) -> StepCounter:
+    """One fit stage of ``cfg.epochs`` at peak ``lr`` (shallow, deep, scratch); returns its step counter."""
+    counter = counter if counter is not None else StepCounter()
+    fit_stage(
+        learn,
+        cfg.epochs,
+        lr,
+        stage=1,
+        history=history,
+        saver=make_saver(),
+        patience=cfg.patience,
+        counter=counter,
+    )
+    return counter
+
+
 def train_shallow(
     model: Classifier,
     rows: pd.DataFrame,
@@ -101,17 +123,7 @@ def train_shallow(
     head = nn.Sequential(model.dropout, model.head).to(device)
     learn = make_learner(head, DataLoaders(*loaders), loss, lr=cfg.lr, path=workdir, wd=cfg.wd)
     facts = choose_lr(learn, cfg)
-    counter = StepCounter()
-    fit_stage(
-        learn,
-        cfg.epochs,
-        facts["lr"],
-        stage=1,
-        history=history,
-        saver=make_saver(),
-        patience=cfg.patience,
-        counter=counter,
-    )
+    counter = _fit_once(learn, cfg, facts["lr"], history)
     facts["feature_precision"] = feats.attrs.get("precision", "fp32")
     return {**facts, **_budget(cfg, len(loaders[0]), [cfg.epochs], counter)}
 
@@ -206,14 +218,5 @@ def train_images(
     else:
         learn.unfreeze()
         facts = choose_lr(learn, cfg)
-        fit_stage(
-            learn,
-            cfg.epochs,
-            facts["lr"],
-            stage=1,
-            history=history,
-            saver=make_saver(),
-            patience=cfg.patience,
-            counter=counter,
-        )
+        _fit_once(learn, cfg, facts["lr"], history, counter)
     return {**facts, **_budget(cfg, len(loaders[0]), cfg.stage_epochs(), counter)}
