@@ -20,7 +20,7 @@ from cxrstudy.evaluation.metrics import seed_spread
 #: What a configuration is: every run key but the seed.
 CONFIG_KEYS = ("task", "backbone", "scenario", "decomposition", "variant")
 #: The variant of runs whose run.json names none.
-BASELINE = "baseline"
+BASELINE = config.BASELINE_VARIANT
 #: Test-metric summaries of ``seed_summary`` entries: name -> the metric of a results.json ``runs`` entry.
 SEED_METRICS: dict[str, Callable[[dict], dict | float | None]] = {
     "val_accuracy": lambda e: e.get("val_accuracy"),
