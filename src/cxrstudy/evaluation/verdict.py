@@ -130,35 +130,41 @@ def recommendation(results: dict) -> list[str]:
 
 
 def variants_against_baseline(results: dict) -> list[str]:
-    """Each variant of the selection's task and scenario against its baseline: the difference of the seed means
-    of every goal's metric (points), and whether the seed spread makes it more than noise."""
-    rec = results.get("recommended_variant") or {}
-    cfgs = {
-        c["variant"]: c
-        for c in results.get("scorecard_summary") or []
-        if (c["task"], c["scenario"]) == (rec.get("task"), rec.get("scenario")) and not c["decomposition"]
-    }
-    base = cfgs.get("baseline")
-    if base is None or len(cfgs) < 2:
-        return []
-    goals = {g["goal"]: g for g in base["goals"]}
-    parts = []
-    for name, cfg in cfgs.items():
-        if name == "baseline":
+    """Per (task, scenario) with variants, each variant against its baseline: the difference of the seed means
+    of every goal's metric (points), marked where the seed spread covers it."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for c in results.get("scorecard_summary") or []:
+        if not c["decomposition"]:
+            groups.setdefault((c["task"], c["scenario"]), {})[c["variant"]] = c
+    out = []
+    for (task, scenario), cfgs in groups.items():
+        base = cfgs.get("baseline")
+        if base is None or len(cfgs) < 2:
             continue
-        diffs = []
-        for g in cfg["goals"]:
-            b = goals.get(g["goal"]) or {}
-            if g.get("mean") is None or b.get("mean") is None:
-                continue
-            d = 100 * (g["mean"] - b["mean"])
-            noise = 100 * max(g.get("sd") or 0.0, b.get("sd") or 0.0)
-            diffs.append(f"{g['goal']} {d:+.1f}{'' if abs(d) > noise else ' (within the seed sd)'}")
-        parts.append(f"{name}: " + ", ".join(diffs))
-    return [
-        f"Variants against the baseline ({rec.get('task')}, {rec.get('scenario')}; difference of seed means, points; "
-        "S3 lower is better, the others higher): " + "; ".join(parts) + "."
-    ]
+        parts = [
+            f"{name}: " + ", ".join(_goal_differences(cfg, base))
+            for name, cfg in cfgs.items()
+            if name != "baseline"
+        ]
+        out.append(
+            f"Variants against the baseline ({task}, {scenario}; difference of seed means, points; S3 lower is "
+            "better, the others higher): " + "; ".join(parts) + "."
+        )
+    return out
+
+
+def _goal_differences(cfg: dict, base: dict) -> list[str]:
+    """``S1 +12.0`` per goal both configurations have, with "(within the seed sd)" where the larger sd covers it."""
+    goals = {g["goal"]: g for g in base["goals"]}
+    diffs = []
+    for g in cfg["goals"]:
+        b = goals.get(g["goal"]) or {}
+        if g.get("mean") is None or b.get("mean") is None:
+            continue
+        d = 100 * (g["mean"] - b["mean"])
+        noise = 100 * max(g.get("sd") or 0.0, b.get("sd") or 0.0)
+        diffs.append(f"{g['goal']} {d:+.1f}{'' if abs(d) > noise else ' (within the seed sd)'}")
+    return diffs
 
 
 def _within_reading(w: dict) -> str:
