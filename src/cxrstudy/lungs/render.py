@@ -26,15 +26,13 @@ from cxrstudy.fileio import atomic_path, write_json
 RENDER_VERSION = 1
 VIEWS_CACHE = config.CACHE_DIR / "views"
 COMPLETE = ".complete.json"
-#: Views of the shortcut checks, beyond the input views: the lungs blacked out, or only the lungs kept.
-CHECK_VIEWS = ("lungs_hidden", "lungs_only")
 
 
 def check_view(view: str, equalize: bool = False) -> None:
     """ValueError naming the problem for an unknown view or a bad equalise flag."""
     from cxrstudy.lungs.views import VIEWS
 
-    known = sorted(VIEWS) + list(CHECK_VIEWS)
+    known = sorted(VIEWS)
     if view not in known:
         raise ValueError(f"input_view must be one of {known}, got {view!r}")
     if not isinstance(equalize, bool):
@@ -52,14 +50,10 @@ def view_tag(view: str, equalize: bool) -> str:
 
 
 def render_one(img: Image.Image, mask: np.ndarray, view: str, equalize: bool, margin: float) -> Image.Image:
-    """One film through an input view or a shortcut-check view."""
-    from cxrstudy.lungs.views import apply_view, check_mask
+    """One film through an input view (the shortcut checks' lungs-hidden / lungs-only films are rendered by
+    ``evaluation.shortcuts.render_masked_views``, which falls back to the central rectangle for QC failures)."""
+    from cxrstudy.lungs.views import apply_view
 
-    if view in CHECK_VIEWS:
-        m = check_mask(img, mask)
-        arr = np.asarray(img, dtype=np.uint8)
-        keep = ~m if view == "lungs_hidden" else m
-        return Image.fromarray(np.where(keep, arr, 0).astype(np.uint8))
     return apply_view(img, mask, view, equalize=equalize, margin=margin)
 
 
