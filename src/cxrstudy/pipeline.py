@@ -98,14 +98,17 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
 
 def _variants(raw: object, path: Path) -> dict[str, dict[str, Any]]:
     """The profile's ``variants``: name -> parameter set (each a mapping without a ``variant`` key)."""
-    BASELINE, VARIANT_NAME = config.BASELINE_VARIANT, config.VARIANT_NAME  # noqa: N806
     if not isinstance(raw, dict):
         raise ProfileError(f"{path}: 'variants' must map variant names to parameter sets")
     for name, params in raw.items():
-        if not isinstance(name, str) or not VARIANT_NAME.match(name) or name == BASELINE:
+        if (
+            not isinstance(name, str)
+            or not config.VARIANT_NAME.match(name)
+            or name == config.BASELINE_VARIANT
+        ):
             raise ProfileError(
                 f"{path}: variant name {name!r} must be lower-case letters, digits and underscores, "
-                f"and not {BASELINE!r} (the baseline is the notebooks' defaults)"
+                f"and not {config.BASELINE_VARIANT!r} (the baseline is the notebooks' defaults)"
             )
         if not isinstance(params, dict) or "variant" in params:
             raise ProfileError(

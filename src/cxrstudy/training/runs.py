@@ -204,12 +204,8 @@ def _source_adversary(
     """Targets with the per-class source column (codes from *training* rows only; -1 elsewhere) and the
     adversary callback with the run's weight, schedule, learning rate and width."""
     codes = SourceCodes.from_rows(rows, config.task_classes(cfg.task))
-    adversary = make_source_adversary(model, codes, hidden=cfg.adversary_hidden)
     torch.manual_seed(cfg.seed + 2)  # the heads' initial weights, independently of the model's
-    for head in adversary.heads.values():
-        for layer in head:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
+    adversary = make_source_adversary(model, codes, hidden=cfg.adversary_hidden)
     cb = SourceAdversaryCallback(
         adversary, codes, cfg.adversary_weight, schedule=cfg.adversary_schedule, lr=cfg.adversary_lr
     )
