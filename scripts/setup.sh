@@ -12,6 +12,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
+# The environment takes about 7 GB (torch's x86_64 wheel is a CUDA build): say so before pip runs out of disk.
+FREE_MB=$(df -Pm "$(dirname "$VENV")" | awk 'NR==2 {print $4}')
+if [ -n "$FREE_MB" ] && [ "$FREE_MB" -lt 8000 ]; then
+  echo "setup: warning: only ${FREE_MB} MB free beside $VENV; the environment needs about 7,000 MB" >&2
+fi
+export PIP_NO_CACHE_DIR=1   # nothing kept in ~/.cache/pip: the wheels are installed once per venv
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 
 # torch/torchvision pins depend on the machine (pyproject.toml carries the same markers).
