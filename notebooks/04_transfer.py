@@ -55,6 +55,7 @@ view_margin = 0.05  # margin around the lung box, as a fraction of its size
 adversary_weight = 0.0  # > 0: class-conditional source adversary (gradient reversal), peak weight
 adversary_schedule = "ganin"  # ganin (ramped 0 -> weight) or constant
 adversary_lr = 1e-3  # the adversary heads' own AdamW learning rate
+sampling = "uniform"  # uniform, or source_balanced: films drawn with weights P(label)/P(label|source)
 
 # %%
 from dataclasses import replace
@@ -77,7 +78,7 @@ display(training.task_rows(manifest, task).groupby(["split", "label"]).size().un
 # %% [markdown]
 # ## Training
 #
-# One run per decomposition setting and seed; the table gives composed accuracies. A variant other than `baseline` sees its films through `input_view` (rendered once from notebook 01's lung masks, cached) and, with `adversary_weight` > 0, trains against a class-conditional source adversary: a small head per class behind a gradient-reversal layer predicts the training film's source hospital *within its class* from the backbone's pooled features, its weight ramped over the whole budget (Ganin & Lempitsky 2015), its per-epoch accuracy against the majority source written to `adversary.csv`. Its codes come from training rows only.
+# One run per decomposition setting and seed; the table gives composed accuracies. A variant other than `baseline` sees its films through `input_view` (rendered once from notebook 01's lung masks, cached) and, with `adversary_weight` > 0, trains against a class-conditional source adversary: a small head per class behind a gradient-reversal layer predicts the training film's source hospital *within its class* from the backbone's pooled features, its weight ramped over the whole budget (Ganin & Lempitsky 2015), its per-epoch accuracy against the majority source written to `adversary.csv`. Its codes come from training rows only. With `sampling = "source_balanced"` each epoch draws as many films as the training split holds, with replacement, each with weight P(label) / P(label | source) estimated on the training split (Kamiran & Calders 2012, clipped to [0.25, 4], mean 1): within a source that holds several labels (ieee8023: COVID-19 and other pneumonia; NIH: normal and pneumonia) the label then carries no information about the source, and the films that hold the within-source contrast (ieee8023's other pneumonia) weigh more; `run.json` lists the weight of every (label, source) cell.
 
 # %%
 configs = [
@@ -87,7 +88,7 @@ configs = [
                          lr_range=tuple(lr_range), lr_find_iters=lr_find_iters, variant=variant,
                          input_view=input_view, equalize=equalize, view_margin=view_margin,
                          adversary_weight=adversary_weight, adversary_schedule=adversary_schedule,
-                         adversary_lr=adversary_lr)
+                         adversary_lr=adversary_lr, sampling=sampling)
     for d in decomposition
 ]
 configs = [replace(cfg, seed=seed + i) for i in range(n_seeds) for cfg in configs]

@@ -122,10 +122,14 @@ def test_a_step_gets_its_variants_parameters_under_its_own(project):
 def test_the_study_profiles_name_their_variants_and_seeds():
     default = pipeline.load_profile("default")
     variants = {s.params.get("variant", "baseline") for s in default.steps if s.notebook == "04_transfer"}
-    assert variants == {"baseline", "lung", "lung_adversary"}
+    assert variants == {"baseline", "lung", "lung_adversary", "lung_balanced"}
     assert all(s.params.get("n_seeds") == 3 for s in default.steps if s.notebook == "04_transfer")
     adv = next(s.params for s in default.steps if s.params.get("variant") == "lung_adversary")
     assert adv["input_view"] == "lung_mask" and adv["equalize"] is True and adv["adversary_weight"] > 0
+    bal = [s.params for s in default.steps if s.params.get("variant") == "lung_balanced"]
+    assert [(b["task"], b["sampling"], b["input_view"]) for b in bal] == [
+        ("covid_normal_pneumonia", "source_balanced", "lung_mask")
+    ]
     for name in ("smoke", "default", "full"):
         pipeline.resolve_parameters(pipeline.load_profile(name))  # every parameter declared
 

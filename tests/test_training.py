@@ -470,3 +470,74 @@ def test_source_adversary_trains_from_training_sources_only_and_logs(tiny, tmp_p
     assert any(not torch.equal(wa[k], wp[k]) for k in wa if k.startswith("backbone"))
     # ... and never saw a validation or test source: scrambling them changes nothing
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_source_balance_weights_make_label_independent_of_source_where_sources_share_labels():
+    # site_a: 8 covid + 2 normal; site_b: 2 covid + 8 normal; site_c: 5 covid only
+    labels = ["covid"] * 8 + ["normal"] * 2 + ["covid"] * 2 + ["normal"] * 8 + ["covid"] * 5
+    sources = ["site_a"] * 10 + ["site_b"] * 10 + ["site_c"] * 5
+    w, cells = training.source_balance_weights(labels, sources)
+    assert w.shape == (25,) and np.isclose(w.mean(), 1.0)
+    frame = pd.DataFrame({"label": labels, "source": sources, "w": w})
+    share = frame.groupby(["source", "label"])["w"].sum() / frame.groupby("source")["w"].sum()
+    prior = frame["label"].value_counts(normalize=True)  # P(covid) = 15/25
+    for site in ("site_a", "site_b"):  # both labels present: weighted P(label | site) = P(label)
+        assert np.isclose(share[(site, "covid")], prior["covid"]) and np.isclose(share[(site, "normal")], prior["normal"])
+    assert cells[["label", "source", "n"]].values.tolist() == [
+        ["covid", "site_a", 8], ["covid", "site_b", 2], ["covid", "site_c", 5],
+        ["normal", "site_a", 2], ["normal", "site_b", 8],
+    ]
+    # a rare cell is up-weighted only up to the clip: normal at site a (1 film against 99 covid) would get
+    # 34 before the clip, 4 after it, against 2/3 for site a's covid films
+    w2, _ = training.source_balance_weights(["covid"] * 99 + ["normal"] * 51, ["a"] * 100 + ["b"] * 50)
+    assert np.isclose(w2[99] / w2[0], 6.0)
+    with pytest.raises(ValueError, match="label and a source"):
+        training.source_balance_weights(["covid", "normal"], ["a", ""])
+    with pytest.raises(ValueError, match="no training films"):
+        training.source_balance_weights([], [])
+
+
+def test_weighted_batches_draw_by_weight_reproducibly():
+    spec = get_spec(BACKBONE)
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 8, 8).contiguous()
+    weights = np.r_[np.full(20, 9.0), np.ones(20)]  # the first half drawn nine times as often
+    def drawn(seed: int) -> torch.Tensor:
+        tb = training.TensorBatches(images, np.arange(40), spec, 8, train=True, seed=seed, weights=weights)
+        return torch.cat([y for _, y in tb])
+    a, b = drawn(0), drawn(0)
+    assert torch.equal(a, b) and len(a) == 40 and not torch.equal(a, drawn(1))
+    many = torch.cat([drawn(s) for s in range(30)])
+    assert 0.85 < (many < 20).float().mean() < 0.95  # 0.9 expected
+    with pytest.raises(ValueError, match="training batches only"):
+        training.TensorBatches(images, np.arange(40), spec, 8, train=False, seed=0, weights=weights)
+    with pytest.raises(ValueError, match="40 finite non-negative weights"):
+        training.TensorBatches(images, np.arange(40), spec, 8, train=True, seed=0, weights=np.ones(39))
+
+
+def test_source_balanced_run_records_its_weights_and_changes_only_the_order(tiny, tmp_path):
+    manifest, root = tiny
+    m = _two_sources(manifest)
+    train = (m["split"] == "train").to_numpy()
+    # site_a holds most covid films, site_b most normal ones: the weights differ by cell
+    lab = m.loc[train, "label"].to_numpy()
+    idx = np.flatnonzero(train)
+    covid, normal = idx[lab == "covid"], idx[lab == "normal"]
+    m.loc[covid, "source_name"] = np.where(np.arange(len(covid)) < len(covid) - 1, "site_a", "site_b")
+    m.loc[normal, "source_name"] = np.where(np.arange(len(normal)) < len(normal) - 1, "site_b", "site_a")
+    kw = dict(COMMON, scenario="deep", epochs=1, wd=0.0)
+    plain = training.train_run(m, training.TrainConfig(**kw), root, out_root=tmp_path / "plain")
+    bal = training.train_run(
+        m, training.TrainConfig(**kw, variant="bal", sampling="source_balanced"), root, out_root=tmp_path / "bal"
+    )
+    assert plain.info["sampling"] == "uniform" and "sampling_weights" not in plain.info["params"]
+    assert bal.info["sampling"] == "source_balanced" and bal.run_id.endswith("__bal")
+    cells = {(c["label"], c["source"]): c for c in bal.info["params"]["sampling_weights"]}
+    assert {k: c["n"] for k, c in cells.items()} == {
+        ("covid", "site_a"): len(covid) - 1, ("covid", "site_b"): 1,
+        ("normal", "site_a"): 1, ("normal", "site_b"): len(normal) - 1,
+    }
+    assert cells[("covid", "site_b")]["weight"] > cells[("covid", "site_a")]["weight"]
+    assert bal.info["params"]["sampling_rule"].startswith("weights P(label)/P(label|source)")
+    wp = torch.load(plain.run_dir / "model.pth", weights_only=True)
+    wb = torch.load(bal.run_dir / "model.pth", weights_only=True)
+    assert any(not torch.equal(wp[k], wb[k]) for k in wp)

@@ -85,6 +85,7 @@ def test_is_frozen_and_hashable_and_stages_become_a_tuple():
         ("adversary_schedule", "linear", "must be one of"),
         ("adversary_lr", 0.0, "> 0"),
         ("adversary_hidden", 0, "integer >= 1"),
+        ("sampling", "balanced", "must be one of"),
     ],
 )
 def test_bad_values_raise_naming_the_parameter(name: str, value: object, message: str):
@@ -101,6 +102,10 @@ def test_a_variant_must_be_named_and_shallow_has_no_adversary():
         TrainConfig(scenario="deep", adversary_weight=0.5)
     with pytest.raises(ValueError, match=r"TrainConfig\.adversary_weight must be 0 for shallow"):
         TrainConfig(scenario="shallow", variant="adv", adversary_weight=0.5)
+    with pytest.raises(ValueError, match=r"TrainConfig\.variant is 'baseline'.*sampling"):
+        TrainConfig(scenario="deep", sampling="source_balanced")
+    with pytest.raises(ValueError, match=r"TrainConfig\.sampling must be 'uniform' for shallow"):
+        TrainConfig(scenario="shallow", variant="bal", sampling="source_balanced")
     cfg = TrainConfig(
         scenario="deep", variant="lung_adversary", input_view="lung_mask", equalize=True, adversary_weight=1
     )

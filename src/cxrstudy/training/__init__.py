@@ -34,6 +34,7 @@ from cxrstudy.training.data import (
     TensorBatches,
     XrayDataset,
     make_loader,
+    source_balance_weights,
     task_rows,
     train_augmentation,
 )
@@ -105,6 +106,7 @@ __all__ = [
     "predict_images",
     "predict_loader",
     "predictions_frame",
+    "source_balance_weights",
     "stage_epochs",
     "summarize_runs",
     "task_rows",

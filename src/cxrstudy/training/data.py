@@ -108,9 +108,42 @@ def train_augmentation(generator: torch.Generator | None = None) -> BatchAugment
     return BatchAugment(AugmentRanges(), generator)
 
 
+#: Bounds of a film's sampling weight before the weights are scaled to mean 1 (``source_balance_weights``).
+BALANCE_CLIP: tuple[float, float] = (0.25, 4.0)
+
+
+def source_balance_weights(
+    labels: Sequence[str], sources: Sequence[str], clip: tuple[float, float] = BALANCE_CLIP
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-film weights ``P(label) / P(label | source)`` (Kamiran & Calders' reweighing), clipped to ``clip``
+    and scaled to mean 1, and a table of them per (label, source) cell with its film count.
+
+    Under these weights the label is independent of the source within every source that holds more than one
+    label (up to the clip); a source with one label only keeps it, down-weighted to that label's prior."""
+    frame = pd.DataFrame({"label": np.asarray(labels, dtype=object), "source": np.asarray(sources, dtype=object)})
+    if frame.empty:
+        raise ValueError("source_balance_weights: no training films")
+    if frame.isna().any().any() or (frame == "").any().any():
+        raise ValueError("source_balance_weights: every film needs a label and a source")
+    n = len(frame)
+    n_label = frame.groupby("label")["label"].transform("size").to_numpy(float)
+    n_source = frame.groupby("source")["source"].transform("size").to_numpy(float)
+    n_cell = frame.groupby(["label", "source"])["label"].transform("size").to_numpy(float)
+    w = np.clip(n_label * n_source / (n * n_cell), *clip)
+    w = w / w.mean()
+    frame["weight"] = w
+    cells = (
+        frame.groupby(["label", "source"], sort=True)
+        .agg(n=("weight", "size"), weight=("weight", "first"))
+        .reset_index()
+    )
+    return w, cells
+
+
 class TensorBatches:
     """Batches ``(normalised float (B,3,S,S) channels_last, targets)`` sliced from an in-memory uint8 tensor
     (N,1,S,S): shuffled (training) with its own seeded generator, augmented batch-wise, no per-image work.
+    With ``weights`` (training only) each epoch draws N films with replacement in proportion to them.
 
     Iterable with a length, which is all fastai's Learner asks of a loader. In training the last batch is
     dropped only when it would hold a single image (batch norm needs two), as ``make_loader`` does."""
@@ -125,11 +158,20 @@ class TensorBatches:
         train: bool,
         seed: int,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        weights: np.ndarray | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(f"expected uint8 images (N,1,S,S), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.weights = None
+        if weights is not None:
+            w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+            if not train:
+                raise ValueError("sampling weights are for training batches only")
+            if w.shape != (len(images),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"expected {len(images)} finite non-negative weights with a positive sum")
+            self.weights = w
         self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
         self.spec, self.bs, self.train, self.augment = spec, batch_size, train, augment
         self.generator = torch.Generator().manual_seed(seed)
@@ -141,7 +183,12 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        if not self.train:
+            order = torch.arange(n)
+        elif self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        else:
+            order = torch.randperm(n, generator=self.generator)
         for k in range(len(self)):
             idx = order[k * self.bs : (k + 1) * self.bs]
             x = self.images[idx].float()

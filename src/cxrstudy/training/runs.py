@@ -278,6 +278,7 @@ def _run_info(
         "equalize": bool(cfg.equalize),
         "view_margin": float(cfg.view_margin),
         "adversary": cfg.adversary,
+        "sampling": cfg.sampling,
         "image_size": cfg.image_size,
         "epochs": cfg.epochs,
         "lr": float(extra.get("lr", cfg.lr)),

@@ -20,7 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cxrstudy.models import Classifier
-from cxrstudy.training.data import TensorBatches, make_loader, train_augmentation
+from cxrstudy.training.data import (
+    BALANCE_CLIP,
+    TensorBatches,
+    make_loader,
+    source_balance_weights,
+    train_augmentation,
+)
 from cxrstudy.training.labels import ComposedLoss
 from cxrstudy.training.learner import (
     StepCounter,
@@ -131,12 +137,16 @@ def train_shallow(
 def image_loaders(
     model: Classifier, rows: pd.DataFrame, targets: np.ndarray, cfg: TrainConfig, images: torch.Tensor
 ) -> list[TensorBatches]:
-    """Train (shuffled, augmented batch-wise) and val batches from the rows' uint8 images (N,1,S,S)."""
+    """Train (shuffled or, with ``cfg.sampling == "source_balanced"``, drawn by source-balance weights;
+    augmented batch-wise) and val batches from the rows' uint8 images (N,1,S,S)."""
     loaders = []
     for split in ("train", "val"):
         m = (rows["split"] == split).to_numpy()
         train = split == "train"
         aug = train_augmentation(torch.Generator().manual_seed(cfg.seed + 1)) if train else None
+        weights = None
+        if train and cfg.sampling == "source_balanced":
+            weights, _ = source_balance_weights(rows.loc[m, "label"], rows.loc[m, "source_name"])
         loaders.append(
             TensorBatches(
                 images[torch.tensor(m)],
@@ -146,9 +156,27 @@ def image_loaders(
                 train=train,
                 seed=cfg.seed,
                 augment=aug,
+                weights=weights,
             )
         )
     return loaders
+
+
+def sampling_facts(rows: pd.DataFrame, cfg: TrainConfig) -> dict[str, Any]:
+    """run.json facts of the training sampling: its rule and, when source-balanced, the weight and film
+    count of every (label, source) cell of the training split."""
+    if cfg.sampling == "uniform":
+        return {}
+    train = rows[rows["split"] == "train"]
+    _, cells = source_balance_weights(train["label"], train["source_name"])
+    return {
+        "sampling_rule": "weights P(label)/P(label|source) on the training split (Kamiran & Calders 2012), "
+        f"clipped to {list(BALANCE_CLIP)}, mean 1; N films drawn with replacement per epoch",
+        "sampling_weights": [
+            {"label": r.label, "source": r.source, "n": int(r.n), "weight": round(float(r.weight), 4)}
+            for r in cells.itertuples()
+        ],
+    }
 
 
 def _fit_finetune(
@@ -219,4 +247,4 @@ def train_images(
         learn.unfreeze()
         facts = choose_lr(learn, cfg)
         _fit_once(learn, cfg, facts["lr"], history, counter)
-    return {**facts, **_budget(cfg, len(loaders[0]), cfg.stage_epochs(), counter)}
+    return {**facts, **_budget(cfg, len(loaders[0]), cfg.stage_epochs(), counter), **sampling_facts(rows, cfg)}

@@ -25,6 +25,8 @@ _INT_MINIMUM: dict[str, int] = {
 BASELINE, VARIANT_NAME = config.BASELINE_VARIANT, config.VARIANT_NAME
 #: Adversary weight schedules (``adversary.adversary_weight``).
 ADVERSARY_SCHEDULES: tuple[str, ...] = ("ganin", "constant")
+#: How training batches draw their films (``training.data.source_balance_weights``).
+SAMPLINGS: tuple[str, ...] = ("uniform", "source_balanced")
 
 #: Stages of finetune's default schedule (``learner.finetune_schedule`` on a Classifier's 4 layer groups:
 #: head; + last backbone group; everything).
@@ -61,7 +63,9 @@ class TrainConfig:
     Variant (issue 12): ``variant`` names the parameter set; ``input_view`` / ``equalize`` / ``view_margin``
     say how the films were rendered (``lungs.render.view_root``; the caller passes that folder as
     ``image_root``); ``adversary_weight`` > 0 adds the class-conditional source adversary
-    (``training.adversary``) with that peak weight, ramped by ``adversary_schedule`` (image scenarios only)."""
+    (``training.adversary``) with that peak weight, ramped by ``adversary_schedule`` (image scenarios only);
+    ``sampling="source_balanced"`` draws training films with weights that make the label as independent of the
+    source hospital as the training split allows (``training.data.source_balance_weights``; image scenarios)."""
 
     task: str = "covid_vs_normal"
     scenario: str = "shallow"
@@ -90,6 +94,7 @@ class TrainConfig:
     adversary_schedule: str = "ganin"
     adversary_lr: float = 1e-3
     adversary_hidden: int = 256
+    sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         self._check_names()
@@ -149,11 +154,21 @@ class TrainConfig:
                 "must be 0 for shallow (the frozen backbone has nothing to unlearn)",
                 self.adversary_weight,
             )
-        plain = self.input_view == "full" and not self.equalize and self.adversary_weight == 0
+        if self.sampling not in SAMPLINGS:
+            _fail("sampling", f"must be one of {SAMPLINGS}", self.sampling)
+        if self.sampling != "uniform" and self.scenario == "shallow":
+            _fail("sampling", "must be 'uniform' for shallow (its head trains on cached features)", self.sampling)
+        plain = (
+            self.input_view == "full"
+            and not self.equalize
+            and self.adversary_weight == 0
+            and self.sampling == "uniform"
+        )
         if self.variant == BASELINE and not plain:
             _fail(
                 "variant",
-                "is 'baseline' but the input view or adversary differs from the baseline's: name the variant",
+                "is 'baseline' but the input view, adversary or sampling differs from the baseline's: "
+                "name the variant",
                 self.variant,
             )
 
