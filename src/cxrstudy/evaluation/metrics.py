@@ -24,7 +24,7 @@ All functions are pure (numpy / scikit-learn / scipy). Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -142,7 +142,7 @@ def _metrics_for_weights(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, W: 
     return out
 
 
-def _bootstrap_weights(groups: np.ndarray, n_bootstrap: int, seed: int):
+def bootstrap_weights(groups: np.ndarray, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
     """Yield (chunk, n) weight matrices: multinomial draws of whole groups, mapped to their images."""
     _, codes = np.unique(groups, return_inverse=True)
     n_groups = codes.max() + 1
@@ -155,7 +155,7 @@ def _bootstrap_weights(groups: np.ndarray, n_bootstrap: int, seed: int):
         done += b
 
 
-def _group_array(groups: Sequence | None, n: int) -> np.ndarray:
+def group_array(groups: Sequence | None, n: int) -> np.ndarray:
     """Patient groups as an array; ``None`` means every image is its own group (image bootstrap)."""
     if groups is None:
         return np.arange(n)
@@ -167,7 +167,7 @@ def _group_array(groups: Sequence | None, n: int) -> np.ndarray:
     return g.astype(str)
 
 
-def _interval(point: float, reps: np.ndarray, level: float) -> dict:
+def percentile_interval(point: float, reps: np.ndarray, level: float) -> dict:
     """{'value', 'ci_low', 'ci_high', 'n_boot'} from a point estimate and replicate values (NaN skipped)."""
     used = reps[~np.isnan(reps)]
     alpha = (1.0 - level) / 2.0
@@ -208,10 +208,10 @@ def compute_metrics(
     y, probs, p = _prepare(y_true, probs, classes, pred)
     if len(y) == 0:
         raise ValueError("no images to evaluate")
-    g = _group_array(groups, len(y))
+    g = group_array(groups, len(y))
     point = _metrics_for_weights(y, p, probs, np.ones((1, len(y))))
     reps: dict[str, list[np.ndarray]] = {name: [] for name in point}
-    for W in _bootstrap_weights(g, n_bootstrap, seed):
+    for W in bootstrap_weights(g, n_bootstrap, seed):
         for name, values in _metrics_for_weights(y, p, probs, W).items():
             reps[name].append(values)
     merged = {name: np.concatenate(v) if v else np.array([]) for name, v in reps.items()}
@@ -221,11 +221,11 @@ def compute_metrics(
         "classes": classes,
     }
     for name in SCALAR_METRICS:
-        res[name] = _interval(point[name][0], merged[name], level)
+        res[name] = percentile_interval(point[name][0], merged[name], level)
     res["per_class"] = {
         cls: {
             "support": int((y == c).sum()),
-            **{m: _interval(point[f"{m}/{c}"][0], merged[f"{m}/{c}"], level) for m in PER_CLASS_METRICS},
+            **{m: percentile_interval(point[f"{m}/{c}"][0], merged[f"{m}/{c}"], level) for m in PER_CLASS_METRICS},
         }
         for c, cls in enumerate(classes)
     }
@@ -327,7 +327,7 @@ def clustered_mcnemar(pred_a: Sequence, pred_b: Sequence, y_true: Sequence, grou
     a, b, y = (np.asarray(v) for v in (pred_a, pred_b, y_true))
     if not (len(a) == len(b) == len(y)):
         raise ValueError(f"McNemar needs aligned arrays; got lengths {len(a)}, {len(b)}, {len(y)}")
-    g = _group_array(groups, len(y))
+    g = group_array(groups, len(y))
     _, codes = np.unique(g, return_inverse=True)
     a_only = ((a == y) & (b != y)).astype(float)
     b_only = ((a != y) & (b == y)).astype(float)
@@ -386,7 +386,7 @@ def paired_difference_ci(
     classes = list(classes)
     y, pa_probs, pa = _prepare(y_true, probs_a, classes, pred_a)
     _, pb_probs, pb = _prepare(y_true, probs_b, classes, pred_b)
-    g = _group_array(groups, len(y))
+    g = group_array(groups, len(y))
     ones = np.ones((1, len(y)))
     point = (
         _metrics_for_weights(y, pa, pa_probs, ones)[metric]
@@ -394,9 +394,9 @@ def paired_difference_ci(
     )
     reps = [
         _metrics_for_weights(y, pa, pa_probs, W)[metric] - _metrics_for_weights(y, pb, pb_probs, W)[metric]
-        for W in _bootstrap_weights(g, n_bootstrap, seed)
+        for W in bootstrap_weights(g, n_bootstrap, seed)
     ]
-    out = _interval(point[0], np.concatenate(reps) if reps else np.array([]), level)
+    out = percentile_interval(point[0], np.concatenate(reps) if reps else np.array([]), level)
     out["metric"] = metric
     return out
 

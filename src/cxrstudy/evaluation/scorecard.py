@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy import config
-from cxrstudy.evaluation.metrics import _bootstrap_weights, _group_array, _interval, compute_metrics
-from cxrstudy.evaluation.shortcuts import _grouped_cv_predict
+from cxrstudy.evaluation.metrics import bootstrap_weights, compute_metrics, group_array, percentile_interval
+from cxrstudy.evaluation.shortcuts import grouped_cv_predict
 
 #: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
 FIELDS: tuple[str, ...] = ("run_id", "variant", "task", "metric", "value", "ci_low", "ci_high", "n", "method")
@@ -226,7 +226,7 @@ def probe_auc(
         )
     y = rows["label"].to_numpy()
     X = features.loc[rows["image"]].to_numpy(dtype=np.float64)
-    probs, labels = _grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    probs, labels = grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
     res = _binary_metrics(rows, probs[:, labels.index(positive)], positive, negative, n_bootstrap, seed)
     return _result(res["per_class"][positive]["roc_auc"], len(rows), "probe", missing)
 
@@ -243,9 +243,9 @@ def _source_probe(
         note = f"fewer than two sources with >= {min_films} films ({counts.to_dict()})"
         return _none(note, len(rows), "probe"), _none(note, len(rows), "probe"), sources
     y = rows["source_name"].astype(str).to_numpy()
-    g = _group_array(rows["patient_group"], len(rows))
+    g = group_array(rows["patient_group"], len(rows))
     n_splits = int(min(N_SPLITS, len(np.unique(g))))
-    probs, labels = _grouped_cv_predict(
+    probs, labels = grouped_cv_predict(
         features.loc[rows["image"]].to_numpy(np.float64), y, g, n_splits, seed
     )
     correct = (np.asarray(labels)[probs.argmax(axis=1)] == y).astype(float)
@@ -259,11 +259,11 @@ def _bootstrap_means(
 ) -> list[dict]:
     """Mean of each per-image array with one shared patient-group bootstrap interval."""
     reps: list[list[np.ndarray]] = [[] for _ in values]
-    for W in _bootstrap_weights(groups, n_bootstrap, seed):
+    for W in bootstrap_weights(groups, n_bootstrap, seed):
         for i, v in enumerate(values):
             reps[i].append(W @ v / W.sum(axis=1))
     return [
-        _interval(float(v.mean()), np.concatenate(r) if r else np.array([]), LEVEL)
+        percentile_interval(float(v.mean()), np.concatenate(r) if r else np.array([]), LEVEL)
         for v, r in zip(values, reps, strict=True)
     ]
 

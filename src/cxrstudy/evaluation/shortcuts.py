@@ -220,7 +220,7 @@ def train_test_probe(
     return res, probs
 
 
-def _grouped_cv_predict(
+def grouped_cv_predict(
     X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
 ) -> tuple[np.ndarray, list]:
     """Out-of-fold probabilities of the linear probe, folds by StratifiedGroupKFold on patient groups."""
@@ -254,7 +254,7 @@ def _cv_summary(
         }
     X = _features_for(features, df, what)
     y = df[column].astype(str).to_numpy()
-    probs, labels = _grouped_cv_predict(X, y, df["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    probs, labels = grouped_cv_predict(X, y, df["patient_group"].astype(str).to_numpy(), n_splits, seed)
     pred = np.asarray(labels)[probs.argmax(axis=1)]
     recall = {c: float((pred[y == c] == c).mean()) for c in labels}
     shares = pd.Series(y).value_counts(normalize=True)
@@ -399,7 +399,7 @@ def same_hospital(
         return out
     X = _features_for(features, rows, "same hospital")
     y = rows["label"].to_numpy()
-    probs_cv, labels = _grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    probs_cv, labels = grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
     probs = np.zeros((len(y), len(classes)))
     for j, c in enumerate(labels):
         probs[:, list(classes).index(c)] = probs_cv[:, j]

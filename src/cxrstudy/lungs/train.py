@@ -357,17 +357,17 @@ def bootstrap_means(
     table: pd.DataFrame, columns: list[str], n_bootstrap: int, seed: int, level: float = 0.95
 ) -> dict:
     """Mean of each column with a percentile CI from resampling whole patient groups."""
-    from cxrstudy.evaluation.metrics import _bootstrap_weights, _group_array, _interval
+    from cxrstudy.evaluation.metrics import bootstrap_weights, group_array, percentile_interval
 
-    groups = _group_array(table["patient_group"].to_numpy(), len(table))
+    groups = group_array(table["patient_group"].to_numpy(), len(table))
     values = {c: table[c].to_numpy(dtype=float) for c in columns}
     reps: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    for W in _bootstrap_weights(groups, n_bootstrap, seed):
+    for W in bootstrap_weights(groups, n_bootstrap, seed):
         for c in columns:
             reps[c].append((W @ values[c]) / W.sum(axis=1))
     out = {}
     for c in columns:
         r = np.concatenate(reps[c]) if reps[c] else np.array([])
-        out[c] = _interval(float(values[c].mean()), r, level)
+        out[c] = percentile_interval(float(values[c].mean()), r, level)
     out["n_groups"] = int(len(np.unique(groups)))
     return out
