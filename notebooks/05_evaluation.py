@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
-from cxrstudy import config
+from cxrstudy import config, pipeline
 from cxrstudy.data.splits import subsample
 from cxrstudy.evaluation import (
     figures,
@@ -65,7 +65,8 @@ lung_masks, lung_key = shortcuts.load_lung_masks(manifest, profile, image_root, 
 lung_info = shortcuts.lung_region_info(lung_masks, manifest["image"].tolist())
 display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
-runs = report.load_runs(out)
+# only the runs this profile's transfer steps produce (a folder left by a step the profile no longer has is skipped)
+runs = report.load_runs(out, only=pipeline.expected_run_ids(pipeline.load_profile(profile)))
 if not runs:
     raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 04 first")
 display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "train_seconds", "epochs_run", "n_test")}

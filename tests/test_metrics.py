@@ -388,3 +388,17 @@ def test_evaluation_figures_are_written(tmp_path):
         "accuracy_vs_paper",
     } <= set(paths)
     assert all(p.stat().st_size > 2000 for p in paths.values())
+
+
+def test_load_runs_keeps_only_the_profiles_runs_and_names_the_rest(tmp_path):
+    """A run folder no step of the profile produces is skipped with a warning; a missing expected run raises."""
+    from cxrstudy.evaluation import report as R
+
+    pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
+    ids = sorted(p.name for p in (pdir / "runs").iterdir() if (p / "run.json").is_file())
+    assert len(R.load_runs(pdir)) == len(ids) >= 2
+    with pytest.warns(UserWarning, match=rf"skipped 1 run folder\(s\).*{ids[-1]}"):
+        kept = R.load_runs(pdir, only=ids[:-1])
+    assert [r["info"]["run_id"] for r in kept] == ids[:-1]
+    with pytest.raises(FileNotFoundError, match=r"no finished run for 1 run id\(s\).*gone__seed0"):
+        R.load_runs(pdir, only=[*ids, "gone__seed0"])

@@ -199,6 +199,25 @@ def resolve_parameters(
     return resolved
 
 
+def expected_run_ids(profile: Profile, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> list[str]:
+    """Run ids the profile's transfer steps (notebook ``04_transfer``) produce, in step order: every
+    decomposition setting and seed of each step, with the notebook's defaults where the profile is silent."""
+    from cxrstudy.training.runs import make_run_id
+
+    ids: list[str] = []
+    for step, params in resolve_parameters(profile, notebooks_dir):
+        if step.notebook != "04_transfer":
+            continue
+        p = {**declared_parameters(notebook_path(step, notebooks_dir)), **params}
+        decomps = p["decomposition"] if isinstance(p["decomposition"], list) else [p["decomposition"]]
+        for i in range(int(p["n_seeds"])):
+            for d in decomps:
+                run_id = make_run_id(p["task"], p["backbone"], p["scenario"], bool(d), int(p["seed"]) + i, p["variant"])
+                if run_id not in ids:
+                    ids.append(run_id)
+    return ids
+
+
 def _module_file(module: str) -> Path | None:
     """Source file of a ``cxrstudy`` module, or None when it is not part of the package."""
     parts = module.split(".")

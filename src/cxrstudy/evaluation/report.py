@@ -8,7 +8,8 @@ figures in ``evaluation.figures``; the names notebooks and tests used from here 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,30 @@ SCHEMA_VERSION = 1
 # --------------------------------------------------------------------------- runs
 
 
-def load_runs(profile_dir: Path) -> list[dict]:
-    """Every finished run of a profile (``runs/*/run.json`` present): {'dir', 'info', 'predictions'}."""
+def load_runs(profile_dir: Path, only: Collection[str] | None = None) -> list[dict]:
+    """Every finished run of a profile (``runs/*/run.json`` present): {'dir', 'info', 'predictions'}.
+
+    ``only``: the run ids to load (``pipeline.expected_run_ids``): one of them without a finished run raises
+    FileNotFoundError, and run folders outside it (left by steps the profile no longer has) are skipped with
+    a warning that names them, so that results never mix in runs the profile did not ask for."""
+    paths = sorted((Path(profile_dir) / "runs").glob("*/run.json"))
+    if only is not None:
+        wanted = set(only)
+        found = {p.parent.name for p in paths}
+        if missing := sorted(wanted - found):
+            raise FileNotFoundError(
+                f"{Path(profile_dir) / 'runs'}: no finished run for {len(missing)} run id(s) the profile's steps "
+                f"produce: {missing[:5]}{' ...' if len(missing) > 5 else ''} (re-run `make reproduce`)"
+            )
+        if stale := sorted(found - wanted):
+            warnings.warn(
+                f"{Path(profile_dir) / 'runs'}: skipped {len(stale)} run folder(s) that no step of the profile "
+                f"produces (left by an earlier version of the profile): {stale}",
+                stacklevel=2,
+            )
+        paths = [p for p in paths if p.parent.name in wanted]
     runs = []
-    for info_path in sorted((Path(profile_dir) / "runs").glob("*/run.json")):
+    for info_path in paths:
         run_dir = info_path.parent
         info = json.loads(info_path.read_text())
         missing = [k for k in (*RUN_KEYS, "classes") if k not in info]
