@@ -122,16 +122,29 @@ def test_a_step_gets_its_variants_parameters_under_its_own(project):
 def test_the_study_profiles_name_their_variants_and_seeds():
     default = pipeline.load_profile("default")
     variants = {s.params.get("variant", "baseline") for s in default.steps if s.notebook == "04_transfer"}
-    assert variants == {"baseline", "lung", "lung_adversary", "lung_balanced"}
+    assert variants == {"baseline", "lung", "lung_adversary", "lung_adversary_weak"}
     assert all(s.params.get("n_seeds") == 3 for s in default.steps if s.notebook == "04_transfer")
     adv = next(s.params for s in default.steps if s.params.get("variant") == "lung_adversary")
     assert adv["input_view"] == "lung_mask" and adv["equalize"] is True and adv["adversary_weight"] > 0
-    bal = [s.params for s in default.steps if s.params.get("variant") == "lung_balanced"]
-    assert [(b["task"], b["sampling"], b["input_view"]) for b in bal] == [
-        ("covid_normal_pneumonia", "source_balanced", "lung_mask")
+    weak = [s.params for s in default.steps if s.params.get("variant") == "lung_adversary_weak"]
+    assert [(w["task"], w["adversary_weight"], w["input_view"]) for w in weak] == [
+        ("covid_normal_pneumonia", 0.3, "lung_mask")
+    ]
+    full = pipeline.load_profile("full")
+    bal = [s.params for s in full.steps if s.params.get("variant") == "lung_balanced"]
+    assert [(b["task"], b["scenario"], b["sampling"]) for b in bal] == [
+        ("covid_normal_pneumonia", sc, "source_balanced") for sc in ("deep", "finetune")
     ]
     for name in ("smoke", "default", "full"):
         pipeline.resolve_parameters(pipeline.load_profile(name))  # every parameter declared
+
+    ids = pipeline.expected_run_ids(default)  # what notebook 05 evaluates: 11 configurations x 3 seeds
+    assert len(ids) == len(set(ids)) == 33
+    assert "covid_vs_normal__efficientnet_lite0__shallow__decomp__seed2" in ids
+    assert "covid_normal_pneumonia__efficientnet_lite0__deep__nodecomp__seed1__lung_adversary_weak" in ids
+    assert not any(i.endswith("lung_balanced") for i in ids)
+    smoke = pipeline.expected_run_ids(pipeline.load_profile("smoke"))  # notebook defaults fill the gaps
+    assert "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0" in smoke
 
 
 def test_common_parameters_reach_only_declaring_notebooks(project):
