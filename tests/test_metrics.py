@@ -402,3 +402,17 @@ def test_load_runs_keeps_only_the_profiles_runs_and_names_the_rest(tmp_path):
     assert [r["info"]["run_id"] for r in kept] == ids[:-1]
     with pytest.raises(FileNotFoundError, match=r"no finished run for 1 run id\(s\).*gone__seed0"):
         R.load_runs(pdir, only=[*ids, "gone__seed0"])
+
+
+def test_group_bootstrap_means_resample_whole_groups_with_one_shared_draw():
+    from cxrstudy.evaluation.metrics import group_bootstrap_means
+
+    # two patient groups of three images each: every replicate takes whole groups, so the mean of `a` can only
+    # be 0, 1/2 or 1, and `b` (= 1 - a) moves exactly opposite in the same replicate
+    groups = np.array(["p1"] * 3 + ["p2"] * 3)
+    a = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    ra, rb = group_bootstrap_means([a, 1 - a], groups, n_bootstrap=400, seed=3)
+    assert ra["value"] == rb["value"] == 0.5 and ra["n_boot"] == 400
+    assert {ra["ci_low"], ra["ci_high"]} <= {0.0, 0.5, 1.0} and ra["ci_low"] < ra["ci_high"]
+    assert ra["ci_low"] == 1 - rb["ci_high"] and ra["ci_high"] == 1 - rb["ci_low"]
+    assert group_bootstrap_means([a], groups, 400, 3) == [ra]  # seeded

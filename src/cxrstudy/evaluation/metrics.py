@@ -178,6 +178,20 @@ def percentile_interval(point: float, reps: np.ndarray, level: float) -> dict:
     return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "n_boot": int(len(used))}
 
 
+def group_bootstrap_means(
+    values: Sequence[np.ndarray], groups: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95
+) -> list[dict]:
+    """Mean of each per-image array, with percentile intervals from one shared bootstrap over ``groups``."""
+    reps: list[list[np.ndarray]] = [[] for _ in values]
+    for W in bootstrap_weights(groups, n_bootstrap, seed):
+        for i, v in enumerate(values):
+            reps[i].append(W @ v / W.sum(axis=1))
+    return [
+        percentile_interval(float(v.mean()), np.concatenate(r) if r else np.array([]), level)
+        for v, r in zip(values, reps, strict=True)
+    ]
+
+
 def _prepare(y_true, probs, classes, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode labels / predictions and validate probabilities."""
     y = encode_labels(y_true, classes)

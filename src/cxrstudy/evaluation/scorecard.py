@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy import config
-from cxrstudy.evaluation.metrics import bootstrap_weights, compute_metrics, group_array, percentile_interval
+from cxrstudy.evaluation.metrics import compute_metrics, group_array, group_bootstrap_means
 from cxrstudy.evaluation.shortcuts import grouped_cv_predict
 
 #: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
@@ -250,22 +250,8 @@ def _source_probe(
     )
     correct = (np.asarray(labels)[probs.argmax(axis=1)] == y).astype(float)
     largest = (y == counts[sources].idxmax()).astype(float)
-    acc, maj = _bootstrap_means([correct, largest], g, n_bootstrap, seed)
+    acc, maj = group_bootstrap_means([correct, largest], g, n_bootstrap, seed, LEVEL)
     return _result(acc, len(rows), "probe", missing), _result(maj, len(rows), "probe", missing), sources
-
-
-def _bootstrap_means(
-    values: Sequence[np.ndarray], groups: np.ndarray, n_bootstrap: int, seed: int
-) -> list[dict]:
-    """Mean of each per-image array with one shared patient-group bootstrap interval."""
-    reps: list[list[np.ndarray]] = [[] for _ in values]
-    for W in bootstrap_weights(groups, n_bootstrap, seed):
-        for i, v in enumerate(values):
-            reps[i].append(W @ v / W.sum(axis=1))
-    return [
-        percentile_interval(float(v.mean()), np.concatenate(r) if r else np.array([]), LEVEL)
-        for v, r in zip(values, reps, strict=True)
-    ]
 
 
 def reading(acc: float | None, ci_low: float | None, majority: float | None) -> str:

@@ -357,17 +357,10 @@ def bootstrap_means(
     table: pd.DataFrame, columns: list[str], n_bootstrap: int, seed: int, level: float = 0.95
 ) -> dict:
     """Mean of each column with a percentile CI from resampling whole patient groups."""
-    from cxrstudy.evaluation.metrics import bootstrap_weights, group_array, percentile_interval
+    from cxrstudy.evaluation.metrics import group_array, group_bootstrap_means
 
     groups = group_array(table["patient_group"].to_numpy(), len(table))
-    values = {c: table[c].to_numpy(dtype=float) for c in columns}
-    reps: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    for W in bootstrap_weights(groups, n_bootstrap, seed):
-        for c in columns:
-            reps[c].append((W @ values[c]) / W.sum(axis=1))
-    out = {}
-    for c in columns:
-        r = np.concatenate(reps[c]) if reps[c] else np.array([])
-        out[c] = percentile_interval(float(values[c].mean()), r, level)
+    stats = group_bootstrap_means([table[c].to_numpy(dtype=float) for c in columns], groups, n_bootstrap, seed, level)
+    out: dict = dict(zip(columns, stats, strict=True))
     out["n_groups"] = int(len(np.unique(groups)))
     return out
