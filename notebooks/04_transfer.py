@@ -58,8 +58,6 @@ adversary_lr = 1e-3  # the adversary heads' own AdamW learning rate
 sampling = "uniform"  # uniform, or source_balanced: films drawn with weights P(label)/P(label|source)
 
 # %%
-from dataclasses import replace
-
 import pandas as pd
 from IPython.display import Image, display
 from matplotlib.figure import Figure
@@ -81,17 +79,7 @@ display(training.task_rows(manifest, task).groupby(["split", "label"]).size().un
 # One run per decomposition setting and seed; the table gives composed accuracies. A variant other than `baseline` sees its films through `input_view` (rendered once from notebook 01's lung masks, cached) and, with `adversary_weight` > 0, trains against a class-conditional source adversary: a small head per class behind a gradient-reversal layer predicts the training film's source hospital *within its class* from the backbone's pooled features, its weight ramped over the whole budget (Ganin & Lempitsky 2015), its per-epoch accuracy against the majority source written to `adversary.csv`. Its codes come from training rows only. With `sampling = "source_balanced"` each epoch draws as many films as the training split holds, with replacement, each with weight P(label) / P(label | source) estimated on the training split (Kamiran & Calders 2012, clipped to [0.25, 4], mean 1): within a source that holds several labels (ieee8023: COVID-19 and other pneumonia; NIH: normal and pneumonia) the label then carries no information about the source, and the films that hold the within-source contrast (ieee8023's other pneumonia) weigh more; `run.json` lists the weight of every (label, source) cell.
 
 # %%
-configs = [
-    training.TrainConfig(task=task, scenario=scenario, decomposition=d, backbone=backbone,
-                         image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                         device=device, num_workers=num_workers, use_lr_find=use_lr_find, patience=patience,
-                         lr_range=tuple(lr_range), lr_find_iters=lr_find_iters, variant=variant,
-                         input_view=input_view, equalize=equalize, view_margin=view_margin,
-                         adversary_weight=adversary_weight, adversary_schedule=adversary_schedule,
-                         adversary_lr=adversary_lr, sampling=sampling)
-    for d in decomposition
-]
-configs = [replace(cfg, seed=seed + i) for i in range(n_seeds) for cfg in configs]
+configs = training.TrainConfig.from_params(globals())  # the parameters cell: every seed x decomposition value
 results = [training.train_run(manifest, cfg, image_root, profile_dir=out) for cfg in configs]
 summary = training.summarize_runs(results)
 display(summary)
@@ -111,10 +99,10 @@ for r in results:
 # %%
 fig = Figure(figsize=(3.8 * len(results), 3.4))  # no pyplot: shown once, from the saved file
 axes = fig.subplots(1, len(results), squeeze=False)
-for ax, r in zip(axes[0], results, strict=True):
+for ax, r, cfg in zip(axes[0], results, configs, strict=True):
     test = r.predictions[r.predictions["split"] == "test"]
     cm = confusion_matrix(test["label"], test["pred"], labels=r.info["classes"])
-    plot_confusion(cm, r.info["classes"], title=r.run_id.split("__", 2)[2], ax=ax)
+    plot_confusion(cm, r.info["classes"], title=cfg.spec.label(task=False), ax=ax)
 fig.tight_layout()
 confusion_png = out / "runs" / f"confusion_{task}_{scenario}_{variant}.png"
 save_figure(fig, confusion_png)

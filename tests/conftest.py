@@ -62,10 +62,10 @@ def study_manifest(mirror_root: Path) -> Path:
 def _save_untrained_run(profile_dir: Path, task: str, classes: list[str], subclasses: list[str], seed: int) -> str:
     """A real (untrained, random-head) saved run in the contract's layout at 32 px."""
     from cxrstudy.models import Classifier
-    from cxrstudy.training import make_run_id
+    from cxrstudy.runspec import RunSpec
 
     decomposition = subclasses != classes
-    run_id = make_run_id(task, "efficientnet_lite0", "shallow", decomposition, seed)
+    run_id = RunSpec(task, "efficientnet_lite0", "shallow", decomposition, seed).run_id
     run_dir = profile_dir / "runs" / run_id
     run_dir.mkdir(parents=True)
     torch.manual_seed(seed)

@@ -192,7 +192,7 @@ def _scorecard_results() -> dict:
               ("lung", 1): (0.90, 0.93), ("head", 0): (0.60, 0.96)}
     for (variant, seed), (ieee, paper) in values.items():
         run_id = HEAD if variant == "head" else THREE.format(seed) + ("__lung" if variant == "lung" else "")
-        task = run_id.split("__")[0]
+        task = "covid_vs_normal" if variant == "head" else "covid_normal_pneumonia"
         runs.append({"run_id": run_id, "task": task, "backbone": "efficientnet_lite0", "scenario": "deep",
                      "decomposition": False, "seed": seed, "variant": "baseline" if variant == "head" else variant})
         for metric, value in (("ieee8023_covid_vs_pneumonia_auc", ieee), ("paper_task_accuracy", paper)):

@@ -74,7 +74,8 @@ def test_scorecard_rows_are_the_films_the_run_never_saw_that_the_scorecard_needs
 
 def test_scorecard_order_puts_runs_of_one_view_and_task_together():
     infos = [{"task": "a"}, {"task": "b"}, {"task": "a", "input_view": "lung_mask"}, {"task": "a"}, {"task": "b"}]
-    order = RF.scorecard_order([{"info": i} for i in infos])
+    ident = {"backbone": "efficientnet_lite0", "scenario": "deep", "decomposition": False, "seed": 0}
+    order = RF.scorecard_order([{"info": {**ident, **i}} for i in infos])
     assert order == [0, 3, 1, 4, 2]
 
 
@@ -117,7 +118,6 @@ def test_another_image_root_or_model_does_not_reuse_the_cache(study, tmp_path):
     assert RF.run_features(run_dir, rows, other, device="cpu").attrs["computed"] == 3  # e.g. lung-cropped views
     with pytest.raises(FileNotFoundError, match="image root"):
         RF.run_features(run_dir, RF.scorecard_rows(m, TWO), other, device="cpu")
-    assert RF.run_variant({"variant": "lung_crop"}) == "lung_crop" and RF.run_variant({}) == "baseline"
 
 
 def test_runs_share_features_only_when_their_backbone_weights_match(study, tmp_path):
@@ -175,8 +175,9 @@ def test_each_run_reads_its_films_through_its_input_view(monkeypatch, tmp_path):
     from cxrstudy.lungs import render
 
     m = _manifest()
-    assert RF.run_image_root({"run_id": "a"}, m, None, tmp_path) == tmp_path  # the full film: the plain root
-    lung = {"run_id": "b", "input_view": "lung_crop", "equalize": True, "view_margin": 0.1}
+    ident = {"task": "covid_vs_normal", "backbone": "efficientnet_lite0", "scenario": "deep", "decomposition": False}
+    assert RF.run_image_root({**ident, "seed": 0}, m, None, tmp_path) == tmp_path  # the full film: the plain root
+    lung = {**ident, "seed": 1, "variant": "lung", "input_view": "lung_crop", "equalize": True, "view_margin": 0.1}
     with pytest.raises(ValueError, match="lung_crop"):
         RF.run_image_root(lung, m, None, tmp_path)
     calls = []

@@ -114,12 +114,11 @@ def test_a_variant_must_be_named_and_shallow_has_no_adversary():
         TrainConfig().adversary is None
         and TrainConfig(variant="lung", input_view="lung_crop").adversary is None
     )
-    assert training.make_run_id("covid_vs_normal", "b", "deep", False, 2, "lung") == (
-        "covid_vs_normal__b__deep__nodecomp__seed2__lung"
+    assert TrainConfig(scenario="deep", seed=2, variant="lung", input_view="lung_crop").run_id == (
+        "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed2__lung"
     )
-    assert (
-        training.make_run_id("covid_vs_normal", "b", "deep", True, 0)
-        == "covid_vs_normal__b__deep__decomp__seed0"
+    assert TrainConfig(scenario="deep", decomposition=True).run_id == (
+        "covid_vs_normal__efficientnet_lite0__deep__decomp__seed0"
     )
 
 

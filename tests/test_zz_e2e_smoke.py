@@ -67,3 +67,35 @@ def test_smoke_profile_end_to_end():
     record = json.loads((out / "run.json").read_text())
     assert all(s["status"] == "cached" for s in record["steps"]), record["steps"]
     assert seconds < 60, f"second smoke run took {seconds:.0f} s"
+
+
+def test_smoke_profile_runs_and_evaluates_under_another_run_id_format(tmp_path):
+    """A run id is spelled in one place (``runspec.RUN_ID_FORMAT``): with another spelling, set in every process
+    (kernels included) by a ``sitecustomize`` on PYTHONPATH, the whole smoke profile still runs and evaluates."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import cxrstudy.runspec as spec\n"
+        "spec.RUN_ID_FORMAT = '{task}-{scenario}-{decomposition}-s{seed}-{backbone}'\n"
+        "spec.VARIANT_SUFFIX = '+{variant}'\n"
+    )
+    reports = tmp_path / "reports"
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxrstudy.pipeline", "reproduce", "--profile", "smoke"],
+        cwd=config.ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path, "CXR_REPORTS_DIR": str(reports)},
+        timeout=1500,
+    )
+    assert proc.returncode == 0, f"reproduce failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    out = reports / "smoke"
+    results = json.loads((out / "results.json").read_text())
+    ids = {r["run_id"] for r in results["runs"]}
+    assert ids == {p.name for p in (out / "runs").iterdir() if (p / "run.json").is_file()}
+    assert "covid_vs_normal-shallow-nodecomp-s0-efficientnet_lite0" in ids
+    assert "covid_normal_pneumonia-deep-nodecomp-s0-efficientnet_lite0+lung_adversary" in ids
+    assert not any("__" in i for i in ids)
+    assert {e["run_id"] for e in results["scorecard"]} <= ids and results["recommended_variant"]["name"]
+    assert (out / "index.html").is_file()

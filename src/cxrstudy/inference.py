@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from cxrstudy import config
+from cxrstudy.runspec import RunSpec
 
 #: (image size, interpolation, input view, equalise, view margin): what a run's input depends on beyond
 #: the decoded film.
@@ -29,13 +30,10 @@ def input_key(info: dict[str, Any]) -> InputKey:
     """What a run's model expects: size, interpolation and input view (runs without a view: the full film)."""
     from cxrstudy.models import get_spec
 
-    return (
-        int(info["image_size"]),
-        get_spec(info["backbone"]).interpolation,
-        str(info.get("input_view", "full")),
-        bool(info.get("equalize", False)),
-        float(info.get("view_margin", 0.05)),
-    )
+    spec = RunSpec.from_record(info)
+    if spec.image_size is None:
+        raise ValueError(f"run {spec.run_id}: run.json has no image_size")
+    return (spec.image_size, get_spec(spec.backbone).interpolation, *spec.view)
 
 
 def needs_lungs(keys: set[InputKey]) -> bool:

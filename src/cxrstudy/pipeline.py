@@ -26,6 +26,7 @@ import yaml
 
 from cxrstudy import config
 from cxrstudy.fileio import atomic_write_text, sha256_file, write_json
+from cxrstudy.runspec import RunSpec
 
 KERNEL_NAME = "cxrstudy"
 PROFILE_KEYS = {"description", "common", "variants", "steps"}
@@ -201,20 +202,14 @@ def resolve_parameters(
 
 def expected_run_ids(profile: Profile, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> list[str]:
     """Run ids the profile's transfer steps (notebook ``04_transfer``) produce, in step order: every
-    decomposition setting and seed of each step, with the notebook's defaults where the profile is silent."""
-    from cxrstudy.training.runs import make_run_id
-
+    decomposition setting and seed of each step (:meth:`RunSpec.from_params`), with the notebook's defaults where
+    the profile is silent."""
     ids: list[str] = []
     for step, params in resolve_parameters(profile, notebooks_dir):
         if step.notebook != "04_transfer":
             continue
         p = {**declared_parameters(notebook_path(step, notebooks_dir)), **params}
-        decomps = p["decomposition"] if isinstance(p["decomposition"], list) else [p["decomposition"]]
-        for i in range(int(p["n_seeds"])):
-            for d in decomps:
-                run_id = make_run_id(p["task"], p["backbone"], p["scenario"], bool(d), int(p["seed"]) + i, p["variant"])
-                if run_id not in ids:
-                    ids.append(run_id)
+        ids += [s.run_id for s in RunSpec.from_params(p) if s.run_id not in ids]
     return ids
 
 

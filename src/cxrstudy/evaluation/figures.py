@@ -13,7 +13,8 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import probs_from_frame, reliability_curve
-from cxrstudy.evaluation.tables import headline_table, per_source_table, short_run_label, split_rows
+from cxrstudy.evaluation.tables import headline_table, per_source_table, split_rows
+from cxrstudy.runspec import RunSpec
 
 #: Folder of the evaluation figures, relative to ``reports/<profile>/``.
 FIGURE_DIR = "evaluation"
@@ -70,7 +71,7 @@ def _learning_curve(ax, run: dict) -> None:
         ax2.plot(h["epoch"], h["valid_accuracy"], "^--", ms=3, color="C3")
         ax2.set_ylim(0, 1.02)
         ax.legend(fontsize=6)
-    ax.set_title(short_run_label(run["info"]["run_id"]), fontsize=7)
+    ax.set_title(RunSpec.from_record(run["info"]).label(), fontsize=7)
     ax.set_xlabel("epoch", fontsize=7)
 
 
@@ -91,7 +92,7 @@ def headline_figure(entries: Sequence[dict], path: Path) -> Path:
     table = headline_table(entries)
     panels = {
         task: _interval_rows(
-            [(" ".join(r["run_id"].split("__")[1:]), r["accuracy"]) for r in table if r["task"] == task]
+            [(RunSpec.from_record(r).label(task=False), r["accuracy"]) for r in table if r["task"] == task]
         )
         for task in dict.fromkeys(r["task"] for r in table)
     }
@@ -123,13 +124,13 @@ def evaluation_figures(runs: Sequence[dict], entries: Sequence[dict], fig_dir: P
     def confusion(ax, run: dict) -> None:
         """Confusion matrix of a run's test split."""
         e = entry(run)
-        plots.plot_confusion(e["test"]["confusion_matrix"], e["classes"], short_run_label(e["run_id"]), ax=ax)
+        plots.plot_confusion(e["test"]["confusion_matrix"], e["classes"], RunSpec.from_record(e).label(), ax=ax)
 
     def reliability(ax, run: dict) -> None:
         """Reliability diagram of a run's test split."""
         e, test = entry(run), split_rows(run["predictions"], "test")
         curve = reliability_curve(test["label"], probs_from_frame(test, e["classes"]), e["classes"])
-        plots.plot_reliability(curve, e["test"]["ece"], short_run_label(e["run_id"]), ax=ax)
+        plots.plot_reliability(curve, e["test"]["ece"], RunSpec.from_record(e).label(), ax=ax)
 
     for name, size, draw in (
         ("confusion_matrices", (3.0, 2.8), confusion),

@@ -20,10 +20,9 @@ from cxrstudy import config
 from cxrstudy.evaluation.figures import evaluation_figures
 from cxrstudy.evaluation.metrics import evaluate_predictions
 from cxrstudy.evaluation.scorecard import check_goals
-from cxrstudy.evaluation.seeds import run_variant, scorecard_summary, seed_summary
+from cxrstudy.evaluation.seeds import scorecard_summary, seed_summary
 from cxrstudy.evaluation.tables import (
     PAPER_TASK,
-    RUN_KEYS,
     assemble_shortcut_checks,
     compare_runs,
     comparisons_frame,
@@ -34,17 +33,16 @@ from cxrstudy.evaluation.tables import (
     loso_frame,
     per_source_table,
     runs_frame,
-    short_run_label,
     split_accuracy,
     split_rows,
 )
 from cxrstudy.evaluation.verdict import verdict
 from cxrstudy.fileio import atomic_write_text, to_jsonable, write_json
+from cxrstudy.runspec import RunSpec
 from cxrstudy.templates import render
 
 __all__ = [
     "PAPER_TASK",
-    "RUN_KEYS",
     "SCHEMA_VERSION",
     "assemble_shortcut_checks",
     "build_results",
@@ -61,7 +59,6 @@ __all__ = [
     "per_source_table",
     "run_entry",
     "runs_frame",
-    "short_run_label",
     "verdict",
     "write_claim_checklist",
     "write_model_card",
@@ -99,9 +96,9 @@ def load_runs(profile_dir: Path, only: Collection[str] | None = None) -> list[di
     for info_path in paths:
         run_dir = info_path.parent
         info = json.loads(info_path.read_text())
-        missing = [k for k in (*RUN_KEYS, "classes") if k not in info]
-        if missing:
-            raise ValueError(f"{info_path}: missing key(s) {missing}")
+        RunSpec.from_record(info, where=str(info_path))
+        if "classes" not in info:
+            raise ValueError(f"{info_path}: missing key(s) ['classes']")
         pred_path = run_dir / "predictions.csv"
         if not pred_path.is_file():
             raise FileNotFoundError(f"{pred_path} is missing although {info_path} marks the run finished")
@@ -113,8 +110,7 @@ def run_entry(info: dict, test: dict, **extra: Any) -> dict:
     """One element of results.json's ``runs``: identity, variant, budget, timing and the ``test`` metrics."""
     entry = {
         "run_id": info.get("run_id"),
-        **{k: info[k] for k in RUN_KEYS},
-        "variant": run_variant(info),
+        **RunSpec.from_record(info).to_record(),
         "input_view": str(info.get("input_view", "full")),
         "equalize": bool(info.get("equalize", False)),
         "epochs": info.get("epochs"),

@@ -38,8 +38,8 @@ import pandas as pd
 import torch
 
 from cxrstudy import config
-from cxrstudy.evaluation.seeds import run_variant  # noqa: F401 (re-exported: the run's variant)
 from cxrstudy.fileio import atomic_write_bytes
+from cxrstudy.runspec import RunSpec
 
 #: Folder of the runs' cached features (the key covers the run's weights, so a retrained run misses).
 CACHE_DIR = config.CACHE_DIR / "run_features"
@@ -191,11 +191,6 @@ def run_features(
     return out
 
 
-def run_view(info: dict) -> tuple[str, bool, float]:
-    """The run's input view (run.json ``input_view``, ``equalize``, ``view_margin``; the full film when absent)."""
-    return str(info.get("input_view", "full")), bool(info.get("equalize", False)), float(info.get("view_margin", 0.05))
-
-
 def run_image_root(
     info: dict, manifest: pd.DataFrame, profile: str | None, image_root: Path | str = config.PROCESSED_DIR
 ) -> Path:
@@ -203,17 +198,19 @@ def run_image_root(
     rendered view (``lungs.render.view_root``; a ValueError when the run has a view and no profile is given)."""
     from cxrstudy.lungs.render import is_plain, view_root
 
-    view, equalize, margin = run_view(info)
+    spec = RunSpec.from_record(info)
+    view, equalize, margin = spec.view
     if is_plain(view, equalize):
         return Path(image_root)
     if profile is None:
-        raise ValueError(f"run {info.get('run_id')!r} sees the {view!r} view: pass the profile to render it")
+        raise ValueError(f"run {spec.run_id!r} sees the {view!r} view: pass the profile to render it")
     return view_root(manifest, profile, view, equalize, margin, Path(image_root))
 
 
 def scorecard_order(runs: Sequence[dict]) -> list[int]:
     """Indices of ``runs`` with runs sharing (input view, task) next to each other (first appearance order)."""
-    keys = [(run_view(r["info"]), r["info"].get("task")) for r in runs]
+    specs = [RunSpec.from_record(r["info"]) for r in runs]
+    keys = [(s.view, s.task) for s in specs]
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
     return sorted(range(len(runs)), key=lambda i: (first[keys[i]], i))
 
@@ -236,9 +233,9 @@ def scorecard_entries(
     done: dict[int, list[dict]] = {}
     for i in scorecard_order(runs):
         run = runs[i]
-        info = {"run_id": Path(run["dir"]).name, **run["info"]}
+        info = run["info"]
         rows = scorecard_rows(manifest, info, run["predictions"])
         root = run_image_root(info, manifest, profile, image_root)
         feats = run_features(run["dir"], rows, root, device, batch_size) if len(rows) else None
-        done[i] = scorecard_for_run(info, run["predictions"], manifest, feats, run_variant(info), n_bootstrap, seed)
+        done[i] = scorecard_for_run(info, run["predictions"], manifest, feats, RunSpec.from_record(info).variant, n_bootstrap, seed)
     return [e for i in range(len(runs)) for e in done[i]]

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from cxrstudy.evaluation.shortcuts import LUNG_REGION, film_mask, lung_mask
+from cxrstudy.runspec import RunSpec
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -249,14 +250,15 @@ def saliency_for_runs(
     rendered from ``manifest`` and ``profile`` when it has one); saves ``saliency_<run_id>.png`` grids (lung
     region outlined) under ``fig_dir`` and returns one table (run_id and :data:`SALIENCY_COLUMNS`)."""
     from cxrstudy import plots
-    from cxrstudy.evaluation.runfeatures import run_image_root, run_view
+    from cxrstudy.evaluation.runfeatures import run_image_root
     from cxrstudy.training import load_run_model
 
     parts = []
     for run in runs:
         model, info = load_run_model(run["dir"])
-        run_id = info.get("run_id") or Path(run["dir"]).name
-        view, _, margin = run_view(info)
+        spec = RunSpec.from_record(info)
+        run_id = spec.run_id
+        view, _, margin = spec.view
         root = run_image_root(info, manifest, profile, image_root)
         run_masks = masks if masks is None or view == "full" else ViewMasks(masks, view, margin)
         table, images, cams, regions = saliency_for_run(
@@ -269,7 +271,7 @@ def saliency_for_runs(
             for r in table.itertuples()
         ]
         fig = plots.plot_saliency_regions(images, cams, titles, regions, ncols=4)
-        fig.suptitle(run_id.replace("__", "  "), fontsize=8, y=1.02)
+        fig.suptitle(spec.label("  "), fontsize=8, y=1.02)
         plots.save_figure(fig, Path(fig_dir) / f"saliency_{run_id}.png", close=True)
         parts.append(table.assign(run_id=run_id))
     return (

@@ -16,9 +16,8 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import seed_spread
+from cxrstudy.runspec import CONFIG_KEYS, RunSpec
 
-#: What a configuration is: every run key but the seed.
-CONFIG_KEYS = ("task", "backbone", "scenario", "decomposition", "variant")
 #: The variant of runs whose run.json names none.
 BASELINE = config.BASELINE_VARIANT
 #: Test-metric summaries of ``seed_summary`` entries: name -> the metric of a results.json ``runs`` entry.
@@ -33,18 +32,18 @@ SEED_METRICS: dict[str, Callable[[dict], dict | float | None]] = {
 
 
 def run_variant(info: dict) -> str:
-    """The run's variant (run.json ``variant``), ``baseline`` when absent."""
-    return str(info.get("variant") or BASELINE)
+    """The variant of a run.json or results.json run entry (:class:`RunSpec`)."""
+    return RunSpec.from_record(info).variant
 
 
 def config_key(info: dict) -> tuple:
-    """(task, backbone, scenario, decomposition, variant) of a run.json or results.json run entry."""
-    return (info.get("task"), info.get("backbone"), info.get("scenario"), info.get("decomposition"), run_variant(info))
+    """The configuration of a run.json or results.json run entry (:attr:`RunSpec.config_key`)."""
+    return RunSpec.from_record(info).config_key
 
 
 def run_key(info: dict) -> tuple:
-    """:func:`config_key` plus the seed: what identifies one run."""
-    return (*config_key(info), info.get("seed"))
+    """What identifies one run of a run.json or results.json entry (:attr:`RunSpec.key`)."""
+    return RunSpec.from_record(info).key
 
 
 def config_order(key: tuple) -> tuple:

@@ -30,11 +30,9 @@ from cxrstudy.evaluation.seeds import (
     run_variant,
     seed_summary,
 )
+from cxrstudy.runspec import RunSpec
 
 PAPER_TASK = "covid_vs_normal"
-#: What every run.json must hold (with ``classes``); a run is identified by these and its variant
-#: (``seeds.run_key``: run.json ``variant``, ``baseline`` when absent).
-RUN_KEYS = ("task", "backbone", "scenario", "decomposition", "seed")
 
 
 # --------------------------------------------------------------------------- predictions
@@ -63,12 +61,6 @@ def fmt_pct(m: dict | None) -> str:
     if m.get("ci_low") is None:
         return f"{100 * m['value']:.1f}%"
     return f"{100 * m['value']:.1f}% [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
-
-
-def short_run_label(run_id: str, sep: str = "\n") -> str:
-    """``task<sep>backbone scenario decomp seedN`` from a run_id (for figure titles and axes)."""
-    parts = run_id.split("__")
-    return parts[0] + sep + " ".join(parts[1:]) if len(parts) > 1 else run_id
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -496,7 +488,7 @@ def per_source_table(runs: Sequence[dict]) -> pd.DataFrame:
     parts = []
     for r in runs:
         t = per_source_accuracy(split_rows(r["predictions"], "test"), r["info"]["classes"])
-        t["run"] = short_run_label(r["info"].get("run_id") or r["dir"].name, " ")
+        t["run"] = RunSpec.from_record(r["info"]).label(" ")
         parts.append(t)
     if not parts:
         return pd.DataFrame()

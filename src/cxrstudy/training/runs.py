@@ -22,6 +22,7 @@ from cxrstudy import config
 from cxrstudy.fileio import atomic_write_bytes, atomic_write_text, write_json
 from cxrstudy.models import Classifier, get_spec, model_transform
 from cxrstudy.plots import plot_learning_curve, save_figure
+from cxrstudy.runspec import RunSpec
 from cxrstudy.tensorcache import load_uint8_batch
 from cxrstudy.training.adversary import (
     SourceAdversaryCallback,
@@ -40,16 +41,7 @@ from cxrstudy.training.labels import (
 )
 from cxrstudy.training.learner import HISTORY_COLUMNS, predict_loader, predictions_frame
 from cxrstudy.training.scenarios import train_images, train_shallow
-from cxrstudy.training.trainconfig import BASELINE, TrainConfig
-
-
-def make_run_id(
-    task: str, backbone: str, scenario: str, decomposition: bool, seed: int, variant: str = BASELINE
-) -> str:
-    """``<task>__<backbone>__<scenario>__<decomp|nodecomp>__seed<seed>``, plus ``__<variant>`` for any
-    variant but the baseline (so baseline run ids are what they always were)."""
-    run_id = f"{task}__{backbone}__{scenario}__{'decomp' if decomposition else 'nodecomp'}__seed{seed}"
-    return run_id if variant == BASELINE else f"{run_id}__{variant}"
+from cxrstudy.training.trainconfig import TrainConfig
 
 
 @dataclass
@@ -91,7 +83,7 @@ def train_run(
     rows, space, targets = _labelled_rows(manifest, cfg, profile_dir)
     dev = config.resolve_device(cfg.device)
 
-    run_id = make_run_id(cfg.task, cfg.backbone, cfg.scenario, cfg.decomposition, cfg.seed, cfg.variant)
+    run_id = cfg.run_id
     run_dir = Path(out_root) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").unlink(missing_ok=True)  # run.json marks a finished run: never leave a stale one
@@ -397,7 +389,7 @@ def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
     rows = [
         {
             **{k: r.info[k] for k in keys},
-            "variant": r.info.get("variant", BASELINE),
+            "variant": RunSpec.from_record(r.info).variant,
             "n_subclasses": len(r.info["subclasses"]),
         }
         for r in results

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import NoReturn
 
 from cxrstudy import config
+from cxrstudy.runspec import RunSpec
 
 #: Smallest allowed value of each integer parameter.
 _INT_MINIMUM: dict[str, int] = {
@@ -60,7 +61,7 @@ class TrainConfig:
     finetune the rate is the head's and open backbone groups get ``slice(lr / lr_mult, lr)``.
     ``wd`` None is fastai's default (0.01, decoupled).
 
-    Variant (issue 12): ``variant`` names the parameter set; ``input_view`` / ``equalize`` / ``view_margin``
+    Variant: ``variant`` names the parameter set; ``input_view`` / ``equalize`` / ``view_margin``
     say how the films were rendered (``lungs.render.view_root``; the caller passes that folder as
     ``image_root``); ``adversary_weight`` > 0 adds the class-conditional source adversary
     (``training.adversary``) with that peak weight, ramped by ``adversary_schedule`` (image scenarios only);
@@ -119,6 +120,27 @@ class TrainConfig:
                 f"(it is no longer per stage: for the old meaning set epochs = per-stage epochs x {self.n_stages})",
                 self.epochs,
             )
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> list[TrainConfig]:
+        """The runs a transfer step's parameters ask for (:meth:`RunSpec.from_params`: seeds outer, decomposition
+        values inner); every other field comes from the parameter of its name, or keeps its default."""
+        names = {f.name for f in fields(cls)} - {"decomposition", "seed"}
+        settings = {k: params[k] for k in names if k in params}
+        return [cls(**settings, decomposition=s.decomposition, seed=s.seed) for s in RunSpec.from_params(params)]
+
+    @property
+    def spec(self) -> RunSpec:
+        """The run's identity and view (:class:`cxrstudy.runspec.RunSpec`)."""
+        return RunSpec(
+            self.task, self.backbone, self.scenario, self.decomposition, self.seed, self.variant,
+            self.image_size, self.input_view, self.equalize, self.view_margin,
+        )
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (:attr:`RunSpec.run_id`)."""
+        return self.spec.run_id
 
     @property
     def n_stages(self) -> int:
