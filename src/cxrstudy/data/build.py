@@ -318,7 +318,9 @@ def _select_sources(names: Sequence[str] | None) -> list[Source]:
         return list(SOURCES.values())
     unknown = sorted(set(names) - set(SOURCES))
     if unknown or not names:
-        raise ValueError(f"build_dataset: sources {unknown or names} not among the registered {list(SOURCES)}")
+        raise ValueError(
+            f"build_dataset: sources {unknown or names} not among the registered {list(SOURCES)}"
+        )
     return [s for name, s in SOURCES.items() if name in set(names)]
 
 

@@ -41,9 +41,9 @@ Two tests find copies; both work on the processed 8-bit grayscale PNGs (shorter 
      (``Source.image_patient_link``).
 
 Rules. Same-image pairs (either test) with different labels: both rows dropped ("label conflict").
-Otherwise one copy is kept by source priority (``Source.priority``) MHH > ieee8023 > Figure1 >
-Actualmed > CXNet > NIH (ties by upstream path): rows are visited in that order and a row with a
-same-image link to an already visited row is dropped as a duplicate of that row's kept copy. Verified local-feature copies
+Otherwise one copy is kept by source priority (``Source.priority``): MHH > ieee8023 > Figure1 > Actualmed
+> CXNet > NIH (ties by upstream path): rows are visited in that order and a row with a same-image link to
+an already visited row is dropped as a duplicate of that row's kept copy. Verified local-feature copies
 are dropped like thumbnail copies. On the mirror (2,321 candidate images) the thumbnail test alone
 drops 227 copies and the 2 rows of the one label conflict (the table in docs/DATA.md, which counts the
 conflict's CXNet row among its 228: equal cell by cell); with local features the data build drops 385
