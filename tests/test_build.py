@@ -15,10 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrstudy import config
 from cxrstudy.data.build import BuildResult, build_dataset, default_base, main
 from cxrstudy.data.download import LockFile
-from cxrstudy.data.sources import SOURCES
+from cxrstudy.data.sources import SOURCES, holdout_sources
 from cxrstudy.fileio import sha256_file
 
 # MIRROR.md, "Expected counts on this mirror": images / distinct patient groups (thumbnail-only de-duplication).
@@ -134,7 +133,7 @@ def test_manifest_images_exist_and_splits_are_patient_disjoint(built: Built):
             assert im.mode == "L" and im.size == (r.width, r.height) and min(im.size) <= 256
     assert not m["image"].duplicated().any() and not m[["source", "upstream_path"]].duplicated().any()
     assert {"train", "val", "test"} <= set(m["split"]) <= {"train", "val", "test", "holdout"}
-    assert set(m.loc[m["split"] == "holdout", "source_name"]) <= set(config.HOLDOUT_SOURCES)
+    assert set(m.loc[m["split"] == "holdout", "source_name"]) <= set(holdout_sources())
     assert (m.groupby("patient_group")["split"].nunique() == 1).all()
     assert m["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     info = json.loads((out / "build_info.json").read_text())

@@ -20,6 +20,7 @@ from cxrstudy.models import (
     imagenet_eval_transform,
     list_backbones,
     model_transform,
+    modules_at,
 )
 
 torch.set_num_threads(1)  # shared CPU: one thread avoids OpenMP spin contention (5x faster here)
@@ -95,17 +96,54 @@ def test_model_transform_feeds_grey_xrays_the_way_weights_expect():
         tf(img.convert("RGB"))
 
 
-@pytest.mark.parametrize(
-    "name", ["efficientnet_lite0", "resnet18", "densenet121", "vgg19", "alexnet", "resnet50"]
-)
-def test_classifier_layer_groups_partition_parameters(name):
+_LITE_LAYOUT = {"groups": [("conv_stem", "blocks.2", 5), ("blocks.3", "blocks.4", 2), ("blocks.5", "bn2", 4)], "cam": "bn2"}
+#: Per backbone: each backbone group's (first module, last module, number of modules) and the Grad-CAM layer.
+LAYOUTS = {
+    "efficientnet_lite0": _LITE_LAYOUT,
+    "efficientnet_lite1": _LITE_LAYOUT,
+    "efficientnet_lite2": _LITE_LAYOUT,
+    "resnet18": {"groups": [("conv1", "layer2", 4), ("layer3", "layer3", 1), ("layer4", "layer4", 1)], "cam": "layer4.1"},
+    "resnet50": {"groups": [("conv1", "layer2", 4), ("layer3", "layer3", 1), ("layer4", "layer4", 1)], "cam": "layer4.2"},
+    "densenet121": {"groups": [("features.conv0", "features.transition2", 8), ("features.denseblock3", "features.transition3", 2),
+                               ("features.denseblock4", "features.norm5", 2)], "cam": "features"},
+    "vgg19": {"groups": [("features.0", "features.18", 19), ("features.19", "features.27", 9), ("features.28", "classifier", 10)],
+              "cam": "features"},
+    "alexnet": {"groups": [("features.0", "features.5", 6), ("features.6", "features.12", 7), ("classifier", "classifier", 1)],
+                "cam": "features"},
+}  # fmt: skip
+
+
+def test_every_registered_backbone_has_a_pinned_layout():
+    assert set(LAYOUTS) == set(list_backbones())
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_classifier_layer_groups_partition_parameters_and_cam_layer_exists(name):
     with torch.device("meta"):  # structure only: skips the slow random init (vgg19: ~8 s)
         model = Classifier(f"scratch:{name}", n_outputs=4)
+        logits = model(torch.empty(2, 3, 64, 64))  # the stripped backbone yields num_features
+    assert logits.shape == (2, 4)
     groups = model.layer_groups()
-    assert len(groups) == 4 and groups[-1][-1] is model.head
+    assert len(groups) == 4 and list(groups[-1]) == [model.dropout, model.head]
     ids = [id(p) for g in groups for p in g.parameters()]
     assert len(ids) == len(set(ids)), "a parameter is in two groups"
     assert set(ids) == {id(p) for p in model.parameters()}, "a parameter is in no group"
+    where = {id(m): n for n, m in model.backbone.named_modules()}
+    got = [(where[id(g[0])], where[id(g[-1])], len(g)) for g in groups[:3]]
+    assert got == LAYOUTS[name]["groups"]  # finetune's discriminative learning rates depend on these
+    assert where[id(model.cam_layer())] == LAYOUTS[name]["cam"]
+
+
+def test_module_paths():
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Tanh()))
+    assert modules_at(seq, "") == [seq] and modules_at(seq, "2.0") == [seq[2][0]]
+    assert modules_at(seq, "[-1]") == [seq[2]] and modules_at(seq, "[1:]") == [seq[1], seq[2]]
+    with pytest.raises(ValueError, match="cannot be indexed"):
+        modules_at(seq, "0[0]")
+    with pytest.raises(ValueError, match="bad module path"):
+        modules_at(seq, "0[x]")
+    with pytest.raises(AttributeError):
+        modules_at(seq, "head")
 
 
 def test_classifier_outputs_logits():

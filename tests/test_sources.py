@@ -185,7 +185,7 @@ def test_a_seventh_source_is_one_adapter(tmp_path):
                              "case_url": "", "license": src.license, "flags": ""})  # fmt: skip
         return Candidates(pd.DataFrame(rows), pd.DataFrame(excl))
 
-    extra = Source("toy", "me/toy", "0" * 40, "toy", "CC0", rules, metadata=("labels.csv",))
+    extra = Source("toy", "me/toy", "0" * 40, "toy", "CC0", rules, priority=6, metadata=("labels.csv",))
     out = all_candidates({"toy": SourceInputs({("me/toy", "labels.csv"): meta})}, [extra])
     assert out.rows["upstream_path"].tolist() == ["a.png"]
     assert sorted(out.excluded["reason"]) == ["label rule: 'weird'", "lateral"]

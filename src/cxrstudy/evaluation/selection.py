@@ -4,7 +4,7 @@ Rule (notebook 05's parameters ``selection_task``, ``selection_scenario``, ``sel
 variants (baseline included) of that task and scenario without class decomposition, each averaged over
 its seeds, keep those whose mean validation COVID-19-vs-normal accuracy (covid/normal validation rows,
 the larger of P(covid) and P(normal)) is at least the floor; among them pick the highest mean validation
-within-source contrast, the mean of (ieee8023 COVID-19 vs other pneumonia ROC-AUC by
+within-source contrast (``Source.contrasts``), the mean of (ieee8023 COVID-19 vs other pneumonia ROC-AUC by
 P(covid) / (P(covid) + P(pneumonia)), NIH pneumonia vs normal ROC-AUC by
 P(pneumonia) / (P(pneumonia) + P(normal))), each on the run's validation rows. When no variant reaches the
 floor, the highest mean validation COVID-19-vs-normal accuracy wins, and the rule says so.
@@ -20,14 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from cxrstudy.data.sources import contrasts
 from cxrstudy.evaluation.metrics import compute_metrics
 from cxrstudy.evaluation.scorecard import pair_score, with_source_names
 from cxrstudy.evaluation.seeds import BASELINE, run_variant
 
 #: The one split the selection reads.
 SPLIT = "val"
-#: (source, positive, negative) of the within-source contrasts.
-CONTRASTS: tuple[tuple[str, str, str], ...] = (("ieee8023", "covid", "pneumonia"), ("nih", "pneumonia", "normal"))
 
 
 def validation_rows(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -49,7 +48,7 @@ def validation_scores(val: pd.DataFrame) -> dict[str, float | None]:
     paper = val[val["label"].isin(["covid", "normal"])]
     acc = _binary(paper, "covid", "normal")["accuracy"]["value"] if len(paper) else None
     aucs = []
-    for source, pos, neg in CONTRASTS:
+    for source, pos, neg in contrasts():
         rows = val[(val["source_name"] == source) & val["label"].isin([pos, neg])]
         if f"prob_{pos}" in rows.columns and rows["label"].nunique() == 2:
             aucs.append(_binary(rows, pos, neg)["per_class"][pos]["roc_auc"]["value"])

@@ -36,12 +36,11 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cxrstudy import config
+from cxrstudy.data.sources import same_hospital_source
 from cxrstudy.evaluation.metrics import compute_metrics
 
 #: Central lung field as fractions of width / height: (x0, y0, x1, y1).
 LUNG_REGION: tuple[float, float, float, float] = (0.15, 0.15, 0.85, 0.85)
-#: The source with COVID-19 and normal films from the same hospital.
-SAME_HOSPITAL_SOURCE = "actualmed"
 
 
 # --------------------------------------------------------------------------- lung region and masks
@@ -370,15 +369,17 @@ def same_hospital(
     manifest: pd.DataFrame,
     run_predictions: dict[str, pd.DataFrame],
     classes: Sequence[str] = ("covid", "normal"),
-    source_name: str = SAME_HOSPITAL_SOURCE,
+    source_name: str | None = None,
     seed: int = 0,
     n_bootstrap: int = 1000,
 ) -> dict:
-    """Actualmed only: each run's test predictions on that source, and a within-source linear probe.
+    """One source (default: the registry's same-hospital source, Actualmed): each run's test predictions on
+    it, and a within-source linear probe.
 
-    The probe uses every Actualmed image of the task with patient-grouped cross-validation (folds =
+    The probe uses every image of the source and task with patient-grouped cross-validation (folds =
     fewest patient groups of a class, at most 5); its metrics come from the out-of-fold predictions.
     """
+    source_name = source_name or same_hospital_source()
     rows = _task_rows(manifest[manifest["source_name"] == source_name], classes)
     out: dict = {"source": source_name, "n": int(len(rows)), "counts": rows["label"].value_counts().to_dict()}
     per_run = {}
