@@ -17,27 +17,23 @@ from typing import Any
 import pandas as pd
 
 from cxrstudy import config
+from cxrstudy.evaluation.comparisons import compare_runs
 from cxrstudy.evaluation.figures import evaluation_figures
-from cxrstudy.evaluation.metrics import evaluate_predictions
-from cxrstudy.evaluation.scorecard import check_goals
-from cxrstudy.evaluation.seeds import run_variant, scorecard_summary, seed_summary
-from cxrstudy.evaluation.tables import (
-    PAPER_TASK,
+from cxrstudy.evaluation.formatting import fmt_pct
+from cxrstudy.evaluation.frames import (
     RUN_KEYS,
-    assemble_shortcut_checks,
-    compare_runs,
     comparisons_frame,
-    dataset_summary,
-    fmt_pct,
-    headline,
     headline_frame,
     loso_frame,
     per_source_table,
     runs_frame,
     short_run_label,
-    split_accuracy,
-    split_rows,
 )
+from cxrstudy.evaluation.headline import PAPER_TASK, dataset_summary, headline
+from cxrstudy.evaluation.metrics import evaluate_predictions, split_accuracy, split_rows
+from cxrstudy.evaluation.scorecard import check_goals
+from cxrstudy.evaluation.seeds import run_variant, scorecard_summary, seed_summary
+from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
 from cxrstudy.evaluation.verdict import verdict
 from cxrstudy.fileio import atomic_write_text, to_jsonable, write_json
 from cxrstudy.templates import render
