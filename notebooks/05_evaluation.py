@@ -44,14 +44,16 @@ from cxrstudy import config, pipeline
 from cxrstudy.data.splits import subsample
 from cxrstudy.evaluation import (
     figures,
+    frames,
+    headline,
     report,
     runfeatures,
     saliency,
     scorecard,
     seeds,
     selection,
+    shortcut_summary,
     shortcuts,
-    tables,
 )
 from cxrstudy.lungs.render import view_root
 
@@ -89,7 +91,7 @@ display(pd.DataFrame(recommended["candidates"]))
 
 # %%
 entries = report.evaluate_runs(runs, n_bootstrap, seed)
-display(tables.runs_frame(entries))
+display(frames.runs_frame(entries))
 display(seeds.seed_frame(seeds.seed_summary(entries)))
 
 # %% [markdown]
@@ -108,11 +110,11 @@ for name, path in figure_paths.items():
 # All checks use the shallow level, a logistic regression on frozen ImageNet features, so they are cheap on a CPU; they say what the images make easy, not what each trained network did. Source identification, leave-one-source-out and the same-hospital probe read the films through the `input_view` / `equalize` parameters (as notebook 02; the feature cache is shared); the masking experiment always reads the plain films, whose size the lung masks have. *Source identification*: how well the features name the repository (patient-group 5-fold CV); across labels against the rule that knows only the label, and within each label against always naming its largest source. *Masking*: features of films with the lungs hidden, or with only the lungs kept (segmented lungs when the profile ran notebook 01_lungs, films failing its QC and profiles without it: the central rectangle, x and y 15-85%). *Leave-one-source-out*: a head trained without a whole source, tested on it, with the training composition. *Same hospital*: Actualmed, the only source with COVID-19 and normal films from one site.
 
 # %%
-paper_runs = {r["info"]["run_id"]: r["predictions"] for r in runs if r["info"]["task"] == tables.PAPER_TASK}
+paper_runs = {r["info"]["run_id"]: r["predictions"] for r in runs if r["info"]["task"] == headline.PAPER_TASK}
 checks_raw = {}
 if shortcut_checks:
     checks_raw = shortcuts.run_shortcut_checks(
-        manifest, paper_runs, image_root, backbone, image_size, config.TASKS[tables.PAPER_TASK],
+        manifest, paper_runs, image_root, backbone, image_size, config.TASKS[headline.PAPER_TASK],
         batch_size=batch_size, device=device, seed=seed, n_bootstrap=n_bootstrap, lung_masks=lung_masks,
         lung_key=lung_key, view_root=view_root(manifest, profile, input_view, equalize))
     sid = checks_raw["source_identification"]
@@ -120,8 +122,8 @@ if shortcut_checks:
                      f"{sid.get('balanced_accuracy')}, majority baseline {sid.get('majority_baseline')}, label-only "
                      f"rule {sid.get('label_only_baseline')} (n={sid['n']})"))
     display(pd.DataFrame(checks_raw["source_id_within_label"]).set_index("label"))
-    display(tables.masking_frame(checks_raw["masking"]))
-    display(tables.loso_frame(checks_raw["leave_one_source_out"]))
+    display(frames.masking_frame(checks_raw["masking"]))
+    display(frames.loso_frame(checks_raw["leave_one_source_out"]))
     display(checks_raw["same_hospital"])
 
 # %% [markdown]
@@ -130,8 +132,8 @@ if shortcut_checks:
 # Grad-CAM on the last convolutional stage, explaining the predicted class, on each run's films as it saw them (its input view), for a seeded random sample of test images stratified by true class and outcome (up to `saliency_per_class` correct and as many wrong per class), for the first seed of every configuration and the headline runs (to keep the step fast). The dashed outline is the film's lung region (segmented lungs resized to the map's grid, or the central rectangle); *in-lung* is the share of saliency inside it and *uniform* the region's area (what a uniform map would give). The maps come from `image_size / 32` cells per side (5x5 at 160 px), which limits what the share can say.
 
 # %%
-head_run = tables.headline(entries).get("run_id")
-head_runs = [tables.headline(entries, t).get("run_id") for t in config.TASKS]
+head_run = headline.headline(entries).get("run_id")
+head_runs = [headline.headline(entries, t).get("run_id") for t in config.TASKS]
 sal = saliency.saliency_for_runs(seeds.first_seed_runs(runs, head_runs), image_root, saliency_per_class, fig_dir, seed,
                                  config.resolve_device(device), masks=lung_masks, manifest=manifest, profile=profile)
 display(sal.groupby(["run_id", "outcome"])[["lung_share", "uniform_share"]].mean().unstack())
@@ -153,7 +155,7 @@ display(pd.DataFrame(scorecard.check_goals(card)).pivot_table(index=["run_id", "
 # ## results.json, headline, comparisons, model card and checklist
 
 # %%
-checks = tables.assemble_shortcut_checks(
+checks = shortcut_summary.assemble_shortcut_checks(
     checks_raw.get("source_identification"), checks_raw.get("masking"), checks_raw.get("leave_one_source_out"),
     checks_raw.get("same_hospital"), sal, saliency_run=head_run, lung_region=lung_info,
     source_id_within_label=checks_raw.get("source_id_within_label"), n_bootstrap=n_bootstrap, seed=seed)
@@ -164,8 +166,8 @@ results = report.build_results(
 report.write_model_card(results, out / "model_card.md")
 report.write_claim_checklist(results, out / "claim_checklist.md")
 display(Markdown(results["headline"]["text"]))
-display(tables.headline_frame(results))
-display(tables.comparisons_frame(results["comparisons"]))
+display(frames.headline_frame(results))
+display(frames.comparisons_frame(results["comparisons"]))
 display(seeds.pooled_frame(results["comparisons"]))
 
 # %% [markdown]

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy.evaluation import report, seeds, tables, verdict
+from cxrstudy.evaluation import headline, report, seeds, verdict
+from cxrstudy.evaluation.comparisons import compare_runs
 from cxrstudy.evaluation.scorecard import check_goals
 
 N = 24  # test (and val) films per run, two per patient group
@@ -56,7 +57,7 @@ def runs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def comparisons(runs) -> dict:
-    return tables.compare_runs(runs, n_bootstrap=30)
+    return compare_runs(runs, n_bootstrap=30)
 
 
 def test_variants_never_overwrite_runs_and_pair_within_variant_and_seed(runs, comparisons):
@@ -74,7 +75,7 @@ def test_variants_never_overwrite_runs_and_pair_within_variant_and_seed(runs, co
     spread = {(s["task"], s["scenario"], s["decomposition"], s["variant"]): s for s in comparisons["seed_spread"]}
     assert len(spread) == 8 and spread[("covid_vs_normal", "deep", False, "lung")]["seeds"] == [0, 1, 2]
     with pytest.raises(ValueError, match="two runs share"):
-        tables.compare_runs([runs[0], {**runs[0], "dir": "copy"}], n_bootstrap=5)
+        compare_runs([runs[0], {**runs[0], "dir": "copy"}], n_bootstrap=5)
 
 
 def test_comparisons_pool_each_seeds_pair(comparisons):
@@ -113,7 +114,7 @@ def test_seed_summary_headline_and_run_tables(runs):
     assert lung["test_accuracy"]["interval_high"] == max(a["ci_high"] for a in accs)
     assert lung["val_accuracy"]["n"] == 3 and lung["val_accuracy"]["interval_low"] is None
     # the headline is the paper's replication: a baseline run, even when a variant validates better
-    head = tables.headline(entries)
+    head = headline.headline(entries)
     assert head["variant"] == "baseline" and head["over_seeds"]["n_seeds"] == 3
     assert "on average over its 3 seeds" in head["text"] and head["seed"] == 0  # the first seed's run
     # the configuration is chosen on the mean validation accuracy over its seeds, never on test

@@ -157,9 +157,6 @@ def test_clustered_mcnemar_by_hand():
         M.clustered_mcnemar(a, a[:3], y, None)
 
 
-def test_holm_adjustment():
-    assert M.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
-    assert M.holm([0.5, 0.9]) == [1.0, 1.0] and M.holm([]) == []
 
 
 def test_paired_difference_uses_one_shared_bootstrap():
@@ -178,10 +175,6 @@ def test_paired_difference_uses_one_shared_bootstrap():
         M.paired_difference_ci(y, _probs(right), _probs(right), CLASSES, groups, metric="kappa")
 
 
-def test_seed_spread_by_hand():
-    s = M.seed_spread([0.9, 0.8, 1.0])
-    assert s["mean"] == pytest.approx(0.9) and s["sd"] == pytest.approx(0.1) and s["n"] == 3
-    assert M.seed_spread([0.5])["sd"] == 0.0
 
 
 def test_evaluate_predictions_reports_hard_rule_and_per_source():
@@ -288,6 +281,8 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
 
     from cxrstudy import config
     from cxrstudy.evaluation import report as R
+    from cxrstudy.evaluation.frames import headline_frame
+    from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
 
     pdir = _synthetic_profile(tmp_path / "prof")
     manifest = pd.DataFrame(
@@ -299,7 +294,7 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
             "patient_group": ["p1", "p2", "p2"],
         }
     )
-    checks = R.assemble_shortcut_checks(
+    checks = assemble_shortcut_checks(
         source_identification={"accuracy": 0.97, "balanced_accuracy": 0.9, "majority_baseline": 0.4},
         masking={
             "unmasked": {"accuracy": {"value": 0.95, "ci_low": 0.9, "ci_high": 0.98}},
@@ -347,7 +342,7 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     checklist = R.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
     for item in ("Data sources", "Data partitions", "Reference standard", "Metrics", "Failure analysis"):
         assert f"| {item} |" in checklist
-    table = R.headline_frame(res)
+    table = headline_frame(res)
     assert len(table) == 10 and table["accuracy (summed probabilities)"].iloc[-2] == "94.17%"
     assert table["accuracy (DeTraC hard rule)"].iloc[-1] == "93.1%" and "val. accuracy" in table.columns
 
@@ -355,7 +350,8 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
 def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
     """An evaluation-only source (split "holdout") never enters test metrics, comparisons or figures' tables."""
     from cxrstudy.evaluation import report as R
-    from cxrstudy.evaluation import tables as T
+    from cxrstudy.evaluation.comparisons import compare_runs
+    from cxrstudy.evaluation.frames import per_source_table
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
     for path in (pdir / "runs").glob("*/predictions.csv"):
@@ -368,9 +364,9 @@ def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
     runs = R.load_runs(pdir)
     entries = R.evaluate_runs(runs, n_bootstrap=20)
     assert all(e["test"]["n"] == 24 for e in entries)
-    cmp = T.compare_runs(runs, n_bootstrap=20)
+    cmp = compare_runs(runs, n_bootstrap=20)
     assert all(c["n"] == 24 for c in cmp["scenarios_mcnemar"] + cmp["decomposition_effect"])
-    assert "actualmed" not in " ".join(T.per_source_table(runs).columns)
+    assert "actualmed" not in " ".join(per_source_table(runs).columns)
 
 
 def test_evaluation_figures_are_written(tmp_path):
@@ -402,17 +398,3 @@ def test_load_runs_keeps_only_the_profiles_runs_and_names_the_rest(tmp_path):
     assert [r["info"]["run_id"] for r in kept] == ids[:-1]
     with pytest.raises(FileNotFoundError, match=r"no finished run for 1 run id\(s\).*gone__seed0"):
         R.load_runs(pdir, only=[*ids, "gone__seed0"])
-
-
-def test_group_bootstrap_means_resample_whole_groups_with_one_shared_draw():
-    from cxrstudy.evaluation.metrics import group_bootstrap_means
-
-    # two patient groups of three images each: every replicate takes whole groups, so the mean of `a` can only
-    # be 0, 1/2 or 1, and `b` (= 1 - a) moves exactly opposite in the same replicate
-    groups = np.array(["p1"] * 3 + ["p2"] * 3)
-    a = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
-    ra, rb = group_bootstrap_means([a, 1 - a], groups, n_bootstrap=400, seed=3)
-    assert ra["value"] == rb["value"] == 0.5 and ra["n_boot"] == 400
-    assert {ra["ci_low"], ra["ci_high"]} <= {0.0, 0.5, 1.0} and ra["ci_low"] < ra["ci_high"]
-    assert ra["ci_low"] == 1 - rb["ci_high"] and ra["ci_high"] == 1 - rb["ci_low"]
-    assert group_bootstrap_means([a], groups, 400, 3) == [ra]  # seeded

@@ -129,7 +129,7 @@ def test_cam_region_uses_segmented_lungs_else_the_rectangle():
 
 
 def test_saliency_summary_has_n_interval_and_uniform_reference():
-    from cxrstudy.evaluation import tables as T
+    from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
 
     rng = np.random.default_rng(0)
     n = 16
@@ -144,8 +144,8 @@ def test_saliency_summary_has_n_interval_and_uniform_reference():
         "cam_grid": 5,
         "image_size": 160,
     })
-    checks = T.assemble_shortcut_checks(saliency=table, saliency_run="r", n_bootstrap=200, seed=0,
-                                        lung_region={"kind": "segmented", "n_images": 18})
+    checks = assemble_shortcut_checks(saliency=table, saliency_run="r", n_bootstrap=200, seed=0,
+                                      lung_region={"kind": "segmented", "n_images": 18})
     sal = checks["saliency"]
     assert checks["lung_region"] == "segmented" and checks["lung_region_detail"]["n_images"] == 18
     assert sal["n_images"] == sal["n_used"] == n and sal["cam_grid"] == 5 and sal["image_size"] == 160

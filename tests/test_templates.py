@@ -13,6 +13,8 @@ import pytest
 
 from cxrstudy import config, reporting, templates
 from cxrstudy.evaluation import report
+from cxrstudy.evaluation.formatting import fmt_pct
+from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
 
 TEMPLATES = ("index.html.j2", "model_card.md.j2", "claim_checklist.md.j2", "readme_results.md.j2")
 TAG = re.compile(r"</?[a-zA-Z][^>]*>")
@@ -57,7 +59,7 @@ def results(tmp_path_factory):
         {"image": list("abcd"), "label": ["covid", "normal", "normal", "covid"], "split": ["train", "test", "val", "test"],
          "source_name": ["mhh", "nih", "nih", "actualmed"], "patient_group": ["p1", "p2", "p2", "p3"]}
     )
-    checks = report.assemble_shortcut_checks(
+    checks = assemble_shortcut_checks(
         source_identification={"accuracy": 0.71, "balanced_accuracy": 0.53, "majority_baseline": 0.46, "n": 1423},
         masking={
             "unmasked": {"accuracy": _metric(0.936, 0.904, 0.965), "n_test": 203},
@@ -106,7 +108,7 @@ def test_model_card(results):
     head, best = results["headline"], next(r for r in results["runs"] if r["run_id"] == results["headline"]["run_id"])
     assert card.startswith(f"# Model card: {head['run_id']}\n\n## Model\n- Task: covid_vs_normal; classes: covid, normal.\n")
     assert f"scenario {best['scenario']}, class decomposition" in card and "input 160 px, seed 0, training 12.5 s." in card
-    assert f"- Accuracy {report.fmt_pct(best['test']['accuracy'])}; balanced accuracy" in card
+    assert f"- Accuracy {fmt_pct(best['test']['accuracy'])}; balanced accuracy" in card
     assert f"Calibration: ECE {best['test']['ece']:.3f}, Brier {best['test']['brier']:.3f}." in card
     assert "(actualmed, mhh, nih)" in card and "**Not for clinical use.**" in card
     assert f"{config.PAPER_CITATION}: 94.17%; {config.DETRAC_CITATION}: 93.1%." in card

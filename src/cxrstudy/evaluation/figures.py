@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy import config
-from cxrstudy.evaluation.metrics import probs_from_frame, reliability_curve
-from cxrstudy.evaluation.tables import headline_table, per_source_table, split_rows
+from cxrstudy.evaluation.frames import per_source_table
+from cxrstudy.evaluation.headline import headline_table
+from cxrstudy.evaluation.metrics import probs_from_frame, reliability_curve, split_rows
 from cxrstudy.runspec import RunSpec
 
 #: Folder of the evaluation figures, relative to ``reports/<profile>/``.

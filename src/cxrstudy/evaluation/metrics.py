@@ -3,10 +3,9 @@
 All functions are pure (numpy / scikit-learn / scipy). Conventions:
 
 * ``classes`` fixes the column order of ``probs`` and the integer code of each label.
-* The bootstrap resamples whole **patient groups** with replacement (as many groups as the test set
-  has); an image enters a replicate as often as its group was drawn. This is implemented with
-  per-image integer weights, which is exactly equivalent to replicating the rows. Intervals are
-  percentile intervals. A replicate in which a metric is undefined (e.g. a class has no images, or no
+* The bootstrap (``cxrstudy.stats``) resamples whole **patient groups** with replacement (as many
+  groups as the test set has); an image enters a replicate as often as its group was drawn (per-image
+  integer weights). Intervals are percentile intervals. A replicate in which a metric is undefined (e.g. a class has no images, or no
   image is predicted as that class, for precision) is skipped for that metric only; ``n_boot`` says
   how many replicates were used. Percentile intervals are reported as they are: with skewed or
   degenerate resamples the point estimate can lie just outside its interval.
@@ -15,7 +14,7 @@ All functions are pure (numpy / scikit-learn / scipy). Conventions:
   computed by a vectorised weighted implementation checked against scikit-learn in the tests
   (scikit-learn's per-call overhead made 1,000 replicates x several runs too slow on 2 CPU cores).
 * Paired comparisons: :func:`clustered_mcnemar` (McNemar on patient clusters, Obuchowski 1998) and
-  :func:`paired_difference_ci` (one shared patient-group bootstrap); :func:`holm` adjusts a family of
+  :func:`paired_difference_ci` (one shared patient-group bootstrap); ``stats.holm`` adjusts a family of
   p-values. :func:`mcnemar` is the plain image-level test.
 * ECE: top-label confidence in ``n_bins`` equal-width bins on [0, 1] (last bin closed),
   ``sum_b n_b / n * |accuracy_b - confidence_b|``. Brier: scikit-learn's multi-class Brier score
@@ -24,15 +23,15 @@ All functions are pure (numpy / scikit-learn / scipy). Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.metrics import brier_score_loss
 
-#: Replicates are processed in chunks of this many to bound memory (chunk x images weights).
-_CHUNK = 250
+from cxrstudy.stats import bootstrap_weights, group_array, percentile_interval
+
 #: Below this many discordant pairs McNemar's test uses the exact binomial distribution.
 MCNEMAR_EXACT_BELOW = 25
 #: Scalar metrics that :func:`paired_difference_ci` can compare.
@@ -140,56 +139,6 @@ def _metrics_for_weights(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, W: 
     out["roc_auc"] = np.mean(rocs, axis=0)
     out["pr_auc"] = np.mean(aps, axis=0)
     return out
-
-
-def bootstrap_weights(groups: np.ndarray, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield (chunk, n) weight matrices: multinomial draws of whole groups, mapped to their images."""
-    _, codes = np.unique(groups, return_inverse=True)
-    n_groups = codes.max() + 1
-    rng = np.random.default_rng(seed)
-    done = 0
-    while done < n_bootstrap:
-        b = min(_CHUNK, n_bootstrap - done)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b)
-        yield counts[:, codes].astype(float)
-        done += b
-
-
-def group_array(groups: Sequence | None, n: int) -> np.ndarray:
-    """Patient groups as an array; ``None`` means every image is its own group (image bootstrap)."""
-    if groups is None:
-        return np.arange(n)
-    g = np.asarray(groups)
-    if len(g) != n:
-        raise ValueError(f"groups has {len(g)} entries for {n} images")
-    if pd.isna(pd.Series(g)).any():
-        raise ValueError("groups contains missing values: every image needs a patient group")
-    return g.astype(str)
-
-
-def percentile_interval(point: float, reps: np.ndarray, level: float) -> dict:
-    """{'value', 'ci_low', 'ci_high', 'n_boot'} from a point estimate and replicate values (NaN skipped)."""
-    used = reps[~np.isnan(reps)]
-    alpha = (1.0 - level) / 2.0
-    value = None if np.isnan(point) else float(point)
-    if len(used) == 0:
-        return {"value": value, "ci_low": None, "ci_high": None, "n_boot": 0}
-    lo, hi = np.percentile(used, [100 * alpha, 100 * (1 - alpha)])
-    return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "n_boot": int(len(used))}
-
-
-def group_bootstrap_means(
-    values: Sequence[np.ndarray], groups: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95
-) -> list[dict]:
-    """Mean of each per-image array, with percentile intervals from one shared bootstrap over ``groups``."""
-    reps: list[list[np.ndarray]] = [[] for _ in values]
-    for W in bootstrap_weights(groups, n_bootstrap, seed):
-        for i, v in enumerate(values):
-            reps[i].append(W @ v / W.sum(axis=1))
-    return [
-        percentile_interval(float(v.mean()), np.concatenate(r) if r else np.array([]), level)
-        for v, r in zip(values, reps, strict=True)
-    ]
 
 
 def _prepare(y_true, probs, classes, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -368,19 +317,6 @@ def clustered_mcnemar(pred_a: Sequence, pred_b: Sequence, y_true: Sequence, grou
     return {**out, "statistic": stat if np.isfinite(stat) else None, "p_value": p, "method": method}
 
 
-def holm(p_values: Sequence[float | None]) -> list[float | None]:
-    """Holm's step-down adjusted p-values (family-wise error) in input order; None stays None."""
-    idx = [i for i, p in enumerate(p_values) if p is not None]
-    order = sorted(idx, key=lambda i: p_values[i])
-    m = len(order)
-    out: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
-        out[i] = running
-    return out
-
-
 def paired_difference_ci(
     y_true: Sequence,
     probs_a: np.ndarray,
@@ -415,20 +351,6 @@ def paired_difference_ci(
     return out
 
 
-def seed_spread(values: Sequence[float]) -> dict:
-    """Spread of one metric over seeds: n, mean, standard deviation (ddof=1), min, max."""
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if len(v) == 0:
-        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
-    return {
-        "n": int(len(v)),
-        "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-        "min": float(v.min()),
-        "max": float(v.max()),
-    }
-
-
 # --------------------------------------------------------------------------- predictions.csv helpers
 
 
@@ -444,6 +366,17 @@ def probs_from_frame(df: pd.DataFrame, classes: Sequence[str], where: str = "pre
     if missing:
         raise ValueError(f"{where}: missing probability columns {missing}")
     return df[cols].to_numpy(dtype=float)
+
+
+def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Rows of one split."""
+    return df[df["split"] == split].reset_index(drop=True)
+
+
+def split_accuracy(df: pd.DataFrame, split: str) -> float | None:
+    """Arg-max accuracy on one split (None when the split is empty)."""
+    rows = split_rows(df, split)
+    return float((rows["pred"] == rows["label"]).mean()) if len(rows) else None
 
 
 def evaluate_predictions(

@@ -17,25 +17,21 @@ from typing import Any
 import pandas as pd
 
 from cxrstudy import config
+from cxrstudy.evaluation.comparisons import compare_runs
 from cxrstudy.evaluation.figures import evaluation_figures
-from cxrstudy.evaluation.metrics import evaluate_predictions
-from cxrstudy.evaluation.scorecard import check_goals
-from cxrstudy.evaluation.seeds import scorecard_summary, seed_summary
-from cxrstudy.evaluation.tables import (
-    PAPER_TASK,
-    assemble_shortcut_checks,
-    compare_runs,
+from cxrstudy.evaluation.formatting import fmt_pct
+from cxrstudy.evaluation.frames import (
     comparisons_frame,
-    dataset_summary,
-    fmt_pct,
-    headline,
     headline_frame,
     loso_frame,
     per_source_table,
     runs_frame,
-    split_accuracy,
-    split_rows,
 )
+from cxrstudy.evaluation.headline import PAPER_TASK, dataset_summary, headline
+from cxrstudy.evaluation.metrics import evaluate_predictions, split_accuracy, split_rows
+from cxrstudy.evaluation.scorecard import check_goals
+from cxrstudy.evaluation.seeds import scorecard_summary, seed_summary
+from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
 from cxrstudy.evaluation.verdict import verdict
 from cxrstudy.fileio import atomic_write_text, to_jsonable, write_json
 from cxrstudy.runspec import RunSpec

@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy import config
-from cxrstudy.evaluation.metrics import compute_metrics, group_array, group_bootstrap_means
-from cxrstudy.evaluation.shortcuts import grouped_cv_predict
+from cxrstudy.evaluation.metrics import compute_metrics
+from cxrstudy.stats import group_array, group_bootstrap_means, grouped_cv_predict
 
 #: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
 FIELDS: tuple[str, ...] = ("run_id", "variant", "task", "metric", "value", "ci_low", "ci_high", "n", "method")

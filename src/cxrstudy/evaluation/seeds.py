@@ -2,7 +2,7 @@
 and per-seed paired comparisons summarised over seeds.
 
 A *configuration* is (task, backbone, scenario, decomposition, variant); its runs differ only in the seed.
-Each summary is a metric's spread over seeds (:func:`cxrstudy.evaluation.metrics.seed_spread`: n, mean,
+Each summary is a metric's spread over seeds (:func:`cxrstudy.stats.seed_spread`: n, mean,
 sd, min, max) plus the range of the per-seed 95% patient-bootstrap intervals (``interval_low``: lowest
 lower bound, ``interval_high``: highest upper bound). Pure functions of results.json entries.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy import config
-from cxrstudy.evaluation.metrics import seed_spread
 from cxrstudy.runspec import CONFIG_KEYS, RunSpec
+from cxrstudy.stats import seed_spread
 
 #: The variant of runs whose run.json names none.
 BASELINE = config.BASELINE_VARIANT

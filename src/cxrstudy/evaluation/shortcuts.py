@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline
 
 from cxrstudy import config
 from cxrstudy.data.sources import same_hospital_source
 from cxrstudy.evaluation.metrics import compute_metrics
+from cxrstudy.stats import grouped_cv_predict, linear_probe
 
 #: Central lung field as fractions of width / height: (x0, y0, x1, y1).
 LUNG_REGION: tuple[float, float, float, float] = (0.15, 0.15, 0.85, 0.85)
@@ -111,11 +109,16 @@ def film_mask(mask: np.ndarray | None, height: int, width: int) -> tuple[np.ndar
     return lung_mask(height, width), "rectangle"
 
 
+def rectangle_region() -> dict:
+    """The fixed central rectangle (:data:`LUNG_REGION`): x, y (fractions) and its area share."""
+    x0, y0, x1, y1 = LUNG_REGION
+    return {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}
+
+
 def lung_region_info(masks: dict[str, np.ndarray] | None, images: Sequence[str] | None = None) -> dict:
     """results.json ``lung_region_detail``: ``kind`` (``segmented`` / ``fixed rectangle``), the rectangle,
     and with masks the films segmented, those on the rectangle (QC fallback) and the mean lung area."""
-    x0, y0, x1, y1 = LUNG_REGION
-    out: dict = {"rectangle": {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}}
+    out: dict = {"rectangle": rectangle_region()}
     if not masks:
         return {"kind": "fixed rectangle", **out}
     names = list(images) if images is not None else list(masks)
@@ -170,14 +173,6 @@ def render_masked_views(
 # --------------------------------------------------------------------------- linear probes
 
 
-def linear_probe(seed: int = 0) -> Pipeline:
-    """The linear head used by every check: standardised features, balanced logistic regression."""
-    return make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced", random_state=seed),
-    )
-
-
 def _features_for(features: pd.DataFrame, rows: pd.DataFrame, what: str) -> np.ndarray:
     """Feature rows for the manifest rows' images; a clear error when some are missing."""
     missing = rows.loc[~rows["image"].isin(features.index), "image"]
@@ -217,21 +212,6 @@ def train_test_probe(
     probs = _probe_probs(model, _features_for(features, test, "test"), classes)
     res = compute_metrics(test["label"], probs, classes, test["patient_group"], n_bootstrap, seed)
     return res, probs
-
-
-def grouped_cv_predict(
-    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
-) -> tuple[np.ndarray, list]:
-    """Out-of-fold probabilities of the linear probe, folds by StratifiedGroupKFold on patient groups."""
-    labels = sorted(set(y))
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    probs = np.zeros((len(y), len(labels)))
-    for tr, te in cv.split(X, y, groups):
-        model = linear_probe(seed).fit(X[tr], y[tr])
-        p = model.predict_proba(X[te])
-        for j, c in enumerate(model.classes_):
-            probs[te, labels.index(c)] = p[:, j]
-    return probs, labels
 
 
 def _eligible(df: pd.DataFrame, column: str, min_groups: int) -> tuple[pd.DataFrame, list[str]]:

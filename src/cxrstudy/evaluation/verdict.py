@@ -6,8 +6,8 @@ joins them in a fixed order. Every sentence quotes the numbers it rests on, all 
 
 from __future__ import annotations
 
+from cxrstudy.evaluation.formatting import fmt_pct
 from cxrstudy.evaluation.scorecard import reading
-from cxrstudy.evaluation.tables import fmt_pct
 
 #: Two masking accuracies within this many points (as a fraction) count as alike.
 ALIKE = 0.05

@@ -357,7 +357,7 @@ def bootstrap_means(
     table: pd.DataFrame, columns: list[str], n_bootstrap: int, seed: int, level: float = 0.95
 ) -> dict:
     """Mean of each column with a percentile CI from resampling whole patient groups."""
-    from cxrstudy.evaluation.metrics import group_array, group_bootstrap_means
+    from cxrstudy.stats import group_array, group_bootstrap_means
 
     groups = group_array(table["patient_group"].to_numpy(), len(table))
     stats = group_bootstrap_means([table[c].to_numpy(dtype=float) for c in columns], groups, n_bootstrap, seed, level)
