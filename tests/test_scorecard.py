@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cxrstudy import config
+from cxrstudy.evaluation import confounders as C
 from cxrstudy.evaluation import scorecard as SC
 
 NB = 200  # bootstrap replicates in the synthetic tests
@@ -306,41 +307,53 @@ def test_reading_helper():
     assert SC.reading(None, None, 0.6) == "not computed"
 
 
-def test_check_goals():
-    def e(metric, value, run="a"):
-        return {
-            "run_id": run,
-            "variant": "baseline",
-            "metric": metric,
-            "value": value,
-            "ci_low": None,
-            "ci_high": None,
-        }
+def test_check_goals_read_the_interval():
+    def e(metric, value, lo, hi, run="a"):
+        return {"run_id": run, "variant": "baseline", "metric": metric, "value": value, "ci_low": lo, "ci_high": hi}
 
     entries = [
-        e("ieee8023_covid_vs_pneumonia_auc", 0.80),
-        e("actualmed_covid_vs_normal_balanced_accuracy", 0.84),
-        e("source_id_within_covid_accuracy", 0.50),
-        e("source_id_within_covid_majority", 0.44),
-        e("nih_pneumonia_vs_normal_auc", None),
-        e("paper_task_accuracy", 0.95),
-        e("source_id_within_covid_accuracy", 0.60, run="b"),
-        e("source_id_within_covid_majority", 0.44, run="b"),
+        e("ieee8023_covid_vs_pneumonia_auc", 0.86, 0.80, 0.92),  # whole interval on the goal's side (inclusive)
+        e("actualmed_covid_vs_normal_balanced_accuracy", 0.88, 0.70, 0.95),  # point meets, interval straddles
+        e("source_id_within_covid_accuracy", 0.60, 0.55, 0.66),
+        e("source_id_within_covid_majority", 0.44, 0.40, 0.48),
+        e("nih_pneumonia_vs_normal_auc", None, None, None),
+        e("paper_task_accuracy", 0.90, 0.85, 0.94),  # whole interval below 0.9417
+        e("source_id_within_covid_accuracy", 0.45, 0.40, 0.49, run="b"),
+        e("source_id_within_covid_majority", 0.44, 0.40, 0.48, run="b"),
     ]
     goals = SC.check_goals(entries)
     a = {g["goal"]: g for g in goals if g["run_id"] == "a"}
     b = {g["goal"]: g for g in goals if g["run_id"] == "b"}
     assert len(goals) == 2 * len(SC.GOALS)
-    assert a["S1"]["met"] is True and a["S1"]["target"] == 0.80  # >= is inclusive
-    assert a["S2"]["met"] is False
-    assert a["S3"]["target"] == pytest.approx(0.49) and a["S3"]["met"] is False
-    assert b["S3"]["met"] is False and b["S1"]["met"] is None  # b has no ieee entry
-    assert a["S4"]["met"] is None
-    assert a["S5"]["met"] is True and a["S5"]["target"] == pytest.approx(0.9417)
-    entries[2]["value"] = 0.48
-    again = {g["goal"]: g for g in SC.check_goals(entries) if g["run_id"] == "a"}
-    assert again["S3"]["met"] is True
-    assert set(goals[0]) >= {"goal", "metric", "target", "value", "ci_low", "ci_high", "met"}
+    assert a["S1"]["status"] == "met" and a["S1"]["met"] is True and a["S1"]["target"] == 0.80
+    assert a["S2"]["status"] == "undetermined" and a["S2"]["met"] is False  # not met by the point estimate
+    assert a["S3"]["target"] == pytest.approx(0.49) and a["S3"]["status"] == "missed"
+    assert b["S3"]["status"] == "met" and b["S1"]["status"] is None and b["S1"]["met"] is None
+    assert a["S4"]["status"] is None and a["S4"]["met"] is None
+    assert a["S5"]["status"] == "missed" and a["S5"]["target"] == pytest.approx(0.9417)
+    assert set(goals[0]) >= {"goal", "metric", "target", "value", "ci_low", "ci_high", "status", "met"}
+    assert SC.interval_status(0.5, 0.9, ">=", 0.8) == "undetermined" and SC.interval_status(None, None, ">=", 0.8) == "undetermined"
+
+
+def test_a_goal_met_by_the_projection_is_not_met():
+    """A model whose scores are the view: its interval clears the goal, but the view-matched value and the
+    view-only rule show it knows nothing else, so the goal is not met."""
+    from test_confounders import ACTUALMED, films
+
+    rows = films({k: 3 * n for k, n in ACTUALMED.items()})
+    score = np.where(rows["view"] == "AP", 0.95, 0.05)
+    entry = {"run_id": "v", "variant": "baseline", "metric": "actualmed_covid_vs_normal_balanced_accuracy"}
+    res = C.binary_metric(rows, score, "covid", "normal", "balanced_accuracy", 300, 0)
+    entry.update(res, confounders=C.confounder_block(rows, score, "covid", "normal", "balanced_accuracy", 300, 0))
+    low_goal = SC.Goal("S2", entry["metric"], ">=", 0.65)  # a goal the projection alone clears
+    [g] = SC.check_goals([entry], [low_goal])
+    assert SC.interval_status(res["ci_low"], res["ci_high"], ">=", 0.65) == "met"
+    assert entry["confounders"]["view_matched"]["value"] == pytest.approx(0.5)  # no skill within a projection
+    assert g["status"] == "missed" and g["met"] is False and "view-matched" in g["reason"]
+    # the same scores with a view-matched interval that clears the goal still lose to the view-only rule
+    entry["confounders"]["view_matched"].update(value=0.9, ci_low=0.8, ci_high=0.95)
+    [g] = SC.check_goals([entry], [low_goal])
+    assert g["status"] == "undetermined" and "confounder-only rule (view_only)" in g["reason"]
 
 
 def test_scorecard_frame():

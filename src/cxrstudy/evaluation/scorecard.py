@@ -214,21 +214,26 @@ def probe_auc(
     seed: int = 0,
 ) -> dict:
     """Out-of-fold ROC-AUC (``positive`` above ``negative``) of a patient-grouped CV linear probe."""
+    return _probe(features, rows, positive, negative, n_bootstrap, seed)[0]
+
+
+def _probe(
+    features: pd.DataFrame, rows: pd.DataFrame, positive: str, negative: str, n_bootstrap: int, seed: int
+) -> tuple[dict, pd.DataFrame, np.ndarray | None]:
+    """:func:`probe_auc`'s entry, the films it scored and their out-of-fold P(positive) (None: not computed)."""
     rows = rows[rows["label"].isin([positive, negative])]
     rows, missing = _with_features(rows, features)
     groups = rows.groupby("label")["patient_group"].nunique().reindex([positive, negative]).fillna(0)
     n_splits = int(min(N_SPLITS, groups.min()))
     if n_splits < 2:
-        return _none(
-            f"probe needs >= 2 patient groups per class; have {groups.astype(int).to_dict()}",
-            len(rows),
-            "probe",
-        )
+        note = f"probe needs >= 2 patient groups per class; have {groups.astype(int).to_dict()}"
+        return _none(note, len(rows), "probe"), rows, None
     y = rows["label"].to_numpy()
     X = features.loc[rows["image"]].to_numpy(dtype=np.float64)
     probs, labels = grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
-    res = _binary_metrics(rows, probs[:, labels.index(positive)], positive, negative, n_bootstrap, seed)
-    return _result(res["per_class"][positive]["roc_auc"], len(rows), "probe", missing)
+    score = probs[:, labels.index(positive)]
+    res = _binary_metrics(rows, score, positive, negative, n_bootstrap, seed)
+    return _result(res["per_class"][positive]["roc_auc"], len(rows), "probe", missing), rows, score
 
 
 def _source_probe(
@@ -295,13 +300,18 @@ def source_id_within_label(
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def _paper_task(preds: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
+#: What a metric's result carries for its confounder block: the entry, its films and the model's score on them.
+Scored = tuple[dict, pd.DataFrame | None, np.ndarray | None]
+
+
+def _paper_task(preds: pd.DataFrame, n_bootstrap: int, seed: int) -> Scored:
     """COVID-19 vs normal accuracy on the test split (argmax of P(covid) vs P(normal))."""
     rows = preds[(preds["split"] == "test") & preds["label"].isin(["covid", "normal"])]
     if len(rows) == 0:
-        return _none("no covid/normal test rows in the predictions", len(rows))
-    res = _binary_metrics(rows, pair_score(rows, "covid", "normal"), "covid", "normal", n_bootstrap, seed)
-    return _result(res["accuracy"], len(rows), "model")
+        return _none("no covid/normal test rows in the predictions", len(rows)), None, None
+    score = pair_score(rows, "covid", "normal")
+    res = _binary_metrics(rows, score, "covid", "normal", n_bootstrap, seed)
+    return _result(res["accuracy"], len(rows), "model"), rows, score
 
 
 def _ranking(
@@ -313,29 +323,28 @@ def _ranking(
     negative: str,
     n_bootstrap: int,
     seed: int,
-) -> dict:
+) -> Scored:
     """ROC-AUC of ``positive`` above ``negative`` on held-out ``source`` rows, else the probe fallback on
     ``probe_films`` (the run's unseen manifest films)."""
     rows = _pair_rows(held, source, positive, negative)
     why = _too_few(rows, [positive, negative])
     if not _needs_probe(rows, positive, negative):
-        res = _binary_metrics(
-            rows, pair_score(rows, positive, negative), positive, negative, n_bootstrap, seed
-        )
+        score = pair_score(rows, positive, negative)
+        res = _binary_metrics(rows, score, positive, negative, n_bootstrap, seed)
         note = (
             None
             if why is None
             else f"few films: {why}; the run scores both classes and a probe would see the same films, so the model's own ranking is kept (read the interval)"
         )
-        return _result(res["per_class"][positive]["roc_auc"], len(rows), "model", note)
+        return _result(res["per_class"][positive]["roc_auc"], len(rows), "model", note), rows, score
     if features is None:
-        return _none(f"{why}; no features for the probe fallback", len(rows), "probe")
+        return _none(f"{why}; no features for the probe fallback", len(rows), "probe"), None, None
     every = _pair_rows(probe_films, source, positive, negative)
-    out = probe_auc(features, every, positive, negative, n_bootstrap, seed)
+    out, used, score = _probe(features, every, positive, negative, n_bootstrap, seed)
     out["note"] = "; ".join(
         x for x in (f"probe fallback: {why} (probe on unseen films)", out.get("note")) if x
     )
-    return out
+    return out, used, score
 
 
 def _scores_both(rows: pd.DataFrame, positive: str, negative: str) -> bool:
@@ -352,15 +361,16 @@ def _needs_probe(rows: pd.DataFrame, positive: str, negative: str) -> bool:
     return _too_few(rows, [positive, negative]) is not None and not _scores_both(rows, positive, negative)
 
 
-def _actualmed(held: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
+def _actualmed(held: pd.DataFrame, n_bootstrap: int, seed: int) -> Scored:
     """Balanced accuracy of covid vs normal on held-out Actualmed rows."""
     rows = held[(held["source_name"] == "actualmed") & held["label"].isin(["covid", "normal"])]
     if len(rows) == 0:
-        return _none("no held-out Actualmed covid/normal rows in the predictions")
+        return _none("no held-out Actualmed covid/normal rows in the predictions"), None, None
     if rows["label"].nunique() < 2:
-        return _none(f"held-out Actualmed rows hold only {sorted(rows['label'].unique())}", len(rows))
-    res = _binary_metrics(rows, pair_score(rows, "covid", "normal"), "covid", "normal", n_bootstrap, seed)
-    return _result(res["balanced_accuracy"], len(rows), "model")
+        return _none(f"held-out Actualmed rows hold only {sorted(rows['label'].unique())}", len(rows)), None, None
+    score = pair_score(rows, "covid", "normal")
+    res = _binary_metrics(rows, score, "covid", "normal", n_bootstrap, seed)
+    return _result(res["balanced_accuracy"], len(rows), "model"), rows, score
 
 
 def feature_rows(run_info: dict, predictions: pd.DataFrame | None, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -389,31 +399,93 @@ def scorecard_for_run(
     """Every scorecard entry of one run (module docstring) on films it never trained or validated on;
     ``features`` (the run's, indexed by image; :func:`feature_rows` suffice) or None."""
     classes = _run_classes(run_info)
-    held = held_out(with_source_names(predictions, manifest), classes)
+    preds = with_film_facts(with_source_names(predictions, manifest), manifest)
+    held = held_out(preds, classes)
     films = unseen(with_source_names(manifest), classes)
-    results: dict[str, dict] = {"paper_task_accuracy": _paper_task(predictions, n_bootstrap, seed)}
+    scored: dict[str, Scored] = {"paper_task_accuracy": _paper_task(preds, n_bootstrap, seed)}
     rankings = {m: (src, pos, neg) for m, src, pos, neg in _rankings(classes)}
-    results["ieee8023_covid_vs_pneumonia_auc"] = _ranking(
+    scored["ieee8023_covid_vs_pneumonia_auc"] = _ranking(
         held, films, features, *rankings["ieee8023_covid_vs_pneumonia_auc"], n_bootstrap, seed
     )
-    results["actualmed_covid_vs_normal_balanced_accuracy"] = _actualmed(held, n_bootstrap, seed)
+    scored["actualmed_covid_vs_normal_balanced_accuracy"] = _actualmed(held, n_bootstrap, seed)
+    results = {m: s[0] for m, s in scored.items()}
     if features is None:
         results["source_id_within_covid_accuracy"] = _none("no features given", method="probe")
         results["source_id_within_covid_majority"] = _none("no features given", method="probe")
     else:
-        acc, maj, _ = _source_probe(features, films[films["label"] == PROBE_LABEL], 10, n_bootstrap, seed)
-        results["source_id_within_covid_accuracy"] = acc
+        covid = films[films["label"] == PROBE_LABEL]
+        acc, maj, sources = _source_probe(features, covid, 10, n_bootstrap, seed)
+        results["source_id_within_covid_accuracy"] = {**acc, "view_mix": view_mix(covid, sources)}
         results["source_id_within_covid_majority"] = maj
     if "nih_pneumonia_vs_normal_auc" in rankings:
-        results["nih_pneumonia_vs_normal_auc"] = _ranking(
+        scored["nih_pneumonia_vs_normal_auc"] = _ranking(
             held, films, features, *rankings["nih_pneumonia_vs_normal_auc"], n_bootstrap, seed
         )
+        results["nih_pneumonia_vs_normal_auc"] = scored["nih_pneumonia_vs_normal_auc"][0]
     else:
         results["nih_pneumonia_vs_normal_auc"] = _none(
             f"task {run_info.get('task')!r} has no pneumonia class"
         )
+    for metric, (_, rows, score) in scored.items():
+        if rows is not None and len(rows):
+            results[metric]["confounders"] = _confounders(metric, rows, score, manifest, n_bootstrap, seed)
     head = {"run_id": run_info.get("run_id", ""), "variant": variant, "task": run_info.get("task", "")}
     return [{**head, "metric": m, **r} for m, r in results.items()]
+
+
+#: The two labels each confounder-checked metric compares (positive first).
+CONTRAST_LABELS: dict[str, tuple[str, str]] = {
+    "paper_task_accuracy": ("covid", "normal"),
+    "ieee8023_covid_vs_pneumonia_auc": ("covid", "pneumonia"),
+    "actualmed_covid_vs_normal_balanced_accuracy": ("covid", "normal"),
+    "nih_pneumonia_vs_normal_auc": ("pneumonia", "normal"),
+}
+#: Confounder-only rules already scored, by (metric, films, bootstrap): the same films score the same for
+#: every run that holds them out.
+_RULES_DONE: dict[tuple, dict] = {}
+
+
+def _confounders(
+    metric: str, rows: pd.DataFrame, score: np.ndarray | None, manifest: pd.DataFrame, n_bootstrap: int, seed: int
+) -> dict:
+    """The ``confounders`` block of one entry (:func:`confounders.confounder_block`) on the metric's films."""
+    from cxrstudy.evaluation import confounders as C
+
+    positive, negative = CONTRAST_LABELS[metric]
+    rows = with_film_facts(rows, manifest).reset_index(drop=True)
+    kind = C.METRIC_KIND[metric]
+    key = (metric, tuple(rows["image"]), n_bootstrap, seed)
+    if key not in _RULES_DONE:
+        _RULES_DONE[key] = C.confounder_block(rows, None, positive, negative, kind, n_bootstrap, seed)
+    out = dict(_RULES_DONE[key])
+    if score is not None:
+        out["view_matched"] = C.view_matched(rows, score, positive, negative, kind, n_bootstrap, seed)
+    return out
+
+
+#: Per-film facts the confounder rules read from the manifest.
+FILM_FACTS: tuple[str, ...] = ("view", "age", "sex")
+
+
+def with_film_facts(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` plus the manifest's view, age and sex of each image (empty where the manifest has none)."""
+    df = frame.copy()
+    by_image = manifest.drop_duplicates("image").set_index("image")
+    for col in FILM_FACTS:
+        if col not in df.columns:
+            df[col] = df["image"].map(by_image[col]).fillna("") if col in by_image.columns else ""
+    return df
+
+
+def view_mix(films: pd.DataFrame, sources: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Films of each source by projection (AP, PA, unknown)."""
+    from cxrstudy.evaluation.confounders import views_of
+
+    table = pd.crosstab(films["source_name"].to_numpy(), views_of(films))
+    return {
+        s: {k: int(table.loc[s].get(k, 0)) if s in table.index else 0 for k in ("AP", "PA", "unknown")}
+        for s in sources
+    }
 
 
 def scorecard_frame(entries: Sequence[dict]) -> pd.DataFrame:
@@ -425,8 +497,44 @@ def scorecard_frame(entries: Sequence[dict]) -> pd.DataFrame:
     return df[[*FIELDS, "note", *[c for c in df.columns if c not in (*FIELDS, "note")]]]
 
 
+def interval_status(ci_low: float | None, ci_high: float | None, op: str, target: float | None) -> str | None:
+    """``met`` when the whole 95% interval is on the goal's side of ``target``, ``missed`` when it is wholly
+    on the other side, ``undetermined`` when it straddles the target or is unknown (None: no target)."""
+    if target is None:
+        return None
+    if ci_low is None or ci_high is None:
+        return "undetermined"
+    good, bad = (ci_low >= target, ci_high < target) if op == ">=" else (ci_high <= target, ci_low > target)
+    return "met" if good else "missed" if bad else "undetermined"
+
+
+def goal_status(entry: dict, op: str, target: float | None) -> tuple[str | None, str | None]:
+    """A goal's status and, when the confounders keep it from ``met``, why. Met only when the interval is met,
+    the view-matched interval is met too, and the interval's lower bound is above the best confounder-only
+    rule; missed when the interval or the view-matched interval is missed; else undetermined."""
+    status = interval_status(entry.get("ci_low"), entry.get("ci_high"), op, target)
+    block = entry.get("confounders")
+    if status is None or not block:
+        return status, None
+    from cxrstudy.evaluation.confounders import best_rule
+
+    vm = block.get("view_matched") or {}
+    vm_status = interval_status(vm.get("ci_low"), vm.get("ci_high"), op, target)
+    if "missed" in (status, vm_status):
+        return "missed", None if status == "missed" else "the view-matched interval is on the wrong side of the goal"
+    if status != "met":
+        return status, None
+    if vm_status != "met":
+        return "undetermined", "the view-matched interval does not clear the goal"
+    rule, best = best_rule(block)
+    if best is not None and op == ">=" and entry["ci_low"] <= best:
+        return "undetermined", f"the interval's lower bound is not above the best confounder-only rule ({rule})"
+    return "met", None
+
+
 def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[dict]:
-    """Each goal per (run_id, variant): value, interval, target and ``met`` (None when not computed)."""
+    """Each goal per (run_id, variant): value, interval, target, ``status`` (:func:`goal_status`) and
+    ``met`` (status == "met"; None when not computed)."""
     out = []
     keys = list(dict.fromkeys((e.get("run_id"), e.get("variant")) for e in entries))
     for run_id, variant in keys:
@@ -438,9 +546,10 @@ def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[
                 base = mine.get(goal.relative_to, {}).get("value")
                 target = None if base is None else base + goal.margin
             value = e.get("value")
-            met = None
-            if value is not None and target is not None:
-                met = bool(value >= target) if goal.op == ">=" else bool(value <= target)
+            status, reason = goal_status(e, goal.op, target) if value is not None else (None, None)
+            row = {"status": status, "met": None if status is None else status == "met"}
+            if reason:
+                row["reason"] = reason
             out.append(
                 {
                     "goal": goal.goal,
@@ -452,7 +561,7 @@ def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[
                     "value": value,
                     "ci_low": e.get("ci_low"),
                     "ci_high": e.get("ci_high"),
-                    "met": met,
+                    **row,
                 }
             )
     return out

@@ -134,15 +134,18 @@ def _clears(goal: dict) -> bool | None:
 
 
 def goal_over_seeds(goals: Sequence[dict]) -> dict:
-    """One goal over a configuration's seeds (results.json ``goals`` rows): the seed mean against the mean
-    target (``met``), whether every seed's interval clears its target, how many seeds meet it."""
+    """One goal over a configuration's seeds (results.json ``goals`` rows): ``status`` met when every seed's
+    goal is met, missed when every seed's is missed, else undetermined (``met``: status == "met"); whether
+    every seed's interval clears its target; how many seeds meet it."""
     first = goals[0]
     targets = [g["target"] for g in goals if g.get("target") is not None]
     target = float(np.mean(targets)) if targets else None
     s = spread(goals)
-    met = None
-    if s["mean"] is not None and target is not None:
-        met = bool(s["mean"] >= target) if first["op"] == ">=" else bool(s["mean"] <= target)
+    statuses = [g.get("status") for g in goals if g.get("status") is not None]
+    status = None
+    if statuses:
+        status = statuses[0] if len(set(statuses)) == 1 and statuses[0] != "undetermined" else "undetermined"
+    met = None if status is None else status == "met"
     clears = [_clears(g) for g in goals]
     return {
         "goal": first["goal"],
@@ -150,10 +153,23 @@ def goal_over_seeds(goals: Sequence[dict]) -> dict:
         "op": first["op"],
         "target": target,
         **s,
+        "status": status,
         "met": met,
         "all_seeds_clear": None if s["n"] == 0 or None in clears else all(clears),
         "n_seeds_met": sum(g.get("met") is True for g in goals),
     }
+
+
+def confounders_over_seeds(blocks: Sequence[dict]) -> dict:
+    """The confounder-only rules of a configuration's seeds (the first seed's: the seeds hold out the same
+    films) and the spread of the view-matched value over seeds."""
+    from cxrstudy.evaluation.confounders import RULES
+
+    out = {name: blocks[0][name] for name in RULES if name in blocks[0]}
+    matched = [b["view_matched"] for b in blocks if b.get("view_matched")]
+    if matched:
+        out["view_matched"] = spread(matched)
+    return out
 
 
 def scorecard_summary(entries: Sequence[dict], scorecard: Sequence[dict], goals: Sequence[dict]) -> list[dict]:
@@ -169,6 +185,8 @@ def scorecard_summary(entries: Sequence[dict], scorecard: Sequence[dict], goals:
             mine = [e for e in scorecard if e["run_id"] in ids and e["metric"] == metric]
             methods = sorted({str(e.get("method")) for e in mine})
             metrics[metric] = {**spread(mine), "methods": methods}
+            if blocks := [e["confounders"] for e in mine if e.get("confounders")]:
+                metrics[metric]["confounders"] = confounders_over_seeds(blocks)
         mine_goals = [g for g in goals if g.get("run_id") in ids]
         out.append(
             {
@@ -238,7 +256,7 @@ def pooled_frame(comparisons: dict) -> pd.DataFrame:
 
 def scorecard_frame(summary: Sequence[dict], recommended: dict | None = None) -> pd.DataFrame:
     """results.json ``scorecard_summary`` as a table: per configuration each goal's seed mean (sd)
-    [interval range], met / missed (seed mean) and whether every seed's interval clears it."""
+    [interval range], the goal's status over seeds and whether every seed's interval clears it."""
     rec = recommended or {}
     rows = []
     for cfg in summary:
@@ -246,7 +264,7 @@ def scorecard_frame(summary: Sequence[dict], recommended: dict | None = None) ->
         row["recommended"] = (cfg["task"], cfg["scenario"], cfg["variant"], cfg["decomposition"]) == (
             rec.get("task"), rec.get("scenario"), rec.get("name"), False)
         for g in cfg["goals"]:
-            met = {True: "met", False: "missed"}.get(g["met"], "n/a")
+            met = g.get("status") or "n/a"
             clear = {True: ", all seeds clear", False: ", not all seeds clear"}.get(g["all_seeds_clear"], "")
             row[f"{g['goal']} {g['metric']}"] = f"{_spread_cell(g)}: {met}{clear}"
         rows.append(row)

@@ -1,0 +1,76 @@
+"""Confounder-only reference rules and view-matched metrics (evaluation.confounders)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrstudy.evaluation import confounders as C
+
+
+def films(counts: dict[tuple[str, str], int], seed: int = 0) -> pd.DataFrame:
+    """One film per patient: (label, view) -> how many; random age and sex."""
+    rng = np.random.default_rng(seed)
+    rows = [
+        {"label": label, "view": view}
+        for (label, view), n in counts.items()
+        for _ in range(n)
+    ]
+    df = pd.DataFrame(rows)
+    df["patient_group"] = [f"p{i}" for i in range(len(df))]
+    df["age"] = rng.integers(20, 90, len(df)).astype(float)
+    df["sex"] = rng.choice(["M", "F", ""], len(df))
+    return df
+
+
+ACTUALMED = {("covid", "AP"): 21, ("covid", "PA"): 5, ("normal", "AP"): 3, ("normal", "PA"): 11}
+
+
+def test_view_only_reproduces_the_actualmed_projection_rule():
+    """21 of 26 COVID-19 films are AP and 11 of 14 normals PA (the manifest's view column): 0.797."""
+    rows = films({**ACTUALMED, ("covid", "unknown"): 4})
+    res = C.view_only(rows, "covid", "normal", "balanced_accuracy", 200, 0)
+    assert res["value"] == pytest.approx((21 / 26 + 11 / 14) / 2) and round(res["value"], 3) == 0.797
+    assert res["rule"] == "AP -> covid, PA -> normal" and res["n"] == 40 and res["n_unknown"] == 4
+    assert res["ci_low"] < res["value"] < res["ci_high"]
+    flipped = films({("covid", "PA"): 21, ("covid", "AP"): 5, ("normal", "PA"): 3, ("normal", "AP"): 11})
+    assert C.view_only(flipped, "covid", "normal", "auc", 200, 0)["rule"] == "AP -> normal, PA -> covid"
+
+
+def test_a_model_that_scores_the_view_gains_nothing_view_matched():
+    rows = films(ACTUALMED)
+    score = (rows["view"] == "AP").to_numpy(float) * 0.6 + 0.2  # the projection, as a probability
+    auc = C.binary_metric(rows, score, "covid", "normal", "auc", 200, 0)["value"]
+    assert auc == pytest.approx(C.view_only(rows, "covid", "normal", "auc", 200, 0)["value"]) and auc > 0.75
+    vm = C.view_matched(rows, score, "covid", "normal", "auc", 200, 0)
+    assert vm["value"] == 0.5 and vm["n_pairs"] == 21 * 3 + 5 * 11 and vm["strata"] == {"AP": 24, "PA": 16}
+    ba = C.view_matched(rows, score, "covid", "normal", "balanced_accuracy", 200, 0)
+    assert ba["value"] == pytest.approx(0.5)
+    # a model that ranks within each view does get credit
+    good = np.where(rows["label"] == "covid", 0.9, 0.1)
+    assert C.view_matched(rows, good, "covid", "normal", "auc", 200, 0)["value"] == 1.0
+
+
+def test_demographic_rules_find_planted_age_and_nothing_in_noise():
+    rows = films({("pneumonia", "AP"): 60, ("normal", "AP"): 60}, seed=1)
+    noise = C.cv_rule(rows, C.confounder_design(rows, view=False), "pneumonia", "normal", "auc", 200, 0)
+    assert noise["ci_low"] < 0.5 < noise["ci_high"]
+    rows.loc[rows["label"] == "pneumonia", "age"] += 40
+    planted = C.cv_rule(rows, C.confounder_design(rows, view=False), "pneumonia", "normal", "auc", 200, 0)
+    assert planted["value"] > 0.85 and planted["ci_low"] > 0.7
+    block = C.confounder_block(rows, None, "pneumonia", "normal", "auc", 200, 0)
+    assert list(block) == list(C.RULES) and C.best_rule(block)[0] in ("demographics_only", "confounders_only")
+    # no view stratum with both labels: the view-only rule cannot be scored, with the reason
+    one_view = films({("pneumonia", "AP"): 5, ("normal", "PA"): 5})
+    vm = C.view_matched(one_view, np.full(10, 0.5), "pneumonia", "normal", "auc", 50, 0)
+    assert vm["value"] is None and vm["n_pairs"] == 0 and "both labels" in vm["note"]
+
+
+def test_design_has_missing_as_its_own_level():
+    rows = pd.DataFrame({"view": ["AP", "PA", "unknown", ""], "age": [50.0, None, 30.0, None], "sex": ["M", "F", "", "x"]})
+    X = C.confounder_design(rows)
+    assert X.shape == (4, 3 + 2 + 3)
+    assert X[:, :3].tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
+    assert X[:, 3].tolist() == [1, 0, 1, 0] and X[:, 4].tolist() == [50, 40, 30, 40]  # median-filled
+    assert X[:, 5:].tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
