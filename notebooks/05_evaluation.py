@@ -53,6 +53,7 @@ from cxrstudy.evaluation import (
     shortcuts,
     tables,
 )
+from cxrstudy.lungs.region import load_lung_masks, lung_region_info
 from cxrstudy.lungs.render import view_root
 
 config.seed_everything(seed)
@@ -61,8 +62,8 @@ out = config.profile_dir(profile)
 fig_dir = out / figures.FIGURE_DIR
 image_root = config.PROCESSED_DIR  # the films every check reads
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH), max_per_class, seed)
-lung_masks, lung_key = shortcuts.load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
-lung_info = shortcuts.lung_region_info(lung_masks, manifest["image"].tolist())
+lung_masks, lung_key = load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
+lung_info = lung_region_info(lung_masks, manifest["image"].tolist())
 display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
 # only the runs this profile's transfer steps produce (a folder left by a step the profile no longer has is skipped)

@@ -4,10 +4,9 @@ The target layer is the backbone's last convolutional stage (EfficientNet: ``bn2
 ``conv_head``; ResNet: ``layer4``; DenseNet: ``features``; VGG/AlexNet: ``features``). The class
 score explained is the class's logit, or with class decomposition the log-sum-exp of its subclass
 logits (the log of the composed class probability up to a constant shared by all classes).
-The lung region of a film is its segmented lungs when masks are given (``shortcuts.load_lung_masks``,
+The lung region of a film is its segmented lungs when masks are given (``lungs.region.load_lung_masks``,
 at the processed film's size), resized to the map's grid; otherwise, or for a film whose segmentation
-failed QC, the fixed rectangle :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION` (as the masking
-experiment). A uniform saliency map's in-lung share is the region's area fraction, recorded per image
+failed QC, the fixed rectangle :data:`cxrstudy.lungs.region.LUNG_REGION` (``lungs.region.cam_region``). A uniform saliency map's in-lung share is the region's area fraction, recorded per image
 (``uniform_share``). Maps are upsampled from ``cam_grid`` cells per side (input size / 32): at 160 px,
 5x5 cells, too coarse to tell lung from its surroundings.
 """
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxrstudy.evaluation.shortcuts import LUNG_REGION, film_mask, lung_mask
+from cxrstudy.lungs.region import LUNG_REGION, cam_region, lung_mask
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -92,24 +91,6 @@ def lung_share(cam: np.ndarray, region: tuple[float, float, float, float] = LUNG
     if total <= 0:
         return float("nan")
     return float(cam[lung_mask(cam.shape[0], cam.shape[1], region)].sum() / total)
-
-
-def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A boolean mask resized to ``shape`` (H, W): area average, then at least half covered."""
-    m = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L")
-    return np.asarray(m.resize((shape[1], shape[0]), Image.Resampling.BOX)) >= 128
-
-
-def cam_region(mask: np.ndarray | None, film_size: tuple[int, int], cam_shape: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """The lung region on the map's grid and its kind: the film's segmented mask resized (``segmented``),
-    or the rectangle (``rectangle``: no mask, a mask of another size, the QC fallback, or nothing left)."""
-    width, height = film_size
-    m, kind = film_mask(mask, height, width)
-    if kind == "segmented":
-        region = resize_mask(m, cam_shape)
-        if region.any():
-            return region, kind
-    return lung_mask(*cam_shape), "rectangle"
 
 
 def region_share(cam: np.ndarray, region: np.ndarray) -> float:

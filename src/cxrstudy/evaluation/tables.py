@@ -30,6 +30,7 @@ from cxrstudy.evaluation.seeds import (
     run_variant,
     seed_summary,
 )
+from cxrstudy.lungs.region import rectangle_region
 
 PAPER_TASK = "covid_vs_normal"
 #: What every run.json must hold (with ``classes``); a run is identified by these and its variant
@@ -528,14 +529,6 @@ def dataset_summary(manifest: pd.DataFrame, excluded: pd.DataFrame | None = None
     return out
 
 
-def rectangle_region() -> dict:
-    """The fixed central rectangle (``shortcuts.LUNG_REGION``): x, y (fractions) and its area share."""
-    from cxrstudy.evaluation.shortcuts import LUNG_REGION
-
-    x0, y0, x1, y1 = LUNG_REGION
-    return {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}
-
-
 def stratified_mean_ci(
     values: Sequence[np.ndarray], strata: np.ndarray, n_bootstrap: int = 1000, seed: int = 0
 ) -> list[dict]:
@@ -643,7 +636,7 @@ def assemble_shortcut_checks(
 ) -> dict:
     """results.json ``shortcut_checks`` from the separate checks (any of them may be missing).
     ``saliency``: ``saliency_for_runs`` table; the in-lung share is over ``saliency_run``'s images when given.
-    ``lung_region``: ``shortcuts.lung_region_info`` of the masks used (None: the fixed rectangle);
+    ``lung_region``: ``lungs.region.lung_region_info`` of the masks used (None: the fixed rectangle);
     ``input_view`` / ``equalize``: the films of the checks other than masking (notebook 05's parameters)."""
     detail = lung_region or {"kind": "fixed rectangle", "rectangle": rectangle_region()}
     out: dict = {
