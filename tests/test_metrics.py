@@ -287,7 +287,9 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     import json
 
     from cxrstudy import config
-    from cxrstudy.evaluation import report as R
+    from cxrstudy.evaluation import tables as T
+    from cxrstudy.reporting import pages
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof")
     manifest = pd.DataFrame(
@@ -299,7 +301,7 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
             "patient_group": ["p1", "p2", "p2"],
         }
     )
-    checks = R.assemble_shortcut_checks(
+    checks = T.assemble_shortcut_checks(
         source_identification={"accuracy": 0.97, "balanced_accuracy": 0.9, "majority_baseline": 0.4},
         masking={
             "unmasked": {"accuracy": {"value": 0.95, "ci_low": 0.9, "ci_high": 0.98}},
@@ -342,20 +344,20 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     text = " ".join(res["verdict"])
     assert "mostly restates the label" in text and "signal is everywhere" in text
     assert "Each configuration ran once (one seed)" in text and "Trust the numbers" not in text
-    card = R.write_model_card(res, pdir / "model_card.md").read_text()
+    card = pages.write_model_card(res, pdir / "model_card.md").read_text()
     assert head["run_id"] in card and "Not for clinical use" in card
-    checklist = R.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
+    checklist = pages.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
     for item in ("Data sources", "Data partitions", "Reference standard", "Metrics", "Failure analysis"):
         assert f"| {item} |" in checklist
-    table = R.headline_frame(res)
+    table = T.headline_frame(res)
     assert len(table) == 10 and table["accuracy (summed probabilities)"].iloc[-2] == "94.17%"
     assert table["accuracy (DeTraC hard rule)"].iloc[-1] == "93.1%" and "val. accuracy" in table.columns
 
 
 def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
     """An evaluation-only source (split "holdout") never enters test metrics, comparisons or figures' tables."""
-    from cxrstudy.evaluation import report as R
     from cxrstudy.evaluation import tables as T
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
     for path in (pdir / "runs").glob("*/predictions.csv"):
@@ -374,12 +376,13 @@ def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
 
 
 def test_evaluation_figures_are_written(tmp_path):
-    from cxrstudy.evaluation import report as R
+    from cxrstudy.evaluation.figures import evaluation_figures
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow",))
     runs = R.load_runs(pdir)
     entries = R.evaluate_runs(runs, n_bootstrap=20)
-    paths = R.evaluation_figures(runs, entries, tmp_path / "figs")
+    paths = evaluation_figures(runs, entries, tmp_path / "figs")
     assert {
         "confusion_matrices",
         "reliability",
@@ -392,7 +395,7 @@ def test_evaluation_figures_are_written(tmp_path):
 
 def test_load_runs_keeps_only_the_profiles_runs_and_names_the_rest(tmp_path):
     """A run folder no step of the profile produces is skipped with a warning; a missing expected run raises."""
-    from cxrstudy.evaluation import report as R
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
     ids = sorted(p.name for p in (pdir / "runs").iterdir() if (p / "run.json").is_file())

@@ -25,9 +25,9 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
-from cxrstudy.evaluation.report import load_runs, run_entry
 from cxrstudy.fileio import atomic_write_text, write_json
 from cxrstudy.inference import InputKey, decode_for_models, input_key, needs_lungs, prediction_frame
+from cxrstudy.reporting.results import load_runs, run_entry
 
 
 def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:

@@ -226,7 +226,7 @@ def saliency_for_runs(
     manifest: pd.DataFrame | None = None,
     profile: str | None = None,
 ) -> pd.DataFrame:
-    """Grad-CAM of every run (``report.load_runs`` items) on its films as it saw them (its input view,
+    """Grad-CAM of every run (``reporting.results.load_runs`` items) on its films as it saw them (its input view,
     rendered from ``manifest`` and ``profile`` when it has one); saves ``saliency_<run_id>.png`` grids (lung
     region outlined) under ``fig_dir`` and returns one table (run_id and :data:`SALIENCY_COLUMNS`)."""
     from cxrstudy import plots

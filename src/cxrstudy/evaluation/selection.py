@@ -64,7 +64,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def candidates(runs: Sequence[dict], task: str, scenario: str, floor: float) -> list[dict]:
-    """Per variant of ``task`` / ``scenario`` without decomposition (``report.load_runs`` items): seeds and
+    """Per variant of ``task`` / ``scenario`` without decomposition (``reporting.results.load_runs`` items): seeds and
     the seed means of the validation scores, and whether the accuracy floor is passed."""
     by_variant: dict[str, list[dict]] = {}
     for run in runs:

@@ -1,6 +1,6 @@
 """Statistics of saved runs and their tables: comparisons, headline, dataset counts, shortcut checks, frames.
 
-Pure functions of runs (``report.load_runs`` items), results.json entries and results dicts; nothing is
+Pure functions of runs (``reporting.results.load_runs`` items), results.json entries and results dicts; nothing is
 written here. Percentages in frames come from ``fmt_pct``.
 """
 
