@@ -86,7 +86,7 @@ display(
 # ## Training curve and test Dice / IoU
 
 # %%
-fig_curve = plot_training_curve(run.history, summary["best_epoch"])
+fig_curve = plot_training_curve(run.history, summary["best_epoch"]).figure
 save_figure(fig_curve, out / "training_curve.png")
 scores = pd.DataFrame(
     {

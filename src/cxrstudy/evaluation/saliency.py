@@ -230,6 +230,7 @@ def saliency_for_runs(
     rendered from ``manifest`` and ``profile`` when it has one); saves ``saliency_<run_id>.png`` grids (lung
     region outlined) under ``fig_dir`` and returns one table (run_id and :data:`SALIENCY_COLUMNS`)."""
     from cxrstudy import plots
+    from cxrstudy.evaluation import figures
     from cxrstudy.evaluation.runfeatures import run_image_root, run_view
     from cxrstudy.training import load_run_model
 
@@ -249,7 +250,7 @@ def saliency_for_runs(
             f"{r.label}→{r.pred} ({r.outcome})\nin-lung {r.lung_share:.2f} (uniform {r.uniform_share:.2f})"
             for r in table.itertuples()
         ]
-        fig = plots.plot_saliency_regions(images, cams, titles, regions, ncols=4)
+        fig = figures.plot_saliency_regions(images, cams, titles, regions, ncols=4)
         fig.suptitle(run_id.replace("__", "  "), fontsize=8, y=1.02)
         plots.save_figure(fig, Path(fig_dir) / f"saliency_{run_id}.png", close=True)
         parts.append(table.assign(run_id=run_id))
