@@ -39,7 +39,8 @@ from cxrstudy.data.build import (
     format_summary,
     label_shares,
 )
-from cxrstudy.plots import plot_counts_by_source, plot_image_pairs, plot_sample_grid, save_figure
+from cxrstudy.data.plots import plot_counts_by_source, plot_image_pairs, plot_sample_grid
+from cxrstudy.plots import save_figure
 
 config.seed_everything(seed)
 out = config.profile_dir(profile) / "data"

@@ -40,7 +40,7 @@ from IPython.display import display
 
 from cxrstudy import config
 from cxrstudy.data.splits import subsample
-from cxrstudy.lungs import QC_THRESHOLDS, TrainConfig, qc_by_source, run_lungs
+from cxrstudy.lungs import QC_THRESHOLDS, LungTrainConfig, qc_by_source, run_lungs
 from cxrstudy.lungs.plots import pick_examples, plot_overlays, plot_training_curve
 from cxrstudy.plots import save_figure
 
@@ -49,7 +49,7 @@ out.mkdir(parents=True, exist_ok=True)
 config.seed_everything(seed)
 manifest = pd.read_csv(config.MANIFEST_PATH, keep_default_na=False)
 films = subsample(manifest, max_per_class, seed)
-cfg = TrainConfig(
+cfg = LungTrainConfig(
     image_size=lung_image_size,
     epochs=lung_epochs,
     batch_size=lung_batch_size,
@@ -86,7 +86,7 @@ display(
 # ## Training curve and test Dice / IoU
 
 # %%
-fig_curve = plot_training_curve(run.history, summary["best_epoch"])
+fig_curve = plot_training_curve(run.history, summary["best_epoch"]).figure
 save_figure(fig_curve, out / "training_curve.png")
 scores = pd.DataFrame(
     {

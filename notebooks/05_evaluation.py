@@ -46,7 +46,6 @@ from cxrstudy.evaluation import (
     figures,
     frames,
     headline,
-    report,
     runfeatures,
     saliency,
     scorecard,
@@ -55,7 +54,10 @@ from cxrstudy.evaluation import (
     shortcut_summary,
     shortcuts,
 )
+from cxrstudy.lungs.region import load_lung_masks, lung_region_info
 from cxrstudy.lungs.render import view_root
+from cxrstudy.reporting import pages
+from cxrstudy.reporting.results import build_results, evaluate_runs, load_runs
 
 config.seed_everything(seed)
 torch.set_num_threads(min(torch.get_num_threads(), 4))
@@ -63,12 +65,12 @@ out = config.profile_dir(profile)
 fig_dir = out / figures.FIGURE_DIR
 image_root = config.PROCESSED_DIR  # the films every check reads
 manifest = subsample(pd.read_csv(config.MANIFEST_PATH), max_per_class, seed)
-lung_masks, lung_key = shortcuts.load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
-lung_info = shortcuts.lung_region_info(lung_masks, manifest["image"].tolist())
+lung_masks, lung_key = load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
+lung_info = lung_region_info(lung_masks, manifest["image"].tolist())
 display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
 # only the runs this profile's transfer steps produce (a folder left by a step the profile no longer has is skipped)
-runs = report.load_runs(out, only=pipeline.expected_run_ids(pipeline.load_profile(profile)))
+runs = load_runs(out, only=pipeline.expected_run_ids(pipeline.load_profile(profile)))
 if not runs:
     raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 04 first")
 display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "train_seconds", "epochs_run", "n_test")}
@@ -90,7 +92,7 @@ display(pd.DataFrame(recommended["candidates"]))
 # Percentages with 95% percentile intervals from resampling whole patient groups (an image enters a resample as often as its patient group was drawn). *val. accuracy* is what the headline run is chosen on; *accuracy* is the arg-max of the summed subclass probabilities and *hard-rule acc.* DeTraC's rule (the parent of the most probable subclass). The second table pools each configuration's seeds: mean, (sd) and [the lowest to the highest bound of the per-seed intervals].
 
 # %%
-entries = report.evaluate_runs(runs, n_bootstrap, seed)
+entries = evaluate_runs(runs, n_bootstrap, seed)
 display(frames.runs_frame(entries))
 display(seeds.seed_frame(seeds.seed_summary(entries)))
 
@@ -159,12 +161,12 @@ checks = shortcut_summary.assemble_shortcut_checks(
     checks_raw.get("source_identification"), checks_raw.get("masking"), checks_raw.get("leave_one_source_out"),
     checks_raw.get("same_hospital"), sal, saliency_run=head_run, lung_region=lung_info,
     source_id_within_label=checks_raw.get("source_id_within_label"), n_bootstrap=n_bootstrap, seed=seed)
-results = report.build_results(
+results = build_results(
     out, manifest, shortcut_checks=checks, n_bootstrap=n_bootstrap, seed=seed, excluded=excluded, runs=runs,
     entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size},
     scorecard=card, recommended_variant=recommended)
-report.write_model_card(results, out / "model_card.md")
-report.write_claim_checklist(results, out / "claim_checklist.md")
+pages.write_model_card(results, out / "model_card.md")
+pages.write_claim_checklist(results, out / "claim_checklist.md")
 display(Markdown(results["headline"]["text"]))
 display(frames.headline_frame(results))
 display(frames.comparisons_frame(results["comparisons"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from PIL import Image
 from cxrstudy.data.build import BuildResult, build_dataset, default_base, main
 from cxrstudy.data.download import LockFile
 from cxrstudy.data.sources import SOURCES, holdout_sources
-from cxrstudy.fileio import sha256_file
+from cxrstudy.fileio import current_umask, sha256_file
 
 # MIRROR.md, "Expected counts on this mirror": images / distinct patient groups (thumbnail-only de-duplication).
 EXPECTED = {
@@ -146,6 +147,13 @@ def test_warm_build_is_fast_and_changes_nothing(built: Built):
     assert _read_outputs(built.root / "processed") == built.files
     c = built.warm.info["counts"]
     assert set(c["fetch_status"]) == {"cached", "absent"} and set(c["process_status"]) == {"cached"}
+
+
+def test_every_file_the_build_writes_gets_the_umask_mode(built: Built):
+    want = 0o666 & ~current_umask()
+    files = [p for p in built.root.rglob("*") if p.is_file()]
+    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert len(files) > 1000 and modes == {oct(want)}, modes
 
 
 def test_cli_bad_mirror_fails_at_once_naming_it(tmp_path, capsys):

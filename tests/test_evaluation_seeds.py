@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy.evaluation import headline, report, seeds, verdict
+from cxrstudy.evaluation import headline, seeds, verdict
 from cxrstudy.evaluation.comparisons import compare_runs
 from cxrstudy.evaluation.scorecard import check_goals
+from cxrstudy.reporting.results import build_results, evaluate_runs
 
 N = 24  # test (and val) films per run, two per patient group
 
@@ -98,7 +99,7 @@ def test_comparisons_pool_each_seeds_pair(comparisons):
 
 
 def test_seed_summary_headline_and_run_tables(runs):
-    entries = report.evaluate_runs(runs, n_bootstrap=30)
+    entries = evaluate_runs(runs, n_bootstrap=30)
     assert {e["variant"] for e in entries} == {"baseline", "lung"}
     assert {e["input_view"] for e in entries if e["variant"] == "lung"} == {"lung_mask"}
     summary = seeds.seed_summary(entries)
@@ -163,7 +164,7 @@ def test_first_seed_runs_keep_one_seed_per_configuration_and_named_runs(runs):
 
 
 def test_results_json_carries_seeds_scorecard_summary_and_the_recommendation(runs, tmp_path):
-    entries = report.evaluate_runs(runs, n_bootstrap=20)
+    entries = evaluate_runs(runs, n_bootstrap=20)
     card = [{"run_id": e["run_id"], "variant": e["variant"], "task": e["task"], "metric": "paper_task_accuracy",
              "value": e["test"]["accuracy"]["value"], "ci_low": e["test"]["accuracy"]["ci_low"],
              "ci_high": e["test"]["accuracy"]["ci_high"], "n": 24, "method": "model"} for e in entries]
@@ -171,7 +172,7 @@ def test_results_json_carries_seeds_scorecard_summary_and_the_recommendation(run
            "candidates": []}
     manifest = pd.DataFrame({"image": ["a"], "label": ["covid"], "split": ["test"], "source_name": ["mhh"],
                              "patient_group": ["p"]})
-    res = report.build_results(tmp_path, manifest, n_bootstrap=20, runs=runs, entries=entries, scorecard=card,
+    res = build_results(tmp_path, manifest, n_bootstrap=20, runs=runs, entries=entries, scorecard=card,
                                recommended_variant=rec, write=False)
     json.dumps(res, allow_nan=False)
     assert len(res["seed_summary"]) == 8 and res["recommended_variant"]["name"] == "lung"

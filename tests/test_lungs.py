@@ -15,7 +15,7 @@ from cxrstudy import config
 from cxrstudy.lungs import (
     VIEWS,
     LungSegmenter,
-    TrainConfig,
+    LungTrainConfig,
     apply_view,
     assess,
     cache_key,
@@ -235,10 +235,10 @@ def test_view_errors_name_the_problem():
 
 def test_cache_key_changes_with_training_settings(manifest):
     pairs, _ = pair_masks(manifest, max_masks=12, seed=0)
-    cfg = TrainConfig(image_size=64, epochs=1, batch_size=4)
+    cfg = LungTrainConfig(image_size=64, epochs=1, batch_size=4)
     films = manifest.head(20)
     key = cache_key(pairs, cfg, films, 100)
-    assert key == cache_key(pairs, TrainConfig(image_size=64, epochs=1, batch_size=4), films, 100)
+    assert key == cache_key(pairs, LungTrainConfig(image_size=64, epochs=1, batch_size=4), films, 100)
     for changed in (
         dataclasses.replace(cfg, epochs=2),
         dataclasses.replace(cfg, lr=1e-3),
@@ -259,7 +259,7 @@ def tiny_run(manifest, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(config, "REPORTS_DIR", root / "reports")
     films = _films(manifest, 2)
-    cfg = TrainConfig(image_size=64, epochs=1, batch_size=4)
+    cfg = LungTrainConfig(image_size=64, epochs=1, batch_size=4)
     kw = dict(
         segment=films,
         max_masks=12,

@@ -280,9 +280,10 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     import json
 
     from cxrstudy import config
-    from cxrstudy.evaluation import report as R
     from cxrstudy.evaluation.frames import headline_frame
     from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
+    from cxrstudy.reporting import pages
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof")
     manifest = pd.DataFrame(
@@ -337,9 +338,9 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     text = " ".join(res["verdict"])
     assert "mostly restates the label" in text and "signal is everywhere" in text
     assert "Each configuration ran once (one seed)" in text and "Trust the numbers" not in text
-    card = R.write_model_card(res, pdir / "model_card.md").read_text()
+    card = pages.write_model_card(res, pdir / "model_card.md").read_text()
     assert head["run_id"] in card and "Not for clinical use" in card
-    checklist = R.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
+    checklist = pages.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
     for item in ("Data sources", "Data partitions", "Reference standard", "Metrics", "Failure analysis"):
         assert f"| {item} |" in checklist
     table = headline_frame(res)
@@ -349,9 +350,9 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
 
 def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
     """An evaluation-only source (split "holdout") never enters test metrics, comparisons or figures' tables."""
-    from cxrstudy.evaluation import report as R
     from cxrstudy.evaluation.comparisons import compare_runs
     from cxrstudy.evaluation.frames import per_source_table
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
     for path in (pdir / "runs").glob("*/predictions.csv"):
@@ -370,12 +371,13 @@ def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
 
 
 def test_evaluation_figures_are_written(tmp_path):
-    from cxrstudy.evaluation import report as R
+    from cxrstudy.evaluation.figures import evaluation_figures
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow",))
     runs = R.load_runs(pdir)
     entries = R.evaluate_runs(runs, n_bootstrap=20)
-    paths = R.evaluation_figures(runs, entries, tmp_path / "figs")
+    paths = evaluation_figures(runs, entries, tmp_path / "figs")
     assert {
         "confusion_matrices",
         "reliability",
@@ -388,7 +390,7 @@ def test_evaluation_figures_are_written(tmp_path):
 
 def test_load_runs_keeps_only_the_profiles_runs_and_names_the_rest(tmp_path):
     """A run folder no step of the profile produces is skipped with a warning; a missing expected run raises."""
-    from cxrstudy.evaluation import report as R
+    from cxrstudy.reporting import results as R
 
     pdir = _synthetic_profile(tmp_path / "prof", scenarios=("shallow", "deep"))
     ids = sorted(p.name for p in (pdir / "runs").iterdir() if (p / "run.json").is_file())

@@ -220,7 +220,7 @@ def test_package_dependencies_are_transitive(tmp_path):
     nb = make_notebook(tmp_path / "n.ipynb", "x = 1", "from cxrstudy.pipeline import load_profile")
     names = {p.name for p in pipeline.package_dependencies(nb)}
     assert {"pipeline.py", "config.py", "__init__.py"} <= names
-    assert "reporting.py" in names  # imported inside pipeline functions
+    assert {"record.py", "pages.py"} <= names  # imported inside pipeline functions
 
 
 def test_declared_parameters_survive_comments_papermill_cannot_parse(tmp_path):
@@ -361,10 +361,10 @@ def test_reproduce_fails_at_once_when_the_profile_is_locked(project, capsys, mon
 
 def test_template_edits_change_the_evaluation_key(tmp_path, monkeypatch):
     """The report templates are package data: editing one must re-run the notebook that renders it."""
-    from cxrstudy import templates
+    from cxrstudy.reporting import templates
 
     nb = make_notebook(
-        tmp_path / "05_evaluation.ipynb", 'profile = "x"', "from cxrstudy.evaluation import report"
+        tmp_path / "05_evaluation.ipynb", 'profile = "x"', "from cxrstudy.reporting import pages"
     )
     step = pipeline.Step("05_evaluation", "05_evaluation")
     before = pipeline.step_key(step, {}, tmp_path, tmp_path)

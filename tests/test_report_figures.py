@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from cxrstudy import reporting
 from cxrstudy.evaluation import figures as F
+from cxrstudy.reporting import pages
 
 
 def m(value, lo, hi):
@@ -49,7 +49,7 @@ def test_figures_are_written_where_index_html_shows_them(tmp_path):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 150
     (tmp_path / "results.json").write_text(json.dumps({"runs": ENTRIES, "shortcut_checks": CHECKS}))
-    page = reporting.write_index(tmp_path, {"profile": "t", "status": "ok", "steps": []}).read_text()
+    page = pages.write_index(tmp_path, {"profile": "t", "status": "ok", "steps": []}).read_text()
     assert f"<img src='{F.FIGURE_DIR}/{F.HEADLINE_FIGURE}'" in page
     assert f"<img src='{F.FIGURE_DIR}/{F.SHORTCUT_FIGURE}'" in page
 

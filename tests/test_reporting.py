@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from cxrstudy import config, reporting
+from cxrstudy import config
+from cxrstudy.reporting import pages, record
 
 RESULTS = {
     "runs": [
@@ -57,19 +58,19 @@ RECORD = {
 
 
 def test_versions_and_device():
-    v = reporting.versions()
+    v = record.versions()
     assert v["torch"] != "not installed" and v["python"].count(".") == 2
-    assert reporting.device_info("cpu")["resolved"] == "cpu"
+    assert record.device_info("cpu")["resolved"] == "cpu"
     with pytest.raises(ValueError, match="bad device"):
-        reporting.device_info("tpu")
-    assert len(reporting.git_info()["commit"]) in (40, 7)  # a commit hash, or "unknown" outside git
+        record.device_info("tpu")
+    assert len(record.git_info()["commit"]) in (40, 7)  # a commit hash, or "unknown" outside git
 
 
 def test_index_shows_results_sorted_and_escaped(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(RESULTS))
     (tmp_path / "html").mkdir()
     (tmp_path / "html" / "00_data.html").write_text("<html></html>")
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     assert page.index("95.0 <small>[90.0, 99.0]</small>") < page.index("90.0 <small>[85.0, 95.0]</small>")
     assert "94.17" in page and "href='html/00_data.html'" in page
     assert "&lt;b&gt;here&lt;/b&gt;" in page and "<b>here</b>" not in page
@@ -77,7 +78,7 @@ def test_index_shows_results_sorted_and_escaped(tmp_path):
 
 
 def test_index_without_results(tmp_path):
-    page = reporting.write_index(tmp_path, {**RECORD, "status": "failed"}).read_text()
+    page = pages.write_index(tmp_path, {**RECORD, "status": "failed"}).read_text()
     assert "No results.json yet" in page and "Run status: failed" in page
 
 
@@ -86,12 +87,12 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
     out = tmp_path / "reports" / "default"
     out.mkdir(parents=True)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{reporting.README_START}\nold\n{reporting.README_END}\nrest\n")
+    readme.write_text(f"intro\n{pages.README_START}\nold\n{pages.README_END}\nrest\n")
     with pytest.raises(FileNotFoundError, match="make reproduce PROFILE=default"):
-        reporting.update_readme("default", readme)
+        pages.update_readme("default", readme)
     (out / "results.json").write_text(json.dumps(RESULTS))
     (out / "run.json").write_text(json.dumps(RECORD))
-    reporting.update_readme("default", readme)
+    pages.update_readme("default", readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "| covid_vs_normal | shallow | off | baseline | 0 | – | 95.0 [90.0, 99.0] |" in text
@@ -104,7 +105,7 @@ def test_readme_table_is_markdown_from_data(tmp_path, monkeypatch):
     results["runs"][1]["task"] = "a|b"
     results["runs"][0]["val_accuracy"] = 0.96
     results["runs"][0]["test"]["hard_rule"] = {"accuracy": {"value": 0.88, "ci_low": 0.83, "ci_high": 0.93}}
-    text = reporting.readme_results(results, RECORD)
+    text = pages.readme_results(results, RECORD)
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[0].startswith("| task | scenario | decomposition | variant | seeds | validation accuracy % | accuracy % "
                                "(summed probabilities) | accuracy % (DeTraC hard rule) |")
@@ -128,11 +129,11 @@ def test_run_tables_pool_seeds_per_configuration():
 
     results = {"runs": [run(0, 0.80, 0.75, 0.85), run(2, 0.84, 0.79, 0.90), run(1, 0.82, 0.76, 0.87),
                         run(0, 0.70, 0.60, 0.80, "lung")]}
-    rows = reporting.headline_rows(results)
+    rows = pages.headline_rows(results)
     assert [(r["variant"], r["seeds"]) for r in rows] == [("baseline", "0, 1, 2"), ("lung", "0")]
     assert rows[0]["accuracy"] == {"value": "82.0", "sd": "2.0", "interval": "75.0, 90.0"}
     assert rows[1]["accuracy"] == {"value": "70.0", "sd": "", "interval": "60.0, 80.0"}
-    md = reporting.readme_results(results, RECORD)
+    md = pages.readme_results(results, RECORD)
     assert "| covid_normal_pneumonia | deep | off | baseline | 0, 1, 2 | 82.0 ± 2.0 | 82.0 ± 2.0 " \
         "[75.0, 90.0] |" in md
 
@@ -148,20 +149,20 @@ def _figure_files(out):
 
 def test_index_shows_the_figures_that_exist(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(RESULTS))
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     assert "<img" not in page and "appears here once the evaluation notebook (05) has run" in page
     srcs = _figure_files(tmp_path)
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     found = re.findall(r"<img src='([^']+)'", page)
     assert found == srcs and all((tmp_path / s).is_file() for s in found)
     assert page.index(srcs[0]) < page.index("<h2>Verdict</h2>") < page.index("<h2>Shortcut checks</h2>") < page.index(srcs[1])
     (tmp_path / srcs[1]).unlink()
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     assert re.findall(r"<img src='([^']+)'", page) == srcs[:1]
 
 
 def test_index_without_results_has_no_broken_images(tmp_path):
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     assert "<img" not in page and "No results.json yet" in page
 
 
@@ -172,7 +173,7 @@ def test_index_escapes_run_fields_and_record(tmp_path):
     results["headline"]["text"] = f"best {evil}"
     results["shortcut_checks"]["leave_one_source_out"] = [{"held_out": evil, "accuracy": {"value": 0.5}}]
     (tmp_path / "results.json").write_text(json.dumps(results))
-    page = reporting.write_index(tmp_path, {**RECORD, "profile": evil, "versions": {evil: evil}}).read_text()
+    page = pages.write_index(tmp_path, {**RECORD, "profile": evil, "versions": {evil: evil}}).read_text()
     assert "<script" not in page
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 7
 
@@ -207,12 +208,12 @@ def _scorecard_results() -> dict:
 
 
 def test_scorecard_rows_per_configuration_over_seeds():
-    headers = reporting.goal_headers()
+    headers = pages.goal_headers()
     assert [h["goal"] for h in headers] == ["S1", "S2", "S3", "S4", "S5"]
     assert headers[0]["rule"] == ">= 80" and headers[2]["rule"] == "<= majority + 5 points"
     assert headers[4]["rule"] == ">= 94.17"
     results = _scorecard_results()
-    rows = reporting.scorecard_table_rows(results)
+    rows = pages.scorecard_table_rows(results)
     assert [(r["run"], r["variant"], r["seeds"], r["recommended"]) for r in rows] == [
         ("deep nodecomp (covid_normal_pneumonia)", "baseline", "2 seeds", False),
         ("deep nodecomp (covid_normal_pneumonia)", "lung", "2 seeds", True),
@@ -229,10 +230,10 @@ def test_scorecard_rows_per_configuration_over_seeds():
     assert [c["met"] for c in head["goals"]] == ["missed", "n/a", "n/a", "n/a", "met"]
     assert head["goals"][0]["metric"] == {"value": "60.0", "sd": "", "interval": "57.0, 63.0"}
     assert lung["n_met"] == 1 and lung["n_judged"] == 2
-    readme = reporting.readme_scorecard_rows(results)  # the headline's configuration, baseline beside variants
+    readme = pages.readme_scorecard_rows(results)  # the headline's configuration, baseline beside variants
     assert [(r["variant"], r["seeds"]) for r in readme] == [("baseline", "2 seeds"), ("lung", "2 seeds"),
                                                             ("baseline", "1 seed")]
-    block = reporting.recommended_block(results)
+    block = pages.recommended_block(results)
     assert block["name"] == "lung" and block["goals"] == lung["goals"]
 
 
@@ -241,7 +242,7 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
 
     results = {**json.loads(json.dumps(RESULTS)), **_scorecard_results()}
     (tmp_path / "results.json").write_text(json.dumps(results))
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     assert "<h2>Confound-free scorecard: the paper's number beside" in page and "<img" not in page
     assert "<th>S3 &lt;= majority + 5 points</th>" in page
     assert "<td>deep nodecomp (covid_normal_pneumonia)</td><td><b>lung (recommended)</b></td><td>2 seeds</td>" \
@@ -252,9 +253,9 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
     assert page.index("<h2>Confound-free scorecard") < page.index("<h2>Verdict</h2>")
     (tmp_path / FIGURE_DIR).mkdir()
     (tmp_path / FIGURE_DIR / SCORECARD_FIGURE).write_bytes(b"\x89PNG\r\n")
-    page = reporting.write_index(tmp_path, RECORD).read_text()
+    page = pages.write_index(tmp_path, RECORD).read_text()
     assert f"<img src='{FIGURE_DIR}/{SCORECARD_FIGURE}'" in page
-    md = reporting.readme_results(results, RECORD)
+    md = pages.readme_results(results, RECORD)
     assert "**Confound-free scorecard**" in md and "**Recommended variant: lung**" in md
     rows = [line for line in md.splitlines() if line.startswith("| deep nodecomp")]
     assert rows[1] == "| deep nodecomp (covid_normal_pneumonia) | **lung** (recommended) | 2 seeds | 88.0 ± 2.8 " \
@@ -265,8 +266,7 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
 
 def test_index_shows_the_lung_stage(tmp_path):
     """results.json's lung_segmentation block (from lungs/summary.json) and the overlay strip reach index.html."""
-    from cxrstudy import reporting
-    from cxrstudy.evaluation.report import lung_segmentation
+    from cxrstudy.reporting.results import lung_segmentation
 
     out = tmp_path / "p"
     (out / "lungs").mkdir(parents=True)
@@ -279,5 +279,5 @@ def test_index_shows_the_lung_stage(tmp_path):
     assert set(block) == {"dice", "iou", "n_test_masks", "qc_pass_rate", "train_seconds"}
     (out / "results.json").write_text(json.dumps({"lung_segmentation": block}))
     (out / "lungs" / "overlays.png").write_bytes(b"\x89PNG")
-    html = reporting.index_html(out, {"profile": "p", "steps": []})
+    html = pages.index_html(out, {"profile": "p", "steps": []})
     assert "test Dice 0.957 [0.947, 0.966]" in html and "nih 99.2%" in html and "src='lungs/overlays.png'" in html

@@ -187,7 +187,8 @@ def test_each_run_reads_its_films_through_its_input_view(monkeypatch, tmp_path):
 
 
 def test_view_masks_follow_the_views_crop():
-    from cxrstudy.evaluation.saliency import ViewMasks, cam_region
+    from cxrstudy.evaluation.saliency import ViewMasks
+    from cxrstudy.lungs.region import cam_region
     from cxrstudy.lungs.views import apply_view
 
     film = Image.fromarray(np.full((100, 80), 128, np.uint8), mode="L")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxrstudy.evaluation import saliency as S
-from cxrstudy.evaluation.shortcuts import LUNG_REGION, lung_mask
+from cxrstudy.lungs.region import LUNG_REGION, cam_region, lung_mask
 
 NIH = "X-Ray Image DataSet"
 
@@ -111,7 +111,7 @@ def test_cam_region_uses_segmented_lungs_else_the_rectangle():
     # a film 200 high x 100 wide whose "lungs" are the left half, rows 50-150
     mask = np.zeros((200, 100), dtype=bool)
     mask[50:150, :50] = True
-    region, kind = S.cam_region(mask, (100, 200), (20, 20))
+    region, kind = cam_region(mask, (100, 200), (20, 20))
     assert kind == "segmented" and region.shape == (20, 20)
     assert region[5:15, :10].all() and not region[:5].any() and not region[:, 10:].any()
     assert region.mean() == pytest.approx(0.25)  # the uniform map's share: the mask's area fraction
@@ -124,7 +124,7 @@ def test_cam_region_uses_segmented_lungs_else_the_rectangle():
         S.region_share(cam, region[:10])
     # no mask, the QC fallback (all True) or a mask of another film size: the rectangle
     for m in (None, np.ones((200, 100), bool), mask[:100]):
-        rect, kind = S.cam_region(m, (100, 200), (20, 20))
+        rect, kind = cam_region(m, (100, 200), (20, 20))
         assert kind == "rectangle" and np.array_equal(rect, lung_mask(20, 20))
 
 
@@ -159,3 +159,15 @@ def test_saliency_summary_has_n_interval_and_uniform_reference():
     assert checks["saliency_in_lung_share"] == share["value"] and checks["saliency_uniform_reference"] == pytest.approx(0.3)
     assert "stratified by true class and outcome" in sal["sample"]
     assert set(sal["by_run"]) == {"r", "other"}
+
+
+def test_resize_mask_nearest_or_by_area():
+    from cxrstudy.lungs.region import resize_mask
+
+    m = np.zeros((4, 4), bool)
+    m[0, 0] = m[0, 1] = m[1, 0] = True  # top-left 2x2 block three-quarters lung
+    m[3, 3] = True  # bottom-right block one quarter
+    assert resize_mask(m, (2, 2), "area").tolist() == [[True, False], [False, False]]
+    assert resize_mask(m, (2, 2)).tolist() == [[False, False], [False, True]]  # pixel centres (1, 1), (3, 3)
+    assert resize_mask(m, (4, 4), "area").tolist() == m.tolist()
+    assert resize_mask(m, (8, 2)).shape == (2, 8)  # PIL size is (width, height)

@@ -41,7 +41,7 @@ def _rows(split: str, s_paper: float, s_contrast: float, rng: np.random.Generato
 
 
 def _run(variant: str, seed: int, val: tuple[float, float], test: tuple[float, float], **info) -> dict:
-    """A ``report.load_runs`` item with real-shaped predictions of the val and test splits."""
+    """A ``reporting.results.load_runs`` item with real-shaped predictions of the val and test splits."""
     rng = np.random.default_rng(seed + 100 * len(variant))
     preds = pd.concat([_rows("val", *val, rng), _rows("test", *test, rng)], ignore_index=True)
     run_info = {"task": TASK, "backbone": "efficientnet_lite0", "scenario": SCENARIO, "decomposition": False,

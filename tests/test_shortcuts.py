@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from cxrstudy.evaluation import shortcuts as SC
+from cxrstudy.lungs import region as LR
+from cxrstudy.lungs import render as LV
 
 N_PER = 10
 
@@ -54,7 +56,7 @@ def features(manifest, mirror_root, tmp_path_factory) -> dict[str, pd.DataFrame]
             manifest, mirror_root, "efficientnet_lite0", 64, device="cpu", cache_dir=cache
         )
     }
-    for name, (fn, tag) in SC.MASK_VARIANTS.items():
+    for name, (fn, tag) in LR.MASK_VARIANTS.items():
         out[name] = extract_features(
             manifest,
             mirror_root,
@@ -72,17 +74,17 @@ def test_masks_are_complementary_on_a_real_image(mirror_file):
     from cxrstudy.images import load_xray
 
     img = load_xray(mirror_file("mhh", "png/006f3a8a.png"))
-    masked, kept = np.asarray(SC.mask_lungs(img)), np.asarray(SC.keep_lungs_only(img))
+    masked, kept = np.asarray(LR.mask_lungs(img)), np.asarray(LR.keep_lungs_only(img))
     orig = np.asarray(img)
-    inside = SC.lung_mask(*orig.shape)
-    assert masked.shape == orig.shape and SC.mask_lungs(img).mode == "L"
+    inside = LR.lung_mask(*orig.shape)
+    assert masked.shape == orig.shape and LR.mask_lungs(img).mode == "L"
     assert (masked[inside] == 0).all() and (masked[~inside] == orig[~inside]).all()
     assert (kept[~inside] == 0).all() and (kept[inside] == orig[inside]).all()
     np.testing.assert_array_equal(masked.astype(int) + kept, orig)
     h, w = orig.shape
     assert inside[h // 2, w // 2] and not inside[0, 0] and not inside[h - 1, w // 2]
     with pytest.raises(ValueError, match="mode 'L'"):
-        SC.mask_lungs(img.convert("RGB"))
+        LR.mask_lungs(img.convert("RGB"))
 
 
 def test_source_identification_beats_majority(manifest, features):
@@ -192,27 +194,27 @@ def test_segmented_masks_render_hidden_and_only_views_with_rectangle_fallback(tm
     seg = np.zeros((40, 30), bool)
     seg[5:30, 3:12] = True
     masks = {rows["image"][0]: seg, rows["image"][1]: np.ones((40, 30), bool)}  # film 1: QC fallback; film 2: none
-    views = SC.render_masked_views(rows, masks, root, "k", views_dir=tmp_path / "views")
-    assert set(views) == set(SC.MASK_VARIANTS)
-    for i, expected in enumerate((seg, SC.lung_mask(40, 30), SC.lung_mask(40, 30))):
+    views = LV.render_masked_views(rows, masks, root, "k", views_dir=tmp_path / "views")
+    assert set(views) == set(LR.MASK_VARIANTS)
+    for i, expected in enumerate((seg, LR.lung_mask(40, 30), LR.lung_mask(40, 30))):
         film = np.asarray(load_xray(root / rows["image"][i]))
         hidden = np.asarray(load_xray(views["masked_lungs"] / rows["image"][i]))
         only = np.asarray(load_xray(views["lungs_only"] / rows["image"][i]))
         assert (hidden[expected] == 0).all() and (hidden[~expected] == film[~expected]).all()
         assert (only[~expected] == 0).all() and (only[expected] == film[expected]).all()
     stamp = (views["lungs_only"] / rows["image"][0]).stat().st_mtime_ns
-    SC.render_masked_views(rows, masks, root, "k", views_dir=tmp_path / "views")  # existing files are kept
+    LV.render_masked_views(rows, masks, root, "k", views_dir=tmp_path / "views")  # existing files are kept
     assert (views["lungs_only"] / rows["image"][0]).stat().st_mtime_ns == stamp
-    info = SC.lung_region_info(masks, rows["image"].tolist())
+    info = LR.lung_region_info(masks, rows["image"].tolist())
     assert info["kind"] == "segmented" and info["n_segmented"] == 1 and info["n_rectangle_fallback"] == 2
     assert info["mean_area_share"] == pytest.approx(seg.mean())
-    assert SC.lung_region_info(None)["kind"] == "fixed rectangle"
-    assert SC.lung_region_info(None)["rectangle"]["area_share"] == pytest.approx(0.49)
+    assert LR.lung_region_info(None)["kind"] == "fixed rectangle"
+    assert LR.lung_region_info(None)["rectangle"]["area_share"] == pytest.approx(0.49)
 
 
 def test_masking_features_switch_between_rectangle_and_segmented(tmp_path, monkeypatch):
     root, rows = _films(tmp_path, n=2)
-    monkeypatch.setattr(SC, "LUNG_VIEWS_DIR", tmp_path / "views")
+    monkeypatch.setattr(LV, "LUNG_VIEWS_DIR", tmp_path / "views")
     calls = []
 
     def feats(where, transform=None, tag=""):
@@ -221,7 +223,7 @@ def test_masking_features_switch_between_rectangle_and_segmented(tmp_path, monke
 
     SC.masking_features(rows, feats, root, None)
     assert [(c[0], c[2]) for c in calls] == [(root, "mask_lungs"), (root, "lungs_only")]
-    assert calls[0][1] is SC.mask_lungs
+    assert calls[0][1] is LR.mask_lungs
     calls.clear()
     seg = np.zeros((40, 30), bool)
     seg[10:20, 5:25] = True
@@ -238,4 +240,4 @@ def test_load_lung_masks_without_a_lung_stage(tmp_path, monkeypatch):
     from cxrstudy import config
 
     monkeypatch.setattr(config, "REPORTS_DIR", tmp_path)
-    assert SC.load_lung_masks(pd.DataFrame({"image": ["a.png"]}), "nolungs") == (None, "")
+    assert LR.load_lung_masks(pd.DataFrame({"image": ["a.png"]}), "nolungs") == (None, "")

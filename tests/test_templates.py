@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy import config, reporting, templates
-from cxrstudy.evaluation import report
+from cxrstudy import config
 from cxrstudy.evaluation.formatting import fmt_pct
 from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
+from cxrstudy.reporting import pages, templates
+from cxrstudy.reporting.results import build_results
 
 TEMPLATES = ("index.html.j2", "model_card.md.j2", "claim_checklist.md.j2", "readme_results.md.j2")
 TAG = re.compile(r"</?[a-zA-Z][^>]*>")
@@ -82,7 +83,7 @@ def results(tmp_path_factory):
                                       ("nih_pneumonia_vs_normal_auc", None, "model"),
                                       ("paper_task_accuracy", 0.95, "model"))
     ]
-    return report.build_results(
+    return build_results(
         pdir, manifest, shortcut_checks=checks, n_bootstrap=50, excluded=pd.DataFrame({"reason": ["lateral"]}),
         params={"max_per_class": 0}, scorecard=card, write=False,
     )
@@ -93,7 +94,7 @@ def test_templates_are_package_data():
     assert sorted(TEMPLATES) == names
     globs = tomllib.loads((config.ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cxrstudy"]
     for name in names:
-        assert any(fnmatch.fnmatch(f"templates/{name}", g) for g in globs), f"{name} is not in package-data"
+        assert any(fnmatch.fnmatch(f"reporting/templates/{name}", g) for g in globs), f"{name} is not in package-data"
 
 
 def test_only_html_templates_autoescape():
@@ -104,7 +105,7 @@ def test_only_html_templates_autoescape():
 
 
 def test_model_card(results):
-    card = report.model_card(results)
+    card = pages.model_card(results)
     head, best = results["headline"], next(r for r in results["runs"] if r["run_id"] == results["headline"]["run_id"])
     assert card.startswith(f"# Model card: {head['run_id']}\n\n## Model\n- Task: covid_vs_normal; classes: covid, normal.\n")
     assert f"scenario {best['scenario']}, class decomposition" in card and "input 160 px, seed 0, training 12.5 s." in card
@@ -126,12 +127,12 @@ def test_model_card(results):
 
 
 def test_model_card_without_a_headline_run():
-    card = report.model_card({"headline": {"task": "covid_vs_normal", "text": "No transfer run."}, "verdict": ["x"]})
+    card = pages.model_card({"headline": {"task": "covid_vs_normal", "text": "No transfer run."}, "verdict": ["x"]})
     assert card.startswith("# Model card: no run\n") and "classes: n/a." in card and "- Accuracy" not in card
 
 
 def test_claim_checklist(results):
-    text = report.claim_checklist({**results, "headline": {**results["headline"], "text": "a | b"}})
+    text = pages.claim_checklist({**results, "headline": {**results["headline"], "text": "a | b"}})
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| item")]
     assert len(rows) == 12 and all(line.count(" | ") == 1 for line in rows)
     assert "| Headline | a / b |" in rows
@@ -144,11 +145,11 @@ def test_index_and_readme_from_results(tmp_path, results):
     (tmp_path / "results.json").write_text(json.dumps(results))
     record = {"profile": "default", "status": "ok", "steps": [], "ended": "2026-11-30T10:00:00+00:00",
               "device": {"resolved": "cpu", "cpu_count": 2}, "git": {"commit": "0123456789abcdef"}}
-    page = reporting.write_index(tmp_path, record).read_text()
+    page = pages.write_index(tmp_path, record).read_text()
     assert page.count("<tr><td>covid_vs_normal</td>") == 4 and "Verdict" in page and "<h2>Shortcut checks</h2>" in page
     assert "nih: 3.4 <small>[1.6, 5.5]</small>" in page and "<td>unmasked</td><td>93.6 <small>[90.4, 96.5]</small>" in page
     assert "&amp; Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010 (reported)</td><td>94.17</td>" in page
-    md = reporting.readme_results(results, record)
+    md = pages.readme_results(results, record)
     table = [line for line in md.splitlines() if line.startswith("|")]
     # run table (2 + 4 configurations + 2 reported), scorecard (2 + the headline's configuration + the paper)
     assert len(table) == 2 + 4 + 2 + 2 + 1 + 1 and not any(TAG.search(line) for line in table)
@@ -156,7 +157,7 @@ def test_index_and_readme_from_results(tmp_path, results):
     assert "**Confound-free scorecard**" in md and "<h2>Confound-free scorecard" in page
     head = results["headline"]["run_id"]
     assert "accuracy % (DeTraC hard rule)</th>" in page and "validation accuracy %</th>" in page
-    [row] = reporting.readme_scorecard_rows(results)
+    [row] = pages.readme_scorecard_rows(results)
     assert (row["run"], row["seeds"]) == ("shallow nodecomp (covid_vs_normal)", "1 seed")
     assert [s["run_ids"] for s in results["scorecard_summary"] if s["scenario"] == "shallow"] == [[head]]
     assert md.startswith("Latest `default` run: 2026-11-30, commit `0123456789`, cpu (2 CPU cores; ), 0.0 min")
@@ -165,5 +166,5 @@ def test_index_and_readme_from_results(tmp_path, results):
 
 def test_model_card_names_imagenet_subclasses_of_the_scratch_control(results):
     runs = [*results["runs"], {**results["runs"][0], "scenario": "scratch", "decomposition": True}]
-    card = report.model_card({**results, "runs": runs})
+    card = pages.model_card({**results, "runs": runs})
     assert "The scratch control with class decomposition (covid_vs_normal) is not free of ImageNet" in card

@@ -1,5 +1,7 @@
 """The one home for checksums, atomic writes (temporary file in the same folder, then rename) and JSON.
 
+Atomic writes give the final file the mode a plain ``open`` would: ``0o666`` less the process umask.
+
 JSON policy: every JSON file the study writes is strict JSON. NaN and infinities become ``null``, NumPy
 scalars and arrays become Python numbers and lists, tuples become lists, paths become strings; any
 other value JSON cannot hold is an error, not a silent ``str()``.
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +42,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where ``/proc`` tells it, else set and restored under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def _publish(tmp: str | Path, path: Path) -> None:
+    """Give ``tmp`` the mode the umask gives a new file and rename it over ``path``."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_writer(path: Path | str, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on a clean exit rename it over ``path``, else delete it."""
@@ -48,21 +75,21 @@ def atomic_writer(path: Path | str, mode: str = "wb") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """A temporary path beside ``path`` for writers that want a file name (PIL, matplotlib, torch.save, np.savez)."""
+    """A temporary path beside ``path`` for writers that want a file name (PIL, matplotlib, torch.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix + ".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -400,16 +400,16 @@ def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step) -
 
 def _new_record(profile: Profile, steps: list[tuple[Step, dict]]) -> dict[str, Any]:
     """The run record (run.json) before any step has run."""
-    from cxrstudy import reporting
+    from cxrstudy.reporting.record import device_info, git_info, versions
 
     return {
         "profile": profile.name,
         "description": profile.description,
         "profile_file": str(profile.path),
         "parameters": {s.name: p for s, p in steps},
-        "git": reporting.git_info(),
-        "device": reporting.device_info(str(profile.common.get("device", "auto"))),
-        "versions": reporting.versions(),
+        "git": git_info(),
+        "device": device_info(str(profile.common.get("device", "auto"))),
+        "versions": versions(),
         "runtime_env": config.runtime_env(),
         "data_source": config.mirror_base(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -469,7 +469,7 @@ def run_profile(
     reports_dir: Path = config.REPORTS_DIR,
 ) -> dict[str, Any]:
     """Run a profile's steps in order (skipping unchanged ones) under the profile's lock; write run.json and index.html."""
-    from cxrstudy import reporting
+    from cxrstudy.reporting.pages import write_index
     from cxrstudy.runlock import profile_lock
 
     profile = load_profile(name, params_dir)
@@ -501,20 +501,20 @@ def run_profile(
             record["ended"] = datetime.now(UTC).isoformat(timespec="seconds")
             record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
             write_json(out / "run.json", record)
-            reporting.write_index(out, record)
+            write_index(out, record)
     return record
 
 
 def rerender(name: str) -> None:
     """Re-render HTML for every executed notebook of a profile and rebuild index.html."""
-    from cxrstudy import reporting
+    from cxrstudy.reporting.pages import write_index
 
     out = config.profile_dir(name)
     for nb in sorted((out / "notebooks").glob("*.ipynb")):
         render_html(nb, out / "html" / f"{nb.stem}.html")
     run_json = out / "run.json"
     record = json.loads(run_json.read_text()) if run_json.is_file() else {"profile": name, "steps": []}
-    reporting.write_index(out, record)
+    write_index(out, record)
 
 
 def main(argv: list[str] | None = None) -> int:

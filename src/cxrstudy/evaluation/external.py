@@ -25,9 +25,9 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
-from cxrstudy.evaluation.report import load_runs, run_entry
 from cxrstudy.fileio import atomic_write_text, write_json
 from cxrstudy.inference import InputKey, decode_for_models, input_key, needs_lungs, prediction_frame
+from cxrstudy.reporting.results import load_runs, run_entry
 
 
 def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
@@ -80,18 +80,19 @@ def decode_images(
 def _figures(out: Path, preds: pd.DataFrame, classes: list[str], metrics: dict, title: str) -> None:
     """Confusion matrix, ROC/PR curves and reliability diagram of one run."""
     from cxrstudy import plots
+    from cxrstudy.evaluation import figures
     from cxrstudy.evaluation.metrics import probs_from_frame
 
     plots.save_figure(
-        plots.plot_confusion(metrics["confusion_matrix"], classes, title), out / "confusion.png", close=True
+        plots.plot_confusion(metrics["confusion_matrix"], classes, title).figure, out / "confusion.png", close=True
     )
     probs = probs_from_frame(preds, classes)
     plots.save_figure(
-        plots.plot_roc_pr(preds["label"].to_numpy(), probs, classes, title), out / "roc_pr.png", close=True
+        figures.plot_roc_pr(preds["label"].to_numpy(), probs, classes, title), out / "roc_pr.png", close=True
     )
     curve = reliability_curve(preds["label"], probs, classes)
     plots.save_figure(
-        plots.plot_reliability(curve, metrics["ece"], title), out / "reliability.png", close=True
+        figures.plot_reliability(curve, metrics["ece"], title).figure, out / "reliability.png", close=True
     )
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from cxrstudy import config
 from cxrstudy.evaluation.frames import per_source_table
@@ -27,10 +30,189 @@ SHORTCUT_FIGURE = "shortcut_checks.png"
 SCORECARD_FIGURE = "scorecard.png"
 
 
+# --------------------------------------------------------------------------- plotting primitives
+
+
+def plot_roc_pr(y_true, probs, classes, title: str | None = None) -> Figure:
+    """One-vs-rest ROC and precision-recall curves per class (scikit-learn curves)."""
+    import numpy as np
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    y = np.asarray(y_true)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.6))
+    for j, c in enumerate(classes):
+        pos = y == c
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = roc_curve(pos, probs[:, j])
+        a1.plot(fpr, tpr, label=f"{c} (AUC {auc(fpr, tpr):.3f})")
+        prec, rec, _ = precision_recall_curve(pos, probs[:, j])
+        a2.step(rec, prec, where="post", label=f"{c} (prevalence {pos.mean():.2f})")
+    a1.plot([0, 1], [0, 1], ":", color="grey")
+    a1.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (one-vs-rest)")
+    a2.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    for a in (a1, a2):
+        a.legend(fontsize=7, loc="lower right" if a is a1 else "lower left")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(
+    curve: pd.DataFrame, ece: float | None = None, title: str | None = None, ax: Axes | None = None
+) -> Axes:
+    """Reliability diagram from ``metrics.reliability_curve``: accuracy vs confidence per bin, counts as bars."""
+    ax = plt.subplots(figsize=(3.8, 3.6))[1] if ax is None else ax
+    used = curve[curve["count"] > 0]
+    width = float((curve["bin_upper"] - curve["bin_lower"]).iloc[0])
+    ax.bar(
+        used["bin_lower"],
+        used["accuracy"],
+        width=width,
+        align="edge",
+        edgecolor="k",
+        alpha=0.7,
+        label="accuracy in bin",
+    )
+    ax.plot(used["confidence"], used["accuracy"], "o", color="C3", ms=4, label="mean confidence")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+    ttl = (title or "") + (f"\nECE {ece:.3f}" if ece is not None else "")
+    ax.set_title(ttl.strip(), fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    return ax
+
+
+def plot_per_source_heatmap(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """Heat map of accuracy, rows = runs, columns = source/label; ``table`` is already pivoted (NaN = none)."""
+    import seaborn as sns
+
+    longest = max((len(str(i)) for i in table.index), default=10)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.07 * longest + 1.0 * table.shape[1], 2.0 + 0.45 * table.shape[0]))
+    sns.heatmap(
+        table, annot=True, fmt=".2f", cmap="RdYlGn", vmin=0, vmax=1, ax=ax, cbar_kws={"label": "accuracy"}
+    )
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set_xlabel("source / label")
+    ax.set_ylabel("")
+    ax.tick_params(labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _image_grid(n: int, ncols: int) -> tuple[Figure, object]:
+    """A figure of ``n`` image panels, ``ncols`` wide at most, axes switched off."""
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def plot_saliency_regions(images, cams, titles, regions, ncols: int = 4) -> Figure:
+    """Images with their Grad-CAM overlaid (jet, 45%) and each film's lung region (boolean, map grid) outlined."""
+    import numpy as np
+
+    fig, axes = _image_grid(len(images), ncols)
+    for ax, img, cam, t, region in zip(axes.flat, images, cams, titles, regions, strict=False):
+        ax.imshow(np.asarray(img.resize((cam.shape[1], cam.shape[0]))), cmap="gray")
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        if region is not None and np.asarray(region).any() and not np.asarray(region).all():
+            ax.contour(np.asarray(region, dtype=float), levels=[0.5], colors="white", linewidths=0.8, linestyles="--")
+        ax.set_title(t, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_intervals(
+    panels: dict[str, pd.DataFrame],
+    reference: dict[str, float] | None = None,
+    xlabel: str = "accuracy (95% CI, patient bootstrap)",
+    title: str | None = None,
+) -> Figure:
+    """Points with horizontal 95% error bars (tables of label, value, ci_low, ci_high; fractions), one panel
+    per table, reference values as vertical lines; the x axis spans intervals and references within [0, 1]."""
+    import numpy as np
+
+    panels = {k: t for k, t in panels.items() if len(t)}
+    rows = [len(t) for t in panels.values()] or [1]
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(6.8, 0.9 + 0.3 * sum(rows) + 0.5 * len(rows)), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": rows},
+    )
+    lows = [float(np.nanmin(t[["value", "ci_low"]].to_numpy(dtype=float))) for t in panels.values()]
+    lows += list((reference or {}).values())
+    lo = max(0.0, min(lows, default=0.0) - 0.05)
+    for ax, (name, t) in zip(axes[:, 0], panels.items(), strict=False):
+        y = np.arange(len(t))
+        v = t["value"].to_numpy(dtype=float)
+        err = np.vstack([v - t["ci_low"].to_numpy(dtype=float), t["ci_high"].to_numpy(dtype=float) - v])
+        ax.errorbar(v, y, xerr=np.nan_to_num(err), fmt="o", color="C0", ms=4, capsize=3, lw=1.2)
+        ax.set_yticks(y, t["label"], fontsize=7)
+        ax.set_ylim(len(t) - 0.5, -0.5)
+        ax.grid(axis="x", color="0.9")
+        if name:
+            ax.set_title(name, fontsize=8, loc="left")
+        for i, (ref, val) in enumerate((reference or {}).items()):
+            ax.axvline(val, color=f"C{i + 1}", ls="-" if i == 0 else "--", lw=1.2, label=f"{ref} {100 * val:.2f}%")
+    axes[-1, 0].set_xlim(lo, 1.0)
+    axes[-1, 0].set_xlabel(xlabel, fontsize=8)
+    if reference:
+        axes[0, 0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scorecard(panels: dict[str, pd.DataFrame], xlabel: str = "value (95% CI)", title: str | None = None) -> Figure:
+    """One panel per metric: rows (label, value, ci_low, ci_high, target, op) as points with horizontal
+    intervals; the goal as a vertical line when all rows share it, else a marker per row; missing values
+    are listed as "n/a"."""
+    import numpy as np
+
+    panels = {k: t for k, t in panels.items() if len(t)}
+    rows = [len(t) for t in panels.values()] or [1]
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(7.2, 1.0 + 0.32 * sum(rows) + 0.55 * len(rows)), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": rows},
+    )
+    for ax, (name, t) in zip(axes[:, 0], panels.items(), strict=False):
+        y = np.arange(len(t))
+        v = t["value"].to_numpy(dtype=float)
+        lo, hi = t["ci_low"].to_numpy(dtype=float), t["ci_high"].to_numpy(dtype=float)
+        err = np.nan_to_num(np.vstack([v - lo, hi - v]))
+        ok = np.isfinite(v)
+        ax.errorbar(v[ok], y[ok], xerr=err[:, ok], fmt="o", color="C0", ms=4, capsize=3, lw=1.2)
+        for yi in y[~ok]:
+            ax.text(0.01, yi, "n/a", fontsize=7, va="center", color="0.4")
+        targets = t["target"].to_numpy(dtype=float)
+        known = targets[np.isfinite(targets)]
+        if len(known) and np.allclose(known, known[0]):
+            ax.axvline(known[0], color="C3", ls="--", lw=1.2)  # the goal itself is in the panel title
+        elif len(known):
+            ax.plot(targets, y, "|", color="C3", ms=12, mew=2)  # a goal per row (S3: each run's majority + 5)
+        ax.set_yticks(y, t["label"], fontsize=7)
+        ax.set_ylim(len(t) - 0.5, -0.5)
+        ax.grid(axis="x", color="0.9")
+        ax.set_title(name, fontsize=8, loc="left")
+    axes[-1, 0].set_xlim(0.0, 1.0)
+    axes[-1, 0].set_xlabel(xlabel, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985) if title else None)
+    return fig
+
+
+# --------------------------------------------------------------------------- figures
+
+
 def _grid(n: int, size: tuple[float, float]) -> tuple[object, Iterator]:
     """A figure with one panel per run (at most four per row); unused panels switched off."""
-    import matplotlib.pyplot as plt
-
     ncols = min(4, n)
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
@@ -62,16 +244,12 @@ def _per_run_grid(
 
 
 def _learning_curve(ax, run: dict) -> None:
-    """Train/valid loss and valid accuracy of one run from its history.csv."""
+    """Train/valid loss and valid accuracy of one run from its history.csv (a titled empty panel without it)."""
+    from cxrstudy import plots
+
     hist_path = Path(run["dir"]) / "history.csv"
     if hist_path.is_file():
-        h = pd.read_csv(hist_path)
-        ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss")
-        ax.plot(h["epoch"], h["valid_loss"], "s-", ms=3, label="valid loss")
-        ax2 = ax.twinx()
-        ax2.plot(h["epoch"], h["valid_accuracy"], "^--", ms=3, color="C3")
-        ax2.set_ylim(0, 1.02)
-        ax.legend(fontsize=6)
+        plots.plot_learning_curve(pd.read_csv(hist_path), ax, stages=False, small=True)
     ax.set_title(RunSpec.from_record(run["info"]).label(), fontsize=7)
     ax.set_xlabel("epoch", fontsize=7)
 
@@ -97,7 +275,7 @@ def headline_figure(entries: Sequence[dict], path: Path) -> Path:
         )
         for task in dict.fromkeys(r["task"] for r in table)
     }
-    fig = plots.plot_intervals(
+    fig = plot_intervals(
         panels,
         {"paper": config.PAPER_ACCURACY, "DeTraC": config.DETRAC_ACCURACY},
         "test accuracy (95% CI, patient-group bootstrap)",
@@ -131,7 +309,7 @@ def evaluation_figures(runs: Sequence[dict], entries: Sequence[dict], fig_dir: P
         """Reliability diagram of a run's test split."""
         e, test = entry(run), split_rows(run["predictions"], "test")
         curve = reliability_curve(test["label"], probs_from_frame(test, e["classes"]), e["classes"])
-        plots.plot_reliability(curve, e["test"]["ece"], RunSpec.from_record(e).label(), ax=ax)
+        plot_reliability(curve, e["test"]["ece"], RunSpec.from_record(e).label(), ax=ax)
 
     for name, size, draw in (
         ("confusion_matrices", (3.0, 2.8), confusion),
@@ -141,14 +319,14 @@ def evaluation_figures(runs: Sequence[dict], entries: Sequence[dict], fig_dir: P
         paths[name] = _per_run_grid(runs, size, draw, fig_dir / f"{name}.png")
     for run in runs:
         e, test = entry(run), split_rows(run["predictions"], "test")
-        fig = plots.plot_roc_pr(
+        fig = plot_roc_pr(
             test["label"].to_numpy(), probs_from_frame(test, e["classes"]), e["classes"], e["run_id"]
         )
         _save(fig, fig_dir / f"roc_pr_{e['run_id']}.png", paths)
     table = per_source_table(runs)
     if not table.empty:
         _save(
-            plots.plot_per_source_heatmap(table, "test accuracy per source and label"),
+            plot_per_source_heatmap(table, "test accuracy per source and label"),
             fig_dir / "per_source_accuracy.png",
             paths,
         )
@@ -196,7 +374,7 @@ def shortcut_figure(checks: dict, path: Path) -> Path | None:
     path, panels = _nonempty(shortcut_panels(checks), path)
     if not panels:
         return None
-    fig = plots.plot_intervals(
+    fig = plot_intervals(
         panels,
         {"chance (two balanced classes)": 0.5},
         "accuracy (95% CI, patient-group bootstrap)",
@@ -252,7 +430,7 @@ def scorecard_figure(summary: Sequence[dict], path: Path) -> Path | None:
     path, panels = _nonempty(scorecard_panels(summary), path)
     if not panels:
         return None
-    fig = plots.plot_scorecard(
+    fig = plot_scorecard(
         panels,
         "seed mean; bar: lowest to highest bound of the seeds' 95% intervals (patient-group bootstrap, unseen films)",
         "Confound-free scorecard per configuration over seeds: dashed lines are the goals",

@@ -225,7 +225,7 @@ def scorecard_entries(
     seed: int = 0,
     profile: str | None = None,
 ) -> list[dict]:
-    """Scorecard entries of every run (``report.load_runs`` items, entries in their order) on the run's own
+    """Scorecard entries of every run (``reporting.results.load_runs`` items, entries in their order) on the run's own
     features of films it never trained or validated on (:func:`scorecard_rows`), each run's films through its
     input view (:func:`run_image_root`; ``image_root`` holds the plain films)."""
     from cxrstudy.evaluation.scorecard import scorecard_for_run

@@ -5,10 +5,9 @@ The target layer is the backbone's last convolutional stage, ``Classifier.cam_la
 DenseNet, VGG, AlexNet ``features``). The class score explained is the class's logit, or with class
 decomposition the log-sum-exp of its subclass logits (the log of the composed class probability up to
 a constant shared by all classes).
-The lung region of a film is its segmented lungs when masks are given (``shortcuts.load_lung_masks``,
+The lung region of a film is its segmented lungs when masks are given (``lungs.region.load_lung_masks``,
 at the processed film's size), resized to the map's grid; otherwise, or for a film whose segmentation
-failed QC, the fixed rectangle :data:`cxrstudy.evaluation.shortcuts.LUNG_REGION` (as the masking
-experiment). A uniform saliency map's in-lung share is the region's area fraction, recorded per image
+failed QC, the fixed rectangle :data:`cxrstudy.lungs.region.LUNG_REGION` (``lungs.region.cam_region``). A uniform saliency map's in-lung share is the region's area fraction, recorded per image
 (``uniform_share``). Maps are upsampled from ``cam_grid`` cells per side (input size / 32): at 160 px,
 5x5 cells, too coarse to tell lung from its surroundings.
 """
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxrstudy.evaluation.shortcuts import LUNG_REGION, film_mask, lung_mask
+from cxrstudy.lungs.region import LUNG_REGION, cam_region, lung_mask
 from cxrstudy.runspec import RunSpec
 
 
@@ -81,24 +80,6 @@ def lung_share(cam: np.ndarray, region: tuple[float, float, float, float] = LUNG
     if total <= 0:
         return float("nan")
     return float(cam[lung_mask(cam.shape[0], cam.shape[1], region)].sum() / total)
-
-
-def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A boolean mask resized to ``shape`` (H, W): area average, then at least half covered."""
-    m = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L")
-    return np.asarray(m.resize((shape[1], shape[0]), Image.Resampling.BOX)) >= 128
-
-
-def cam_region(mask: np.ndarray | None, film_size: tuple[int, int], cam_shape: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """The lung region on the map's grid and its kind: the film's segmented mask resized (``segmented``),
-    or the rectangle (``rectangle``: no mask, a mask of another size, the QC fallback, or nothing left)."""
-    width, height = film_size
-    m, kind = film_mask(mask, height, width)
-    if kind == "segmented":
-        region = resize_mask(m, cam_shape)
-        if region.any():
-            return region, kind
-    return lung_mask(*cam_shape), "rectangle"
 
 
 def region_share(cam: np.ndarray, region: np.ndarray) -> float:
@@ -234,10 +215,11 @@ def saliency_for_runs(
     manifest: pd.DataFrame | None = None,
     profile: str | None = None,
 ) -> pd.DataFrame:
-    """Grad-CAM of every run (``report.load_runs`` items) on its films as it saw them (its input view,
+    """Grad-CAM of every run (``reporting.results.load_runs`` items) on its films as it saw them (its input view,
     rendered from ``manifest`` and ``profile`` when it has one); saves ``saliency_<run_id>.png`` grids (lung
     region outlined) under ``fig_dir`` and returns one table (run_id and :data:`SALIENCY_COLUMNS`)."""
     from cxrstudy import plots
+    from cxrstudy.evaluation import figures
     from cxrstudy.evaluation.runfeatures import run_image_root
     from cxrstudy.training import load_run_model
 
@@ -258,7 +240,7 @@ def saliency_for_runs(
             f"{r.label}→{r.pred} ({r.outcome})\nin-lung {r.lung_share:.2f} (uniform {r.uniform_share:.2f})"
             for r in table.itertuples()
         ]
-        fig = plots.plot_saliency_regions(images, cams, titles, regions, ncols=4)
+        fig = figures.plot_saliency_regions(images, cams, titles, regions, ncols=4)
         fig.suptitle(spec.label("  "), fontsize=8, y=1.02)
         plots.save_figure(fig, Path(fig_dir) / f"saliency_{run_id}.png", close=True)
         parts.append(table.assign(run_id=run_id))

@@ -272,7 +272,7 @@ def scorecard_frame(summary: Sequence[dict], recommended: dict | None = None) ->
 
 
 def first_seed_runs(runs: Sequence[dict], keep: Iterable[str | None] = ()) -> list[dict]:
-    """The runs (``report.load_runs`` items, in order) of each configuration's smallest seed, plus those
+    """The runs (``reporting.results.load_runs`` items, in order) of each configuration's smallest seed, plus those
     whose run_id is in ``keep`` (e.g. the headline runs)."""
     keep = set(keep)
     first: dict[tuple, object] = {}

@@ -1,9 +1,10 @@
 """Choosing the recommended variant on validation rows only, by a rule fixed before any test number is read.
 
-Rule (notebook 05's parameters ``selection_task``, ``selection_scenario``, ``selection_floor``): among the
+Rule (notebook 05's parameters ``selection_task``, ``selection_scenario``, ``selection_max_drop``): among the
 variants (baseline included) of that task and scenario without class decomposition, each averaged over
 its seeds, keep those whose mean validation COVID-19-vs-normal accuracy (covid/normal validation rows,
-the larger of P(covid) and P(normal)) is at least the floor; among them pick the highest mean validation
+the larger of P(covid) and P(normal)) is at least the floor, ``selection_max_drop`` below the baseline's
+(:func:`baseline_floor`; :func:`select_variant` also takes an absolute ``floor``); among them pick the highest mean validation
 within-source contrast (``Source.contrasts``), the mean of (ieee8023 COVID-19 vs other pneumonia ROC-AUC by
 P(covid) / (P(covid) + P(pneumonia)), NIH pneumonia vs normal ROC-AUC by
 P(pneumonia) / (P(pneumonia) + P(normal))), each on the run's validation rows. When no variant reaches the
@@ -63,7 +64,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def candidates(runs: Sequence[dict], task: str, scenario: str, floor: float) -> list[dict]:
-    """Per variant of ``task`` / ``scenario`` without decomposition (``report.load_runs`` items): seeds and
+    """Per variant of ``task`` / ``scenario`` without decomposition (``reporting.results.load_runs`` items): seeds and
     the seed means of the validation scores, and whether the accuracy floor is passed."""
     by_variant: dict[str, list[dict]] = {}
     for run in runs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cxrstudy.evaluation.shortcuts import rectangle_region
+from cxrstudy.lungs.region import rectangle_region
 from cxrstudy.stats import stratified_mean_ci
 
 

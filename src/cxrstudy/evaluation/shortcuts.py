@@ -3,172 +3,32 @@
 * **Source identification**: a linear classifier on frozen features predicts the source repository
   (patient-group cross-validation); the higher above the majority baseline, the easier the shortcut.
 * **Masking** (after Maguolo & Nanni 2021): features of images with the central lung field blacked
-  out (:func:`mask_lungs`) or with only that field kept (:func:`keep_lungs_only`); a linear head
+  out (``lungs.region.mask_lungs``) or with only that field kept (``keep_lungs_only``); a linear head
   trained on the train split and tested on the test split of each. A high score with the lungs
   blacked out means the score is not about the lungs.
 * **Leave-one-source-out**: a linear head trained without a whole source, tested on that source.
 * **Same hospital**: Actualmed is the only source with COVID-19 and normal films from one site.
 
-Lung region. When the profile has a lung stage output (``reports/<profile>/lungs/summary.json``, notebook
-01_lungs), each film's segmented lungs (:func:`load_lung_masks`, a boolean mask at the processed image's
-size) are hidden or kept; a film whose segmentation failed QC (its mask is the whole image) falls back to
-the rectangle. Otherwise every film uses :data:`LUNG_REGION`, a fixed central rectangle, x and y from 15%
-to 85% of the image (49% of its area), which covers both lung fields and the mediastinum of a frontal
-film squish-resized to a square. :func:`lung_region_info` says which was used (results.json
-``lung_region``: ``segmented`` or ``fixed rectangle``). Masked films are rendered once under
-``data/cache/lung_views/`` and go through the ordinary feature cache.
+The lung region (segmented lungs, else the central rectangle) is :mod:`cxrstudy.lungs.region`'s; films
+with segmented lungs hidden or kept are rendered once by :func:`cxrstudy.lungs.render.render_masked_views`
+and go through the ordinary feature cache.
 Everything here uses linear heads on cached features, so it is cheap on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from sklearn.pipeline import Pipeline
 
-from cxrstudy import config
 from cxrstudy.data.sources import same_hospital_source
 from cxrstudy.evaluation.metrics import compute_metrics
+from cxrstudy.lungs.region import MASK_VARIANTS, lung_region_info
+from cxrstudy.lungs.render import render_masked_views
 from cxrstudy.stats import grouped_cv_predict, linear_probe
-
-#: Central lung field as fractions of width / height: (x0, y0, x1, y1).
-LUNG_REGION: tuple[float, float, float, float] = (0.15, 0.15, 0.85, 0.85)
-
-
-# --------------------------------------------------------------------------- lung region and masks
-
-
-def lung_mask(height: int, width: int, region: tuple[float, float, float, float] = LUNG_REGION) -> np.ndarray:
-    """Boolean (height, width) mask, True inside the central lung region (pixel centres inside it)."""
-    x0, y0, x1, y1 = region
-    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise ValueError(f"bad region {region}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
-    ys = (np.arange(height) + 0.5) / height
-    xs = (np.arange(width) + 0.5) / width
-    return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
-
-
-def _apply_mask(img: Image.Image, keep_inside: bool) -> Image.Image:
-    """Black out the lung region (``keep_inside=False``) or everything else (``True``) of an L image."""
-    if not isinstance(img, Image.Image) or img.mode != "L":
-        raise ValueError("masking expects a decoded 8-bit grayscale PIL image (mode 'L'); use load_xray")
-    arr = np.asarray(img).copy()
-    inside = lung_mask(arr.shape[0], arr.shape[1])
-    arr[inside if not keep_inside else ~inside] = 0
-    return Image.fromarray(arr, mode="L")
-
-
-def mask_lungs(img: Image.Image) -> Image.Image:
-    """The image with the central lung field (:data:`LUNG_REGION`) blacked out."""
-    return _apply_mask(img, keep_inside=False)
-
-
-def keep_lungs_only(img: Image.Image) -> Image.Image:
-    """The image with everything outside the central lung field blacked out."""
-    return _apply_mask(img, keep_inside=True)
-
-
-#: Feature variants of the masking experiment: name -> (PIL transform, extract_features cache_tag).
-MASK_VARIANTS = {"masked_lungs": (mask_lungs, "mask_lungs"), "lungs_only": (keep_lungs_only, "lungs_only")}
-#: Where films with segmented lungs hidden / kept alone are rendered (one folder per masks and root).
-LUNG_VIEWS_DIR = config.CACHE_DIR / "lung_views"
-#: Bump when the rendered views change meaning.
-LUNG_VIEWS_VERSION = 1
-
-
-# --------------------------------------------------------------------------- segmented lungs
-
-
-def load_lung_masks(
-    manifest: pd.DataFrame, profile: str, image_root: Path = config.PROCESSED_DIR, device: str = "cpu"
-) -> tuple[dict[str, np.ndarray] | None, str]:
-    """The profile's segmented lung mask per manifest image and the lung stage's cache key, or
-    (None, "") when the profile has no lung stage output (``reports/<profile>/lungs/summary.json``)."""
-    summary = config.profile_dir(profile) / "lungs" / "summary.json"
-    if not summary.is_file():
-        return None, ""
-    from cxrstudy.lungs import masks_for
-
-    masks = masks_for(manifest, profile, missing="predict", device=device, image_root=image_root)
-    return masks, str(json.loads(summary.read_text()).get("cache_key", ""))
-
-
-def film_mask(mask: np.ndarray | None, height: int, width: int) -> tuple[np.ndarray, str]:
-    """The lung mask used for one film and its kind: the segmented mask (``segmented``), or the
-    rectangle (``rectangle``) when there is none, its shape differs or it is the QC fallback (all True)."""
-    if mask is not None:
-        m = np.asarray(mask, dtype=bool)
-        if m.shape == (height, width) and m.any() and not m.all():
-            return m, "segmented"
-    return lung_mask(height, width), "rectangle"
-
-
-def rectangle_region() -> dict:
-    """The fixed central rectangle (:data:`LUNG_REGION`): x, y (fractions) and its area share."""
-    x0, y0, x1, y1 = LUNG_REGION
-    return {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}
-
-
-def lung_region_info(masks: dict[str, np.ndarray] | None, images: Sequence[str] | None = None) -> dict:
-    """results.json ``lung_region_detail``: ``kind`` (``segmented`` / ``fixed rectangle``), the rectangle,
-    and with masks the films segmented, those on the rectangle (QC fallback) and the mean lung area."""
-    out: dict = {"rectangle": rectangle_region()}
-    if not masks:
-        return {"kind": "fixed rectangle", **out}
-    names = list(images) if images is not None else list(masks)
-    usable = [np.asarray(masks[n], bool) for n in names if n in masks]
-    seg = [m for m in usable if m.any() and not m.all()]
-    return {
-        "kind": "segmented",
-        **out,
-        "n_images": len(names),
-        "n_segmented": len(seg),
-        "n_rectangle_fallback": len(names) - len(seg),
-        "mean_area_share": float(np.mean([m.mean() for m in seg])) if seg else None,
-        "source": "lung stage (notebook 01_lungs), QC fallback films use the rectangle",
-    }
-
-
-def _views_folder(lung_key: str, image_root: Path) -> Path:
-    """Folder of the rendered masked views for these masks and this image root."""
-    payload = json.dumps(
-        {"v": LUNG_VIEWS_VERSION, "lungs": lung_key, "root": str(Path(image_root).resolve()), "rect": LUNG_REGION}
-    )
-    return LUNG_VIEWS_DIR / hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def render_masked_views(
-    manifest: pd.DataFrame,
-    masks: dict[str, np.ndarray],
-    image_root: Path,
-    lung_key: str,
-    views_dir: Path | None = None,
-) -> dict[str, Path]:
-    """Write each film with its lungs hidden and with only its lungs kept (PNG, same size and path as
-    the film) under ``<views folder>/<variant>/``; existing files are kept. Returns variant -> root."""
-    from cxrstudy.fileio import atomic_path
-    from cxrstudy.images import load_xray
-
-    folder = Path(views_dir) if views_dir is not None else _views_folder(lung_key, image_root)
-    roots = {name: folder / name for name in MASK_VARIANTS}
-    for image in manifest["image"].astype(str):
-        targets = {name: root / image for name, root in roots.items()}
-        if all(t.is_file() for t in targets.values()):
-            continue
-        arr = np.asarray(load_xray(Path(image_root) / image))
-        inside, _ = film_mask(masks.get(image), *arr.shape)
-        for name, target in targets.items():
-            out = np.where(inside if name == "masked_lungs" else ~inside, 0, arr).astype(np.uint8)
-            with atomic_path(target) as tmp:
-                Image.fromarray(out, mode="L").save(tmp, format="PNG")
-    return roots
-
 
 # --------------------------------------------------------------------------- linear probes
 
@@ -446,7 +306,7 @@ def run_shortcut_checks(
     checks' input view (``lungs.render.view_root``; None: ``image_root``) for source identification,
     leave-one-source-out and same hospital; the masking experiment always reads the plain films under
     ``image_root`` (the lung masks are at their size). ``lung_masks`` (image -> boolean mask at the film's
-    size, e.g. :func:`load_lung_masks`; ``lung_key`` names them) switches the masking from the rectangle to
+    size, e.g. ``lungs.region.load_lung_masks``; ``lung_key`` names them) switches the masking from the rectangle to
     the segmented lungs. ``run_predictions`` maps run_id to predictions (same hospital).
     """
     from cxrstudy.data.splits import loso_folds

@@ -20,7 +20,7 @@ from cxrstudy.lungs.masks import MaskPair, pair_masks
 from cxrstudy.lungs.qc import QC_THRESHOLDS, LungQC, assess, clean_mask, postprocess
 from cxrstudy.lungs.segmenter import LungSegmenter
 from cxrstudy.lungs.stage import LungRun, cache_key, lung_table, masks_for, qc_by_source, run_lungs
-from cxrstudy.lungs.train import TrainConfig
+from cxrstudy.lungs.train import LungTrainConfig
 from cxrstudy.lungs.views import VIEWS, apply_view, lung_box
 
 __all__ = [
@@ -29,8 +29,8 @@ __all__ = [
     "LungQC",
     "LungRun",
     "LungSegmenter",
+    "LungTrainConfig",
     "MaskPair",
-    "TrainConfig",
     "apply_view",
     "assess",
     "cache_key",

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxrstudy.lungs.region import resize_mask
+
 #: Package and member of the mask archive.
 MASK_PACKAGE = "torchxrayvision"
 MASK_ARCHIVE = "data/semantic_masks_v7labs_lungs.zip"
@@ -100,14 +102,6 @@ def _processed_mask(member: str, width: int, height: int) -> np.ndarray:
 def processed_mask(member: str, size: tuple[int, int]) -> np.ndarray:
     """Boolean mask of an archive member resized (nearest) to PIL ``size`` = (width, height); a copy."""
     return _processed_mask(member, int(size[0]), int(size[1])).copy()
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Boolean mask resized (nearest neighbour) to PIL ``size`` = (width, height)."""
-    im = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
-    if im.size != tuple(size):
-        im = im.resize(tuple(size), Image.Resampling.NEAREST)
-    return np.asarray(im) >= LUNG_VALUE_MIN
 
 
 def pair_masks(

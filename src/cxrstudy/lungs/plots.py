@@ -7,24 +7,23 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from cxrstudy.plots import plot_learning_curve
 
-def plot_training_curve(history: pd.DataFrame, best_epoch: int | None = None) -> Figure:
-    """Train / validation loss and validation Dice per epoch."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(history["epoch"], history["train_loss"], label="train")
-    ax1.plot(history["epoch"], history["valid_loss"], label="validation")
-    ax1.set(xlabel="epoch", ylabel="BCE + (1 - Dice)", title="loss")
-    ax1.legend()
-    ax2.plot(history["epoch"], history["valid_dice"], color="C2")
-    if best_epoch:
-        ax2.axvline(best_epoch, ls="--", color="grey", label=f"selected epoch {best_epoch}")
-        ax2.legend(loc="lower right")
-    ax2.set(xlabel="epoch", ylabel="Dice", title="validation Dice (training size)")
-    fig.tight_layout()
-    return fig
+
+def plot_training_curve(history: pd.DataFrame, best_epoch: int | None = None, ax: Axes | None = None) -> Axes:
+    """Train / validation loss (BCE + (1 - Dice)) and validation Dice per epoch, the selected epoch marked."""
+    if ax is None:
+        ax = plt.subplots(figsize=(6.4, 3.6))[1]
+    plot_learning_curve(
+        history, ax, metric="valid_dice", labels=("train", "validation", "validation Dice (training size)"),
+        ylabels=("BCE + (1 - Dice)", "Dice"), best_epoch=best_epoch or None, best_label="selected epoch",
+    )  # fmt: skip
+    ax.figure.tight_layout()
+    return ax
 
 
 def pick_examples(

