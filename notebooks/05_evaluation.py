@@ -54,8 +54,9 @@ from cxrstudy.evaluation import (
     shortcut_summary,
     shortcuts,
 )
-from cxrstudy.lungs.region import load_lung_masks, lung_region_info
+from cxrstudy.lungs.region import lung_region_info
 from cxrstudy.lungs.render import view_root
+from cxrstudy.lungs.stage import load_lung_masks
 from cxrstudy.reporting import pages
 from cxrstudy.reporting.results import build_results, evaluate_runs, load_runs
 

@@ -240,4 +240,6 @@ def test_load_lung_masks_without_a_lung_stage(tmp_path, monkeypatch):
     from cxrstudy import config
 
     monkeypatch.setattr(config, "REPORTS_DIR", tmp_path)
-    assert LR.load_lung_masks(pd.DataFrame({"image": ["a.png"]}), "nolungs") == (None, "")
+    from cxrstudy.lungs.stage import load_lung_masks
+
+    assert load_lung_masks(pd.DataFrame({"image": ["a.png"]}), "nolungs") == (None, "")

@@ -5,7 +5,7 @@ The target layer is the backbone's last convolutional stage, ``Classifier.cam_la
 DenseNet, VGG, AlexNet ``features``). The class score explained is the class's logit, or with class
 decomposition the log-sum-exp of its subclass logits (the log of the composed class probability up to
 a constant shared by all classes).
-The lung region of a film is its segmented lungs when masks are given (``lungs.region.load_lung_masks``,
+The lung region of a film is its segmented lungs when masks are given (``lungs.stage.load_lung_masks``,
 at the processed film's size), resized to the map's grid; otherwise, or for a film whose segmentation
 failed QC, the fixed rectangle :data:`cxrstudy.lungs.region.LUNG_REGION` (``lungs.region.cam_region``). A uniform saliency map's in-lung share is the region's area fraction, recorded per image
 (``uniform_share``). Maps are upsampled from ``cam_grid`` cells per side (input size / 32): at 160 px,

@@ -306,7 +306,7 @@ def run_shortcut_checks(
     checks' input view (``lungs.render.view_root``; None: ``image_root``) for source identification,
     leave-one-source-out and same hospital; the masking experiment always reads the plain films under
     ``image_root`` (the lung masks are at their size). ``lung_masks`` (image -> boolean mask at the film's
-    size, e.g. ``lungs.region.load_lung_masks``; ``lung_key`` names them) switches the masking from the rectangle to
+    size, e.g. ``lungs.stage.load_lung_masks``; ``lung_key`` names them) switches the masking from the rectangle to
     the segmented lungs. ``run_predictions`` maps run_id to predictions (same hospital).
     """
     from cxrstudy.data.splits import loso_folds

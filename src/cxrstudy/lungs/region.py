@@ -1,7 +1,7 @@
 """The lung region of a film: its segmented lungs, else a fixed central rectangle.
 
 When the profile has a lung stage output (``reports/<profile>/lungs/summary.json``, notebook 01_lungs),
-each film's segmented lungs (:func:`load_lung_masks`, a boolean mask at the processed image's size) are
+each film's segmented lungs (:func:`cxrstudy.lungs.stage.load_lung_masks`, a boolean mask at the processed image's size) are
 its region; a film whose segmentation failed QC (its mask is the whole image), or without a mask, falls
 back to :data:`LUNG_REGION`, a fixed central rectangle, x and y from 15% to 85% of the image (49% of its
 area), which covers both lung fields and the mediastinum of a frontal film squish-resized to a square.
@@ -12,15 +12,10 @@ measures saliency inside it (:func:`cam_region`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
-
-from cxrstudy import config
 
 #: Central lung field as fractions of width / height: (x0, y0, x1, y1).
 LUNG_REGION: tuple[float, float, float, float] = (0.15, 0.15, 0.85, 0.85)
@@ -104,20 +99,6 @@ def rectangle_region() -> dict:
     """The fixed central rectangle (:data:`LUNG_REGION`): x, y (fractions) and its area share."""
     x0, y0, x1, y1 = LUNG_REGION
     return {"x": [x0, x1], "y": [y0, y1], "area_share": (x1 - x0) * (y1 - y0)}
-
-
-def load_lung_masks(
-    manifest: pd.DataFrame, profile: str, image_root: Path = config.PROCESSED_DIR, device: str = "cpu"
-) -> tuple[dict[str, np.ndarray] | None, str]:
-    """The profile's segmented lung mask per manifest image and the lung stage's cache key, or
-    (None, "") when the profile has no lung stage output (``reports/<profile>/lungs/summary.json``)."""
-    summary = config.profile_dir(profile) / "lungs" / "summary.json"
-    if not summary.is_file():
-        return None, ""
-    from cxrstudy.lungs.stage import masks_for
-
-    masks = masks_for(manifest, profile, missing="predict", device=device, image_root=image_root)
-    return masks, str(json.loads(summary.read_text()).get("cache_key", ""))
 
 
 def lung_region_info(masks: dict[str, np.ndarray] | None, images: Sequence[str] | None = None) -> dict:

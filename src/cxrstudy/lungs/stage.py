@@ -414,3 +414,15 @@ def masks_for(
         for name in absent:
             out[name] = seg.predict(load_xray(Path(image_root) / name))
     return {im: out[im] for im in images}
+
+
+def load_lung_masks(
+    manifest: pd.DataFrame, profile: str, image_root: Path = config.PROCESSED_DIR, device: str = "cpu"
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The profile's segmented lung mask per manifest image and the lung stage's cache key, or
+    (None, "") when the profile has no lung stage output (``reports/<profile>/lungs/summary.json``)."""
+    summary = config.profile_dir(profile) / "lungs" / "summary.json"
+    if not summary.is_file():
+        return None, ""
+    masks = masks_for(manifest, profile, missing="predict", device=device, image_root=image_root)
+    return masks, str(json.loads(summary.read_text()).get("cache_key", ""))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrstudy import config
-from cxrstudy.evaluation.tables import fmt_pct
+from cxrstudy.evaluation.formatting import fmt_pct
 from cxrstudy.fileio import atomic_write_text
 from cxrstudy.reporting.templates import render
 
