@@ -60,18 +60,18 @@ sampling = "uniform"  # uniform, or source_balanced: films drawn with weights P(
 # %%
 from dataclasses import replace
 
-import pandas as pd
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix
 
 from cxrstudy import config, training
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.lungs.render import view_root
 from cxrstudy.plots import plot_confusion, save_figure
 
 out = config.profile_dir(profile)
-manifest = subsample(pd.read_csv(config.MANIFEST_PATH, keep_default_na=False), max_per_class, seed)
+manifest = subsample(load_manifest(), max_per_class, seed)
 image_root = view_root(manifest, profile, input_view, equalize, view_margin)  # the films as this variant sees them
 display(training.task_rows(manifest, task).groupby(["split", "label"]).size().unstack(fill_value=0))
 
