@@ -39,6 +39,7 @@ import pandas as pd
 from IPython.display import display
 
 from cxrstudy import config
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.lungs import QC_THRESHOLDS, LungTrainConfig, qc_by_source, run_lungs
 from cxrstudy.lungs.plots import pick_examples, plot_overlays, plot_training_curve
@@ -47,7 +48,7 @@ from cxrstudy.plots import save_figure
 out = config.profile_dir(profile) / "lungs"
 out.mkdir(parents=True, exist_ok=True)
 config.seed_everything(seed)
-manifest = pd.read_csv(config.MANIFEST_PATH, keep_default_na=False)
+manifest = load_manifest()
 films = subsample(manifest, max_per_class, seed)
 cfg = LungTrainConfig(
     image_size=lung_image_size,

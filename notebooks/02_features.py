@@ -37,19 +37,18 @@ import pandas as pd
 from IPython.display import display
 
 from cxrstudy import config
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
-from cxrstudy.features import embed_2d, extract_features, extraction_summary
+from cxrstudy.features import embed_2d, extraction_summary, profile_features
 from cxrstudy.fileio import write_json
-from cxrstudy.lungs.render import view_cache_tag, view_root
 from cxrstudy.plots import plot_embedding, save_figure
 
 out = config.profile_dir(profile) / "features"
 out.mkdir(parents=True, exist_ok=True)
 config.seed_everything(seed)
-manifest = subsample(pd.read_csv(config.MANIFEST_PATH, keep_default_na=False), max_per_class, seed)
-image_root = view_root(manifest, profile, input_view, equalize)
-feats = extract_features(manifest, image_root, backbone, image_size, batch_size=batch_size,
-                         device=device, num_workers=num_workers, cache_tag=view_cache_tag(image_root))
+manifest = subsample(load_manifest(), max_per_class, seed)
+feats, _ = profile_features(manifest, profile, backbone, image_size, input_view, equalize, batch_size=batch_size,
+                            device=device, num_workers=num_workers)
 summary = extraction_summary(feats, backbone, image_size, device) | {"input_view": input_view, "equalize": equalize}
 write_json(out / "summary.json", summary)
 summary

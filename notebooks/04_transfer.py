@@ -58,18 +58,18 @@ adversary_lr = 1e-3  # the adversary heads' own AdamW learning rate
 sampling = "uniform"  # uniform, or source_balanced: films drawn with weights P(label)/P(label|source)
 
 # %%
-import pandas as pd
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix
 
 from cxrstudy import config, training
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.lungs.render import view_root
 from cxrstudy.plots import plot_confusion, save_figure
 
 out = config.profile_dir(profile)
-manifest = subsample(pd.read_csv(config.MANIFEST_PATH, keep_default_na=False), max_per_class, seed)
+manifest = subsample(load_manifest(), max_per_class, seed)
 image_root = view_root(manifest, profile, input_view, equalize, view_margin)  # the films as this variant sees them
 display(training.task_rows(manifest, task).groupby(["split", "label"]).size().unstack(fill_value=0))
 

@@ -34,13 +34,15 @@ equalize = False  # histogram equalisation inside the lung mask (with a lung vie
 selection_task = "covid_normal_pneumonia"  # the recommended variant is chosen among this task's variants ...
 selection_scenario = "deep"  # ... of this scenario (decomposition off), on validation rows only
 selection_max_drop = 0.05  # a variant may lose at most this much of the baseline's validation COVID-19-vs-normal accuracy (seed means)
+run_ids: list[str] = []  # the runs to evaluate (the pipeline passes those its transfer steps produce); empty: every run folder
 
 # %%
 import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
-from cxrstudy import config, pipeline
+from cxrstudy import config
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.evaluation import (
     figures,
@@ -65,13 +67,12 @@ torch.set_num_threads(min(torch.get_num_threads(), 4))
 out = config.profile_dir(profile)
 fig_dir = out / figures.FIGURE_DIR
 image_root = config.PROCESSED_DIR  # the films every check reads
-manifest = subsample(pd.read_csv(config.MANIFEST_PATH), max_per_class, seed)
+manifest = subsample(load_manifest(), max_per_class, seed)
 lung_masks, lung_key = load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
 lung_info = lung_region_info(lung_masks, manifest["image"].tolist())
 display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
-# only the runs this profile's transfer steps produce (a folder left by a step the profile no longer has is skipped)
-runs = load_runs(out, only=pipeline.expected_run_ids(pipeline.load_profile(profile)))
+runs = load_runs(out, only=run_ids or None)  # a run folder outside run_ids is skipped and named
 if not runs:
     raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 04 first")
 display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "train_seconds", "epochs_run", "n_test")}

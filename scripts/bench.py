@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from cxrstudy import config, tensorcache, training
+from cxrstudy.data.manifest import ManifestError, load_manifest
 from cxrstudy.features import bf16_supported, extract_features, prepare_model
 from cxrstudy.fileio import atomic_write_text
 from cxrstudy.models import Classifier, get_spec
@@ -82,9 +83,10 @@ def machine(device: str) -> dict[str, Any]:
 
 def sample_rows(n: int, seed: int, manifest_path: Path) -> pd.DataFrame:
     """``n`` training images of the manifest, classes interleaved; a clear message when there is no data."""
-    if not manifest_path.is_file():
-        sys.exit(f"bench: {manifest_path} not found: run `make data` first (it needs real processed images)")
-    manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError as exc:
+        sys.exit(f"bench: {exc} (it needs real processed images)")
     train = manifest[manifest["split"] == "train"].sample(frac=1.0, random_state=seed)
     if len(train) < n:
         sys.exit(f"bench: need {n} training images, the manifest has {len(train)}")

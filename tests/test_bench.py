@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from cxrstudy import config, tensorcache
+from cxrstudy.data.manifest import MANIFEST_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,8 @@ def test_a_tiny_bench_writes_the_contract(bench, tmp_path, monkeypatch):
         rel = f"images/x/{i}.png"
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((rng.random((40, 44)) * 255).astype(np.uint8)).save(tmp_path / rel)
-        rows.append({"image": rel, "label": ("covid", "normal")[i % 2], "split": "train", "sha256": str(i)})
+        rows.append(dict.fromkeys(MANIFEST_COLUMNS, "") | {"image": rel, "label": ("covid", "normal")[i % 2],
+                                                            "split": "train", "sha256": str(i)})
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     out = tmp_path / "bench.json"
     args = ["--image-size", "32", "--batch-size", "4", "--n-images", "12", "--rounds", "2"]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxrstudy.data.manifest import MANIFEST_COLUMNS
 from cxrstudy.evaluation import external as E
 
 NIH = "X-Ray Image DataSet"
@@ -135,8 +136,8 @@ def test_overlap_with_the_study_is_reported_and_can_be_dropped(tmp_path, mirror_
     processed = tmp_path / "processed"
     processed.mkdir()
     manifest = pd.DataFrame(
-        [{"image": f"images/{s}/{Path(p).name}", "label": lab, "source_name": s, "upstream_path": p,
-          "sha256": sha256_file(mirror_file(s, p))} for s, p, lab in files]
+        [dict.fromkeys(MANIFEST_COLUMNS, "") | {"image": f"images/{s}/{Path(p).name}", "label": lab, "source_name": s,
+         "upstream_path": p, "sha256": sha256_file(mirror_file(s, p))} for s, p, lab in files]
     )
     manifest.to_csv(processed / "manifest.csv", index=False)
     csv = tmp_path / "five.csv"

@@ -243,3 +243,18 @@ def test_embed_2d_methods():
         np.testing.assert_allclose(tsne, embed_2d(x, "tsne", seed=0))
     with pytest.raises(ValueError, match="unknown embedding"):
         embed_2d(x, "mds")
+
+
+def test_profile_features_read_the_films_through_the_profiles_view(tiny, tmp_path):
+    """Notebooks 02 and 03 share one call: the plain view reads the given folder; a lung view needs notebook 01."""
+    from cxrstudy.features import profile_features
+
+    manifest, root = tiny
+    kw = {"device": "cpu", "cache_dir": tmp_path}
+    feats, image_root = profile_features(manifest, "no_such_profile", "efficientnet_lite0", SIZE, image_root=root, **kw)
+    assert image_root == root and list(feats.index) == list(manifest["image"])
+    plain = extract_features(manifest, root, "efficientnet_lite0", SIZE, **kw)
+    np.testing.assert_allclose(feats.to_numpy(), plain.to_numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="01_lungs"):
+        profile_features(manifest, "no_such_profile", "efficientnet_lite0", SIZE, "lung_mask", True,
+                         image_root=root, **kw)

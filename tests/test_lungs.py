@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cxrstudy import config
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.lungs import (
     VIEWS,
     LungSegmenter,
@@ -34,7 +35,7 @@ pytest.importorskip("torchxrayvision", reason="the lung masks ship in torchxrayv
 
 @pytest.fixture(scope="module")
 def manifest(study_manifest) -> pd.DataFrame:
-    return pd.read_csv(config.MANIFEST_PATH, keep_default_na=False)
+    return load_manifest()
 
 
 def _stem(name: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from cxrstudy import config, pipeline
 
 NOTEBOOKS = sorted(config.NOTEBOOKS_DIR.glob("*.ipynb"))
-PROFILES = sorted(p.stem for p in config.PARAMS_DIR.glob("*.yaml"))
+PROFILES = pipeline.profile_names()
 
 
 def test_the_study_has_its_numbered_notebooks():
@@ -58,7 +58,7 @@ def test_notebook_is_thin(path: Path):
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_resolves(name: str):
-    steps = pipeline.resolve_parameters(pipeline.load_profile(name))
+    steps = pipeline.step_parameters(pipeline.load_profile(name))
     assert steps[0][0].notebook.startswith("00_")
     assert all(params.get("profile") == name for _, params in steps)
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cxrstudy import config
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.evaluation import overlap as OV
 
 
@@ -19,7 +20,7 @@ def study(study_manifest) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     """The real manifest, excluded table and processed folder (built from the mirror when absent)."""
     processed = config.PROCESSED_DIR
     excluded = pd.read_csv(processed / "excluded.csv", dtype=str, keep_default_na=False)
-    return pd.read_csv(processed / "manifest.csv"), excluded, processed
+    return load_manifest(processed / "manifest.csv"), excluded, processed
 
 
 @pytest.fixture(scope="module")

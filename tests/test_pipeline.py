@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from cxrstudy import pipeline
 from cxrstudy.pipeline import ProfileError, StepFailed
@@ -119,7 +120,32 @@ def test_a_step_gets_its_variants_parameters_under_its_own(project):
             pipeline.load_profile("r", project["params"])
 
 
+def test_profiles_share_the_variants_file_and_may_override_a_variant(project):
+    make_notebook(project["notebooks"] / "v.ipynb", 'profile = "x"\nvariant = "baseline"\nview = "full"\nw = 0.0', "")
+    (project["params"] / pipeline.VARIANTS_FILE).write_text("lung: {view: lung_mask, w: 0.5}\nadv: {w: 1.0}\n")
+    write_profile(
+        project,
+        "p",
+        "variants: {adv: {w: 0.3}}\nsteps:\n  - {notebook: v, name: v1, params: {variant: lung}}\n"
+        "  - {notebook: v, name: v2, params: {variant: adv}}\n",
+    )
+    (_, p1), (_, p2) = pipeline.resolve_parameters(
+        pipeline.load_profile("p", project["params"]), project["notebooks"]
+    )
+    assert p1 == {"variant": "lung", "view": "lung_mask", "w": 0.5, "profile": "p"}  # from the shared file
+    assert p2 == {"variant": "adv", "w": 0.3, "profile": "p"}  # the profile's own wins
+    assert pipeline.profile_names(project["params"]) == ["p"]  # the variants file is not a profile
+    with pytest.raises(ProfileError, match="no file"):
+        pipeline.load_profile("variants", project["params"])
+    (project["params"] / pipeline.VARIANTS_FILE).write_text("Lung: {view: x}\n")
+    with pytest.raises(ProfileError, match=r"variants\.yaml: variant name 'Lung'"):
+        pipeline.load_profile("p", project["params"])
+
+
 def test_the_study_profiles_name_their_variants_and_seeds():
+    assert pipeline.profile_names() == ["default", "full", "smoke"]
+    for name in pipeline.profile_names():  # every variant comes from params/variants.yaml
+        assert "variants" not in yaml.safe_load((pipeline.config.PARAMS_DIR / f"{name}.yaml").read_text())
     default = pipeline.load_profile("default")
     variants = {s.params.get("variant", "baseline") for s in default.steps if s.notebook == "04_transfer"}
     assert variants == {"baseline", "lung", "lung_adversary", "lung_adversary_weak"}
@@ -285,8 +311,8 @@ def test_keys_follow_what_a_step_reads_not_the_previous_step(tmp_path, monkeypat
         body
         + "(out / 'results.txt').write_text(str(sorted(p.read_text() for p in (out / 'runs').iterdir())))",
     )
-    monkeypatch.setitem(pipeline.READS, "train", ())
-    monkeypatch.setitem(pipeline.READS, "evaluate", ("{profile}/runs",))
+    monkeypatch.setitem(pipeline.STEP_IO, "train", pipeline.StepIO(writes=("{profile}/runs",)))
+    monkeypatch.setitem(pipeline.STEP_IO, "evaluate", pipeline.StepIO(reads=("{profile}/runs",)))
 
     def profile(shallow_epochs: int) -> None:
         (params / "p.yaml").write_text(
@@ -377,3 +403,91 @@ def test_template_edits_change_the_evaluation_key(tmp_path, monkeypatch):
         template.write_text(original)
     assert pipeline.step_key(step, {}, tmp_path, tmp_path) == before
     assert nb.is_file()
+
+
+def test_the_evaluation_gets_the_run_ids_of_the_transfer_steps(project):
+    smoke = pipeline.load_profile("smoke")
+    steps = pipeline.step_parameters(smoke)
+    with_ids = [(s.notebook, p["run_ids"]) for s, p in steps if "run_ids" in p]
+    assert with_ids == [("05_evaluation", pipeline.expected_run_ids(smoke))]
+    assert len(with_ids[0][1]) == 10  # 4 scenarios x 2 decomposition settings, and 2 three-class runs
+    evaluation = pipeline.config.NOTEBOOKS_DIR / "05_evaluation.ipynb"
+    assert "pipeline.py" not in {p.name for p in pipeline.package_dependencies(evaluation)}
+    write_profile(project, "p", "steps:\n  - {notebook: 05_evaluation, params: {run_ids: [x]}}\n")
+    with pytest.raises(ProfileError, match=r"\['run_ids'\] are supplied by the pipeline"):
+        pipeline.step_parameters(pipeline.load_profile("p", project["params"]))
+
+
+def test_a_step_must_write_what_it_declares_and_reruns_when_it_is_gone(project, monkeypatch):
+    make_notebook(
+        project["notebooks"] / "w.ipynb",
+        'profile = "x"\nout = ""\nwrite = True',
+        "from pathlib import Path\nif write:\n    Path(out, profile, 'made.txt').write_text('x')",
+    )
+    monkeypatch.setitem(pipeline.STEP_IO, "w", pipeline.StepIO(writes=("{profile}/made.txt",)))
+    made = project["reports"] / "p" / "made.txt"
+
+    def profile(write: bool) -> None:
+        write_profile(
+            project, "p", f"steps:\n  - {{notebook: w, params: {{out: {project['reports']}, write: {write}}}}}\n"
+        )
+
+    profile(False)
+    with pytest.raises(StepFailed, match=r"step 'w' \(w.ipynb\) finished without writing .*made\.txt"):
+        run(project, "p")
+    profile(True)
+    assert [s["status"] for s in run(project, "p")["steps"]] == ["ran"]
+    assert [s["status"] for s in run(project, "p")["steps"]] == ["cached"]
+    made.unlink()
+    assert [s["status"] for s in run(project, "p")["steps"]] == ["ran"]
+    assert made.is_file()
+
+
+def test_kernel_sockets_stay_out_of_the_project_root(tmp_path):
+    """The IPC kernel's socket files live in a runtime folder of the step, removed afterwards, never in the root."""
+    root = pipeline.config.ROOT
+    before = sorted(p.name for p in root.glob("kernel-ipc-*"))
+    nb = make_notebook(
+        tmp_path / "k.ipynb",
+        "before = []",
+        "from pathlib import Path\nfrom ipykernel import get_connection_file\n"
+        "leaked = sorted(p.name for p in Path.cwd().glob('kernel-ipc-*'))\n"
+        "assert leaked == before, leaked\n"
+        "runtime = Path(get_connection_file()).parent\n"
+        "assert sorted(runtime.glob('kernel-ipc-*')), list(runtime.iterdir())\n"
+        "print(runtime)",
+    )
+    out = tmp_path / "out.ipynb"
+    step = pipeline.Step("k", "k")
+    pipeline._execute(nb, out, {"before": before}, "python3", step, pipeline.kernel_env())
+    cell = nbformat.read(out, as_version=4).cells[-1]
+    runtime = Path(cell.outputs[0]["text"].strip())
+    assert runtime != root and not runtime.exists()
+    assert sorted(p.name for p in root.glob("kernel-ipc-*")) == before
+    failing = make_notebook(tmp_path / "f.ipynb", "x = 1", "from ipykernel import get_connection_file\n"
+                            "from pathlib import Path\nprint(Path(get_connection_file()).parent)\nraise ValueError('x')")
+    with pytest.raises(StepFailed):
+        pipeline._execute(failing, tmp_path / "f_out.ipynb", {}, "python3", step, pipeline.kernel_env())
+    runtime = Path(nbformat.read(tmp_path / "f_out.ipynb", as_version=4).cells[-1].outputs[0]["text"].strip())
+    assert not runtime.exists()  # removed on failure too
+    assert sorted(p.name for p in root.glob("kernel-ipc-*")) == before
+
+
+def test_run_record_holds_the_environment_the_kernels_got(project, monkeypatch):
+    keys = sorted(pipeline.config.RUNTIME_ENV)
+    assert len(keys) >= 2
+    monkeypatch.delenv(keys[0], raising=False)
+    monkeypatch.setenv(keys[1], "12345")  # a value the user set wins
+    seen = project["marker"].with_suffix(".json")
+    make_notebook(
+        project["notebooks"] / "e.ipynb",
+        'profile = "x"\nmarker = ""',
+        f"import json, os\nfrom pathlib import Path\nPath(marker).write_text(json.dumps({{k: os.environ.get(k) for k in {keys!r}}}))",
+    )
+    write_profile(project, "p", f"steps:\n  - {{notebook: e, params: {{marker: {seen}}}}}\n")
+    record = run(project, "p")
+    got = json.loads(seen.read_text())
+    assert got == {keys[0]: pipeline.config.RUNTIME_ENV[keys[0]], keys[1]: "12345", **got}
+    saved = json.loads((project["reports"] / "p" / "run.json").read_text())
+    assert saved["runtime_env"] == record["runtime_env"] == got
+    assert keys[0] not in os.environ  # the driver's own environment is left alone

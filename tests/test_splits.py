@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import assign_groups, linked_rows, loso_folds, make_splits, subsample
 
 MHH = "ml-workgroup/covid-19-image-repository/ad7ab099b425f16e06bba22322336b7d6a732965"
@@ -121,7 +122,7 @@ def test_subsample_is_deterministic_and_bounded(table):
 
 def test_holdout_sources_are_never_trained_or_validated_on(study_manifest):
     """On the real manifest: Actualmed (and any patient group it shares) goes to 'holdout' only."""
-    manifest = pd.read_csv(study_manifest, keep_default_na=False)
+    manifest = load_manifest(study_manifest)
     split = make_splits(manifest, seed=0, holdout_sources=("actualmed",))
     held = manifest[split == "holdout"]
     assert set(held["source_name"]) == {"actualmed"} and len(held) == (manifest["source_name"] == "actualmed").sum()

@@ -432,6 +432,29 @@ def extract_features(
     )
 
 
+def profile_features(
+    manifest: pd.DataFrame,
+    profile: str,
+    backbone: str,
+    image_size: int,
+    input_view: str = "full",
+    equalize: bool = False,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int = 0,
+    image_root: Path = config.PROCESSED_DIR,
+    cache_dir: Path = config.CACHE_DIR / "features",
+) -> tuple[pd.DataFrame, Path]:
+    """Features of every manifest film through the profile's input view (notebooks 02 and 03 share them), with the
+    folder the view's films are read from (``image_root`` itself for the plain view)."""
+    from cxrstudy.lungs.render import view_cache_tag, view_root
+
+    root = view_root(manifest, profile, input_view, equalize, image_root=image_root)
+    feats = extract_features(manifest, root, backbone, image_size, batch_size=batch_size, device=device,
+                             num_workers=num_workers, cache_dir=cache_dir, cache_tag=view_cache_tag(root))
+    return feats, root
+
+
 def forward_throughput(
     backbone: str,
     image_size: int,

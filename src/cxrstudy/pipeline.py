@@ -3,10 +3,11 @@
 A profile (``params/<name>.yaml``) lists steps; each step is one papermill run of a notebook with
 parameters. ``common`` parameters go to every notebook that declares them; a step's own parameters
 must be declared by its notebook, and a common parameter that no notebook declares is an error.
-A step is skipped when its key matches the stamp of its last successful run and its outputs exist. The
-key covers the notebook, its parameters, the package modules it imports and the current content of
-what it reads (``READS``: the outputs of earlier steps), not the previous step's key: changing one
-training run's epochs re-runs that run and the evaluation, not the other trainings.
+Each notebook declares what it reads and writes (``STEP_IO``). A step is skipped when its key matches the
+stamp of its last successful run and what it writes exists; a step that ends without writing it fails. The
+key covers the notebook, its parameters, the package modules it imports and the current content of what it
+reads (the outputs of earlier steps), not the previous step's key: changing one training run's epochs
+re-runs that run and the evaluation, not the other trainings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import argparse
 import ast
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +35,8 @@ from cxrstudy.runspec import RunSpec
 KERNEL_NAME = "cxrstudy"
 PROFILE_KEYS = {"description", "common", "variants", "steps"}
 STEP_KEYS = {"notebook", "name", "params"}
+#: The variants every profile shares (beside the profiles); a profile's own ``variants:`` add to or override them.
+VARIANTS_FILE = "variants.yaml"
 
 
 class ProfileError(ValueError):
@@ -61,11 +67,16 @@ class Profile:
     path: Path | None = None
 
 
+def profile_names(params_dir: Path = config.PARAMS_DIR) -> list[str]:
+    """The profiles in ``params_dir``: every YAML file but the shared variants."""
+    return sorted(p.stem for p in params_dir.glob("*.yaml") if p.name != VARIANTS_FILE)
+
+
 def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
     """Read ``params/<name>.yaml`` (or a path to a YAML file) and check its shape."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else params_dir / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in params_dir.glob("*.yaml"))
+    if not path.is_file() or path.name == VARIANTS_FILE:
+        known = profile_names(params_dir)
         raise ProfileError(f"profile {name!r}: no file {path} (known profiles: {', '.join(known) or 'none'})")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
@@ -75,7 +86,11 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
         raise ProfileError(
             f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(PROFILE_KEYS)}"
         )
-    variants = _variants(raw.get("variants") or {}, path)
+    shared = path.parent / VARIANTS_FILE
+    variants = {
+        **(_variants(yaml.safe_load(shared.read_text()) or {}, shared) if shared.is_file() else {}),
+        **_variants(raw.get("variants") or {}, path),
+    }
     steps: list[Step] = []
     for i, entry in enumerate(raw.get("steps") or []):
         if isinstance(entry, str):
@@ -98,7 +113,7 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
 
 
 def _variants(raw: object, path: Path) -> dict[str, dict[str, Any]]:
-    """The profile's ``variants``: name -> parameter set (each a mapping without a ``variant`` key)."""
+    """Variants as written in ``path``: name -> parameter set (each a mapping without a ``variant`` key)."""
     if not isinstance(raw, dict):
         raise ProfileError(f"{path}: 'variants' must map variant names to parameter sets")
     for name, params in raw.items():
@@ -213,6 +228,29 @@ def expected_run_ids(profile: Profile, notebooks_dir: Path = config.NOTEBOOKS_DI
     return ids
 
 
+#: Parameters the pipeline supplies to a notebook that declares them (a profile may not set them).
+SUPPLIED_PARAMETERS = ("run_ids",)
+
+
+def step_parameters(profile: Profile, notebooks_dir: Path = config.NOTEBOOKS_DIR) -> list[tuple[Step, dict]]:
+    """The parameters each step runs with: the profile's (``resolve_parameters``) and, for a notebook that declares
+    ``run_ids``, the runs the profile's transfer steps produce (``expected_run_ids``)."""
+    resolved = resolve_parameters(profile, notebooks_dir)
+    run_ids: list[str] | None = None
+    out = []
+    for step, params in resolved:
+        if set_here := sorted(set(params) & set(SUPPLIED_PARAMETERS)):
+            raise ProfileError(
+                f"profile {profile.name!r}, step {step.name!r}: {set_here} are supplied by the pipeline, not the profile"
+            )
+        if "run_ids" in declared_parameters(notebook_path(step, notebooks_dir)):
+            if run_ids is None:
+                run_ids = expected_run_ids(profile, notebooks_dir)
+            params = {**params, "run_ids": run_ids}
+        out.append((step, params))
+    return out
+
+
 def _module_file(module: str) -> Path | None:
     """Source file of a ``cxrstudy`` module, or None when it is not part of the package."""
     parts = module.split(".")
@@ -272,33 +310,66 @@ def package_dependencies(notebook: Path) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-#: What each notebook reads that earlier steps write. A step's key covers the current content of these
-#: paths ({processed}: data/processed, {profile}: reports/<profile>); a folder counts with all its files.
-READS: dict[str, tuple[str, ...]] = {
-    "00_data": (),
-    "01_lungs": ("{processed}/manifest.csv",),
-    "02_features": ("{processed}/manifest.csv", "{profile}/lungs"),
-    "03_decomposition": ("{processed}/manifest.csv", "{profile}/lungs"),
-    "04_transfer": ("{processed}/manifest.csv", "{profile}/lungs", "{profile}/decomposition"),
-    "05_evaluation": (
-        "{processed}/manifest.csv",
-        "{profile}/lungs",
-        "{profile}/decomposition",
-        "{profile}/runs",
+@dataclass(frozen=True)
+class StepIO:
+    """What a notebook reads that earlier steps write, and what it writes, as path templates
+    (``{processed}``: data/processed, ``{profile}``: reports/<profile>); a folder counts with all its files."""
+
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+
+_MANIFEST = "{processed}/manifest.csv"
+#: Each notebook's declared inputs and outputs. A step's key covers the current content of its reads; a step
+#: counts as done only while its writes exist, and a step that ends without writing them fails.
+STEP_IO: dict[str, StepIO] = {
+    "00_data": StepIO(
+        writes=(_MANIFEST, "{processed}/excluded.csv", "{processed}/duplicates.csv", "{processed}/build_info.json"),
+    ),
+    "01_lungs": StepIO(
+        reads=(_MANIFEST,),
+        writes=("{profile}/lungs/summary.json", "{profile}/lungs/lungs.csv", "{profile}/lungs/model.pth"),
+    ),
+    "02_features": StepIO(reads=(_MANIFEST, "{profile}/lungs"), writes=("{profile}/features/summary.json",)),
+    "03_decomposition": StepIO(
+        reads=(_MANIFEST, "{profile}/lungs"),
+        writes=("{profile}/decomposition/subclasses.csv", "{profile}/decomposition/decomposition.json"),
+    ),
+    "04_transfer": StepIO(reads=(_MANIFEST, "{profile}/lungs", "{profile}/decomposition"), writes=("{profile}/runs",)),
+    "05_evaluation": StepIO(
+        reads=(_MANIFEST, "{profile}/lungs", "{profile}/decomposition", "{profile}/runs"),
+        writes=(
+            "{profile}/results.json",
+            "{profile}/model_card.md",
+            "{profile}/claim_checklist.md",
+            "{profile}/evaluation",
+        ),
     ),
 }
+#: A notebook not listed in STEP_IO reads the manifest (when it exists) and declares no outputs.
+DEFAULT_IO = StepIO(reads=(_MANIFEST,))
 #: Package data files that count as code in a step's key (the Jinja2 templates of the written reports).
 PACKAGE_DATA_SUFFIX = ".j2"
-#: Notebooks not listed in READS read the manifest (when it exists).
-DEFAULT_READS: tuple[str, ...] = ("{processed}/manifest.csv",)
+
+
+def step_io(step: Step) -> StepIO:
+    """The declared inputs and outputs of a step's notebook (``STEP_IO``, else ``DEFAULT_IO``)."""
+    return STEP_IO.get(Path(step.notebook).stem, DEFAULT_IO)
+
+
+def _paths(templates: tuple[str, ...], profile_dir: Path) -> list[Path]:
+    subs = {"processed": str(config.PROCESSED_DIR), "profile": str(profile_dir)}
+    return [Path(t.format(**subs)) for t in templates]
 
 
 def input_paths(step: Step, profile_dir: Path) -> list[Path]:
-    """The files and folders a step reads, from ``READS``."""
-    stem = Path(step.notebook).stem
-    templates = READS.get(stem, DEFAULT_READS)
-    subs = {"processed": str(config.PROCESSED_DIR), "profile": str(profile_dir)}
-    return [Path(t.format(**subs)) for t in templates]
+    """The files and folders a step reads."""
+    return _paths(step_io(step).reads, profile_dir)
+
+
+def output_paths(step: Step, profile_dir: Path) -> list[Path]:
+    """The files and folders a step writes."""
+    return _paths(step_io(step).writes, profile_dir)
 
 
 def content_digest(paths: list[Path]) -> str:
@@ -361,24 +432,42 @@ def check_kernel(kernel: str = KERNEL_NAME) -> None:
         ) from exc
 
 
-def _ipc_kernel_manager() -> type:
-    """A kernel manager on local IPC sockets (no TCP ports, no ipykernel warning about plain-text TCP)."""
+def kernel_env() -> dict[str, str]:
+    """The environment of the notebooks' kernels: this process's, with the runtime variables
+    (``config.RUNTIME_ENV``) it lacks (a value the user set wins)."""
+    return {**config.RUNTIME_ENV, **os.environ}
+
+
+def _ipc_kernel_manager(runtime_dir: Path, env: dict[str, str]) -> type:
+    """A kernel manager on local IPC sockets (no TCP ports, no ipykernel warning about plain-text TCP) whose
+    connection file and sockets live in ``runtime_dir``, starting kernels with the environment ``env``."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import CaselessStrEnum
 
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.connection_file = str(runtime_dir / "kernel.json")
+            self.ip = str(runtime_dir / "kernel-ipc")
+
+        async def start_kernel(self, **kw: Any) -> None:
+            await super().start_kernel(**{"env": env, **kw})
+
     return IPCKernelManager
 
 
-def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step) -> None:
-    """Execute one notebook with papermill; on error raise StepFailed naming the step and the cell's error."""
+def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step, env: dict[str, str]) -> None:
+    """Execute one notebook with papermill in a kernel with environment ``env``, its sockets in a runtime folder
+    of its own (removed afterwards, also on failure); on error raise StepFailed naming the step and the cell's error."""
     import papermill
+    from jupyter_core.paths import jupyter_runtime_dir
     from papermill.exceptions import PapermillExecutionError
 
     nb_out.parent.mkdir(parents=True, exist_ok=True)
-    config.apply_runtime_env()  # kernels inherit the allocator settings from this process
+    Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="cxr-", dir=jupyter_runtime_dir()))
     try:
         papermill.execute_notebook(
             str(nb_in),
@@ -389,17 +478,19 @@ def _execute(nb_in: Path, nb_out: Path, params: dict, kernel: str, step: Step) -
             progress_bar=False,
             log_output=False,
             report_mode=False,
-            kernel_manager_class=_ipc_kernel_manager(),
+            kernel_manager_class=_ipc_kernel_manager(runtime_dir, env),
         )
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"step {step.name!r} ({nb_in.name}) failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
             f"  the partly executed notebook is kept at {nb_out}"
         ) from exc
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
-def _new_record(profile: Profile, steps: list[tuple[Step, dict]]) -> dict[str, Any]:
-    """The run record (run.json) before any step has run."""
+def _new_record(profile: Profile, steps: list[tuple[Step, dict]], env: dict[str, str]) -> dict[str, Any]:
+    """The run record (run.json) before any step has run; ``env``: the kernels' environment."""
     from cxrstudy.reporting.record import device_info, git_info, versions
 
     return {
@@ -410,7 +501,7 @@ def _new_record(profile: Profile, steps: list[tuple[Step, dict]]) -> dict[str, A
         "git": git_info(),
         "device": device_info(str(profile.common.get("device", "auto"))),
         "versions": versions(),
-        "runtime_env": config.runtime_env(),
+        "runtime_env": {k: env.get(k) for k in config.RUNTIME_ENV},  # as the kernels get them
         "data_source": config.mirror_base(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "steps": [],
@@ -432,7 +523,8 @@ def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[
         "parameters": params,
     }
     key = step_key(step, params, out, ctx["notebooks_dir"])
-    up_to_date = not ctx["force"] and stamp.get("key") == key and nb_out.is_file() and html.is_file()
+    written = [nb_out, html, *output_paths(step, out)]
+    up_to_date = not ctx["force"] and stamp.get("key") == key and all(p.exists() for p in written)
     if up_to_date or (ctx["only"] and step.name not in ctx["only"]):
         print(f"  {step.name}: unchanged, skipped", flush=True)
         return {
@@ -445,7 +537,12 @@ def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[
     stamp_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
-        _execute(nb_in, nb_out, params, ctx["kernel"], step)
+        _execute(nb_in, nb_out, params, ctx["kernel"], step, ctx["env"])
+        if missing := [str(p) for p in output_paths(step, out) if not p.exists()]:
+            raise StepFailed(
+                f"step {step.name!r} ({nb_in.name}) finished without writing {missing}, which "
+                f"pipeline.STEP_IO declares it writes"
+            )
     except StepFailed:
         ctx["record"]["steps"].append(
             {**entry, "status": "failed", "seconds": round(time.perf_counter() - t0, 2)}
@@ -473,15 +570,17 @@ def run_profile(
     from cxrstudy.runlock import profile_lock
 
     profile = load_profile(name, params_dir)
-    steps = resolve_parameters(profile, notebooks_dir)
+    steps = step_parameters(profile, notebooks_dir)
     missing = sorted(set(only or ()) - {s.name for s, _ in steps})
     if missing:
         raise ProfileError(f"--only: no step(s) {missing} in profile {profile.name!r}")
     check_kernel(kernel)
     out = reports_dir / profile.name
     with profile_lock(out, f"reproduce --profile {profile.name}"):
-        record = _new_record(profile, steps)
+        env = kernel_env()
+        record = _new_record(profile, steps, env)
         ctx = {
+            "env": env,
             "notebooks_dir": notebooks_dir,
             "force": force,
             "only": only,
@@ -539,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "html":
             rerender(args.profile)
         else:
-            for step, params in resolve_parameters(load_profile(args.profile)):
+            for step, params in step_parameters(load_profile(args.profile)):
                 print(f"{step.name}: {json.dumps(params, default=str)}")
     except (ProfileError, StepFailed, RuntimeError) as exc:  # RunLocked is a RuntimeError
         print(f"error: {exc}", file=sys.stderr)

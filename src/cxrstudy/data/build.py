@@ -31,6 +31,7 @@ from cxrstudy.data.download import (
     MirrorError,
     resolve_base,
 )
+from cxrstudy.data.manifest import MANIFEST_COLUMNS
 from cxrstudy.data.preprocess import (
     TARGET_SHORT_SIDE,
     ProcessJob,
@@ -51,25 +52,6 @@ from cxrstudy.fileio import atomic_write_text, write_json
 if TYPE_CHECKING:  # the module itself is imported lazily in build_dataset (heavier imports)
     from cxrstudy.data.dedup import DedupResult
 
-#: Manifest columns in order (docs/ARCHITECTURE.md), followed by the adapters' extra columns.
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "image",
-    "label",
-    "source",
-    "source_name",
-    "upstream_path",
-    "patient_id",
-    "patient_id_is_image_level",
-    "patient_group",
-    "view",
-    "license",
-    "split",
-    "sha256",
-    "width",
-    "height",
-    "flags",
-    "case_url",
-)
 DUPLICATES_COLUMNS: tuple[str, ...] = ("a", "b", "kind", "method", "score")
 
 

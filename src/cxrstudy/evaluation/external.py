@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from cxrstudy import config
+from cxrstudy.data.manifest import load_manifest
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
 from cxrstudy.fileio import atomic_write_text, write_json
 from cxrstudy.inference import InputKey, decode_for_models, input_key, needs_lungs, prediction_frame
@@ -141,7 +142,7 @@ def check_overlap(rows: pd.DataFrame, processed_dir: Path) -> dict:
     manifest_path = Path(processed_dir) / "manifest.csv"
     if not manifest_path.is_file():
         return {"exact": None, "near": None, "images": [], "note": f"no study manifest at {manifest_path}"}
-    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    manifest = load_manifest(manifest_path)
     found = find_overlaps(list(rows["path"]), manifest, Path(processed_dir))
     return {"exact": int(found["exact"]), "near": int(found["near"]), "images": found["images"],
             "same_patient": found.get("same_patient", [])}
