@@ -119,10 +119,10 @@ def test_model_card(results):
     goals = card.split("## Confound-free scorecard (films the run never trained on, 95% CI)\n")[1].split("\n\n")[0]
     assert goals.splitlines()[0] == (
         "- S1 ieee8023_covid_vs_pneumonia_auc: 75.0% [65.0, 80.0] (linear probe on the run's features), goal >= 80.0%: "
-        "missed."
+        "undetermined."
     )
     assert "- S4 nih_pneumonia_vs_normal_auc: n/a, goal >= 85.0%: not judged (no pneumonia class)." in goals
-    assert "- S5 paper_task_accuracy: 95.0% [85.0, 100.0], goal >= 94.2%: met." in goals
+    assert "- S5 paper_task_accuracy: 95.0% [85.0, 100.0], goal >= 94.2%: undetermined." in goals
     assert len(goals.splitlines()) == 5 and "not free of ImageNet" not in card
 
 

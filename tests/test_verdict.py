@@ -236,8 +236,11 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
                 "metric": "ieee8023_covid_vs_pneumonia_auc",
                 "value": 0.7,
                 "ci_low": 0.6,
-                "ci_high": 0.8,
+                "ci_high": 0.78,
                 "method": "probe",
+                "confounders": {"view_only": {"value": 0.61}, "demographics_only": {"value": 0.55},
+                                "confounders_only": {"value": 0.64},
+                                "view_matched": {"value": 0.66, "ci_low": 0.5, "ci_high": 0.8, "n_pairs": 90}},
             },
             {
                 "run_id": "r",
@@ -260,7 +263,8 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
                 "target": 0.8,
                 "value": 0.7,
                 "ci_low": 0.6,
-                "ci_high": 0.8,
+                "ci_high": 0.78,
+                "status": "missed",
                 "met": False,
             },
             {
@@ -285,6 +289,7 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
                 "value": 0.9,
                 "ci_low": 0.8,
                 "ci_high": 1.0,
+                "status": "met",
                 "met": True,
             },
         ],
@@ -294,8 +299,9 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
         "Confound-free scorecard of the headline covid_vs_normal run (deep, decomposition off"
     )
     assert (
-        "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 80.0] (linear probe on the run's "
-        "features), goal >= 80%: missed" in text
+        "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 78.0] (linear probe on the run's "
+        "features) (best confounder-only rule confounders only 64.0%; view-matched 66.0% [50.0, 80.0]), "
+        "goal >= 80%: missed" in text
     )
     assert "S4 NIH pneumonia vs normal ROC-AUC not computed (no pneumonia class)" in text
     assert text.endswith("Goals met: 0 of the 1 that could be judged.")

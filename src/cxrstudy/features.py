@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from cxrstudy import config
+from cxrstudy.data.manifest import manifest_key
 from cxrstudy.fileio import atomic_write_bytes, write_json
 from cxrstudy.models import create_backbone, get_spec
 from cxrstudy.tensorcache import load_uint8_batch, to_model_input
@@ -39,8 +40,6 @@ from cxrstudy.tensorcache import load_uint8_batch, to_model_input
 CACHE_VERSION = 1
 
 #: Manifest columns that identify an image's content for the cache key (``width``/``height`` when present).
-_KEY_COLUMNS = ("image", "sha256")
-_OPTIONAL_KEY_COLUMNS = ("width", "height")
 
 #: Precisions ``extract_features`` accepts: ``auto`` uses bf16 where supported and checked, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,16 +47,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 BF16_SAMPLE = 512
 BF16_MIN_COSINE = 0.999
 BF16_MAX_PROBE_GAP = 0.5
-
-
-def manifest_key(manifest: pd.DataFrame) -> str:
-    """SHA-256 of the rows' identifying columns (image, sha256, and width/height when present)."""
-    missing = [c for c in _KEY_COLUMNS if c not in manifest.columns]
-    if missing:
-        raise ValueError(f"manifest lacks column(s) {missing} needed to key the feature cache")
-    cols = [*_KEY_COLUMNS, *(c for c in _OPTIONAL_KEY_COLUMNS if c in manifest.columns)]
-    payload = manifest[cols].astype(str).to_csv(index=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def cache_path(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -46,3 +47,18 @@ def load_manifest(path: Path | str = config.MANIFEST_PATH) -> pd.DataFrame:
             f"{path} lacks the manifest column(s) {missing} (docs/ARCHITECTURE.md): rebuild it with `make data`"
         )
     return manifest
+
+
+#: Columns that identify a manifest row's film for cache keys (width/height too when present).
+_KEY_COLUMNS = ("image", "sha256")
+_OPTIONAL_KEY_COLUMNS = ("width", "height")
+
+
+def manifest_key(manifest: pd.DataFrame) -> str:
+    """SHA-256 of the rows' identifying columns (image, sha256, and width/height when present)."""
+    missing = [c for c in _KEY_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"manifest lacks column(s) {missing} needed to key the feature cache")
+    cols = [*_KEY_COLUMNS, *(c for c in _OPTIONAL_KEY_COLUMNS if c in manifest.columns)]
+    payload = manifest[cols].astype(str).to_csv(index=False)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -60,8 +60,24 @@ def _goal_part(goal: dict, entry: dict) -> str:
     target = (
         "n/a" if goal.get("target") is None else f"{100 * goal['target']:.2f}".rstrip("0").rstrip(".") + "%"
     )
-    verdict = {True: "met", False: "missed", None: "not judged"}[goal.get("met")]
-    return f"{name} {fmt_pct(entry or {'value': goal['value']})}{how}, goal {goal['op']} {target}: {verdict}"
+    verdict = goal.get("status") or "not judged"
+    why = f" ({goal['reason']})" if goal.get("reason") else ""
+    return f"{name} {fmt_pct(entry or {'value': goal['value']})}{how}{_reference(entry)}, goal {goal['op']} {target}: {verdict}{why}"
+
+
+def _reference(entry: dict) -> str:
+    """The best confounder-only rule and the view-matched value of an entry, as a clause (empty without)."""
+    from cxrstudy.evaluation.confounders import best_rule
+
+    block = entry.get("confounders") or {}
+    rule, best = best_rule(block)
+    parts = []
+    if rule is not None:
+        parts.append(f"best confounder-only rule {rule.replace('_', ' ')} {100 * best:.1f}%")
+    vm = block.get("view_matched") or {}
+    if vm.get("value") is not None:
+        parts.append(f"view-matched {fmt_pct(vm)}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def scorecard(results: dict) -> list[str]:
@@ -76,8 +92,8 @@ def scorecard(results: dict) -> list[str]:
             continue
         by_metric = {e["metric"]: e for e in entries if e.get("run_id") == run_id}
         parts = [_goal_part(g, by_metric.get(g["metric"], {})) for g in mine]
-        met = sum(g.get("met") is True for g in mine)
-        judged = sum(g.get("met") is not None for g in mine)
+        met = sum(g.get("status") == "met" for g in mine)
+        judged = sum(g.get("status") is not None for g in mine)
         out.append(
             f"Confound-free scorecard of the headline {head.get('task')} run ({head.get('scenario')}, decomposition "
             f"{'on' if head.get('decomposition') else 'off'}; held-out films only, 95% CI): "
@@ -93,7 +109,7 @@ def _goal_over_seeds_part(g: dict) -> str:
     if g.get("mean") is None:
         return f"{name} not computed"
     target = "n/a" if g.get("target") is None else f"{100 * g['target']:.2f}".rstrip("0").rstrip(".") + "%"
-    met = {True: "met", False: "not met", None: "not judged"}[g.get("met")]
+    met = g.get("status") or "not judged"
     clear = {
         True: "every seed's interval clears it",
         False: "not every seed's interval clears it",
@@ -124,8 +140,9 @@ def recommendation(results: dict) -> list[str]:
     cfg = cfgs[0]
     return [
         text
-        + f" On films its runs never trained or validated on, over its {cfg['n_seeds']} seed(s) (met: the seed "
-        "mean meets the goal): " + "; ".join(_goal_over_seeds_part(g) for g in cfg["goals"]) + "."
+        + f" On films its runs never trained or validated on, over its {cfg['n_seeds']} seed(s) (met: every "
+        "seed's goal is met, its 95% interval on the goal's side and clear of the confounder-only rules; missed: "
+        "every seed's missed; else undetermined): " + "; ".join(_goal_over_seeds_part(g) for g in cfg["goals"]) + "."
     ]
 
 

@@ -105,7 +105,7 @@ def _lung_entry(profile: str) -> str:
 
 def render_key(manifest: pd.DataFrame, profile: str, view: str, equalize: bool, margin: float) -> str:
     """Key of a rendered folder: lung entry, view, equalisation, margin, manifest content, version."""
-    from cxrstudy.features import manifest_key
+    from cxrstudy.data.manifest import manifest_key
 
     payload = json.dumps(
         [RENDER_VERSION, _lung_entry(profile), view, equalize, round(margin, 4), manifest_key(manifest)]

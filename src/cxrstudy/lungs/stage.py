@@ -117,7 +117,7 @@ def cache_key(
 ) -> str:
     """Key of a cache entry: code, mask archive, paired images (with their content hashes), settings,
     the segmented manifest's content."""
-    from cxrstudy.features import manifest_key
+    from cxrstudy.data.manifest import manifest_key
 
     sha = dict(zip(manifest["image"], manifest["sha256"], strict=False)) if "sha256" in manifest else {}
     payload = {

@@ -65,13 +65,13 @@ def _recommended_key(results: dict[str, Any]) -> tuple | None:
 
 
 def _goal_cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of a ``scorecard_summary`` entry for display: seed spread, ``met`` (the seed mean) and
-    ``clears`` (every seed's interval clears the goal)."""
+    """Each goal of a ``scorecard_summary`` entry for display: seed spread, ``met`` (the goal's status over
+    seeds: met, missed or undetermined) and ``clears`` (every seed's interval clears the goal)."""
     mine = {g["goal"]: g for g in cfg.get("goals") or []}
     cells = []
     for h in goal_headers():
         g = mine.get(h["goal"], {})
-        met = {True: "met", False: "missed"}.get(g.get("met"), "n/a")
+        met = g.get("status") or "n/a"
         clear = {True: "all seeds clear", False: "not all seeds clear"}.get(g.get("all_seeds_clear"), "")
         cells.append({"goal": h["goal"], "rule": h["rule"], "metric": _spread(g), "met": met, "clears": clear})
     return cells
