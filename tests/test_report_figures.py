@@ -79,7 +79,9 @@ def test_scorecard_panels_and_figure(tmp_path):
         _entry(a.format(0), "ieee8023_covid_vs_pneumonia_auc", 0.82, method="probe"),
         _entry(a.format(0), "source_id_within_covid_accuracy", 0.62, method="probe"),
         _entry(a.format(0), "source_id_within_covid_majority", 0.43, method="probe"),
-        _entry(a.format(0), "paper_task_accuracy", 0.95),
+        {**_entry(a.format(0), "paper_task_accuracy", 0.95),
+         "confounders": {"view_only": {"value": 0.71}, "demographics_only": {"value": 0.6},
+                         "confounders_only": {"value": 0.74}, "view_matched": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95}}},
         _entry(a.format(0), "nih_pneumonia_vs_normal_auc", None),
         _entry(a.format(1), "source_id_within_covid_accuracy", 0.58, method="probe"),
         _entry(a.format(1), "source_id_within_covid_majority", 0.45, method="probe"),
@@ -102,6 +104,9 @@ def test_scorecard_panels_and_figure(tmp_path):
     assert list(s5["value"]) == [0.93, pytest.approx(0.93)] and s5["target"].iloc[0] == pytest.approx(0.9417)
     # the bar: the lowest lower bound to the highest upper bound of the seeds' intervals
     assert (s5["ci_low"].iloc[1], s5["ci_high"].iloc[1]) == (pytest.approx(0.86), pytest.approx(0.99))
+    # the rules that know only the confounders and the view-matched value ride along as reference marks
+    assert s5["view_only"].iloc[1] == 0.71 and s5["confounders_only"].iloc[1] == 0.74
+    assert s5["view_matched"].iloc[1] == pytest.approx(0.9) and s5["view_only"].isna().iloc[0]
     s1 = panels[names[0]]  # a seed without the metric does not count; a configuration without it reads n/a
     assert list(s1["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, 1 seed)",
                                  "deep nodecomp (covid_vs_normal, 2 seeds, probe)"]

@@ -57,7 +57,8 @@ def cache_path(
     cache_tag: str = "",
     precision: str = "fp32",
 ) -> Path:
-    """Cache file for (backbone spec, image size, manifest content, tag, precision); fp32 keys as before bf16."""
+    """Cache file for (backbone spec, image size, manifest content, tag, precision); an fp32 key carries no
+    precision field."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     spec = get_spec(backbone)
@@ -68,7 +69,7 @@ def cache_path(
         "manifest": manifest_key(manifest),
         "tag": cache_tag,
     }
-    if precision == "bf16":  # fp32 files keep their key: features computed as before
+    if precision == "bf16":
         fields["precision"] = "bf16"
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     safe = backbone.replace(":", "-").replace("/", "-")

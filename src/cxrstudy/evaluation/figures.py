@@ -152,6 +152,11 @@ def plot_intervals(
         v = t["value"].to_numpy(dtype=float)
         err = np.vstack([v - t["ci_low"].to_numpy(dtype=float), t["ci_high"].to_numpy(dtype=float) - v])
         ax.errorbar(v, y, xerr=np.nan_to_num(err), fmt="o", color="C0", ms=4, capsize=3, lw=1.2)
+        for col, style in REFERENCE_MARKS.items():
+            if col in t.columns:
+                ref = t[col].to_numpy(dtype=float)
+                has = np.isfinite(ref)
+                ax.plot(ref[has], y[has], linestyle="none", label=style["label"], **style["kw"])
         ax.set_yticks(y, t["label"], fontsize=7)
         ax.set_ylim(len(t) - 0.5, -0.5)
         ax.grid(axis="x", color="0.9")
@@ -169,10 +174,19 @@ def plot_intervals(
     return fig
 
 
+#: Reference marks of the scorecard figure: column -> legend label and matplotlib style.
+REFERENCE_MARKS: dict[str, dict] = {
+    "view_only": {"label": "view only (AP/PA)", "kw": {"marker": "x", "color": "C1", "ms": 6, "mew": 1.5}},
+    "confounders_only": {"label": "view + age + sex", "kw": {"marker": "d", "color": "C4", "ms": 5, "mfc": "none"}},
+    "view_matched": {"label": "model, view-matched", "kw": {"marker": "o", "color": "C2", "ms": 6, "mfc": "none"}},
+}
+
+
 def plot_scorecard(panels: dict[str, pd.DataFrame], xlabel: str = "value (95% CI)", title: str | None = None) -> Figure:
     """One panel per metric: rows (label, value, ci_low, ci_high, target, op) as points with horizontal
     intervals; the goal as a vertical line when all rows share it, else a marker per row; missing values
-    are listed as "n/a"."""
+    are listed as "n/a". Optional columns add reference marks per row: ``view_only`` (the projection rule),
+    ``confounders_only`` (view, age and sex) and ``view_matched`` (the model within projection)."""
     import numpy as np
 
     panels = {k: t for k, t in panels.items() if len(t)}
@@ -200,6 +214,9 @@ def plot_scorecard(panels: dict[str, pd.DataFrame], xlabel: str = "value (95% CI
         ax.set_ylim(len(t) - 0.5, -0.5)
         ax.grid(axis="x", color="0.9")
         ax.set_title(name, fontsize=8, loc="left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        axes[0, 0].legend(handles, labels, fontsize=6, loc="lower left", ncol=3, framealpha=0.8)
     axes[-1, 0].set_xlim(0.0, 1.0)
     axes[-1, 0].set_xlabel(xlabel, fontsize=8)
     if title:
@@ -404,7 +421,9 @@ def scorecard_panels(summary: Sequence[dict]) -> dict[str, pd.DataFrame]:
             g = next((x for x in cfg.get("goals") or [] if x["goal"] == goal.goal), None)
             if g is None:
                 continue
-            probe = "probe" in ((cfg.get("metrics") or {}).get(goal.metric) or {}).get("methods", [])
+            metric = (cfg.get("metrics") or {}).get(goal.metric) or {}
+            probe = "probe" in metric.get("methods", [])
+            refs = metric.get("confounders") or {}
             rows.append(
                 {
                     "label": config_label(cfg) + (", probe)" if probe else ")"),
@@ -413,12 +432,16 @@ def scorecard_panels(summary: Sequence[dict]) -> dict[str, pd.DataFrame]:
                     "ci_high": g["interval_high"],
                     "target": g["target"],
                     "op": goal.op,
+                    "view_only": (refs.get("view_only") or {}).get("value"),
+                    "confounders_only": (refs.get("confounders_only") or {}).get("value"),
+                    "view_matched": (refs.get("view_matched") or {}).get("mean"),
                 }
             )
         title = f"{goal.goal} {goal.metric} ({goal.op} " + (
             f"majority + {100 * goal.margin:.0f} points)" if goal.relative_to else f"{goal.target:.4g})"
         )
-        panels[title] = pd.DataFrame(rows, columns=["label", "value", "ci_low", "ci_high", "target", "op"])
+        columns = ["label", "value", "ci_low", "ci_high", "target", "op", *REFERENCE_MARKS]
+        panels[title] = pd.DataFrame(rows, columns=columns)
     return panels
 
 
@@ -433,7 +456,7 @@ def scorecard_figure(summary: Sequence[dict], path: Path) -> Path | None:
     fig = plot_scorecard(
         panels,
         "seed mean; bar: lowest to highest bound of the seeds' 95% intervals (patient-group bootstrap, unseen films)",
-        "Confound-free scorecard per configuration over seeds: dashed lines are the goals",
+        "Scorecard per configuration over seeds: dashed lines are the goals; marks, rules that know only the confounders",
     )
     plots.save_figure(fig, path, close=True)
     return path

@@ -117,7 +117,7 @@ class TrainConfig:
             _fail(
                 "epochs",
                 f"is the total over finetune's {self.n_stages} stages and must be at least {self.n_stages} "
-                f"(it is no longer per stage: for the old meaning set epochs = per-stage epochs x {self.n_stages})",
+                f"(one epoch per stage at least; epochs per stage x {self.n_stages} gives that many per stage)",
                 self.epochs,
             )
 
