@@ -140,7 +140,7 @@ def test_same_hospital_probe_and_run_predictions(manifest, features):
     preds = pd.DataFrame(
         {
             "image": am["image"].iloc[[0, 1, -1]].to_list() + [manifest["image"].iloc[-1]],
-            "split": ["test"] * 4,
+            "split": ["holdout", "holdout", "test", "holdout"],
             "label": am["label"].iloc[[0, 1, -1]].to_list() + ["normal"],
         }
     )
@@ -157,6 +157,8 @@ def test_same_hospital_probe_and_run_predictions(manifest, features):
         "accuracy": pytest.approx(2 / 3),
         "labels": preds["label"][:3].value_counts().to_dict(),
     }
+    trained = preds.assign(split=["train", "val", "holdout", "holdout"])  # films a run saw never count
+    assert SC.same_hospital(features["unmasked"], manifest, {"r": trained}, seed=0, n_bootstrap=50)["runs_test"]["r"]["n"] == 1
     probe = res["probe"]
     assert probe["n_splits"] == 5 and 0 <= probe["accuracy"]["value"] <= 1
 

@@ -213,8 +213,9 @@ def same_hospital(
     seed: int = 0,
     n_bootstrap: int = 1000,
 ) -> dict:
-    """One source (default: the registry's same-hospital source, Actualmed): each run's test predictions on
-    it, and a within-source linear probe.
+    """One source (default: the registry's same-hospital source, Actualmed): each run's predictions on its
+    films the run never trained or validated on (``runs_test``: the held-out hospital's ``holdout`` split, or
+    ``test``), and a within-source linear probe.
 
     The probe uses every image of the source and task with patient-grouped cross-validation (folds =
     fewest patient groups of a class, at most 5); its metrics come from the out-of-fold predictions.
@@ -224,7 +225,7 @@ def same_hospital(
     out: dict = {"source": source_name, "n": int(len(rows)), "counts": rows["label"].value_counts().to_dict()}
     per_run = {}
     for run_id, preds in run_predictions.items():
-        sub = preds[(preds["split"] == "test") & preds["image"].isin(rows["image"])]
+        sub = preds[~preds["split"].isin(["train", "val"]) & preds["image"].isin(rows["image"])]
         sub = sub[sub["label"].isin(list(classes))]
         entry: dict = {"n": int(len(sub))}
         if len(sub):
