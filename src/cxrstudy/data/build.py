@@ -40,6 +40,7 @@ from cxrstudy.data.preprocess import (
 )
 from cxrstudy.data.sources import (
     EXCLUDED_COLUMNS,
+    SEXES,
     SOURCES,
     Source,
     SourceInputs,
@@ -424,8 +425,7 @@ def confounder_coverage(manifest: pd.DataFrame) -> pd.DataFrame:
     m = pd.DataFrame({
         "source_name": manifest["source_name"].astype(str), "label": manifest["label"].astype(str),
         "AP": manifest["view"] == "AP", "PA": manifest["view"] == "PA", "age": age,
-        "age_known": age.notna(), "sex_known": sex.isin(["M", "F"]),
-        "F": sex.eq("F").astype(float).where(sex.isin(["M", "F"])),
+        "age_known": age.notna(), "sex_known": sex.isin(SEXES), "F": sex.eq("F").astype(float).where(sex.isin(SEXES)),
     })  # fmt: skip
     g = pd.concat([m, m.assign(source_name="total")], ignore_index=True).groupby(["source_name", "label"])
     table = g.agg(

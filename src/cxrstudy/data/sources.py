@@ -1,12 +1,13 @@
 """Source adapters: one small declarative `Source` per upstream repository plus the rules that turn that
 repository's own metadata (and, for folder-labelled sources, a file listing) into candidate rows.
 
-Every rule of docs/DATA.md lives here: label strings, views (laterals excluded), age and sex
-(each source's own metadata, through the shared `normalize_age` / `normalize_sex`), source-prefixed patient IDs, licences, case URLs, and the adapter-level exclusions with their reasons
-(``lateral``, ``label rule: ...``, ``hannover copy: ...``, ``absent: ...``). A `Source` also carries
-every trait the rest of the study reads (de-duplication priority and links, hold-out, within-source
-contrasts, the same-hospital source); the functions after `SOURCES` derive them from the registry, so
-adding a source is one more `Source` with its own `rules` function, registered in `SOURCES`.
+Every rule of docs/DATA.md lives here: label strings, views (laterals excluded), age and sex (each source's
+own metadata, through the shared `normalize_age` / `normalize_sex`), source-prefixed patient IDs, licences,
+case URLs, and the adapter-level exclusions with their reasons (``lateral``, ``label rule: ...``,
+``hannover copy: ...``, ``absent: ...``). A `Source` also carries every trait the rest of the study reads
+(de-duplication priority and links, hold-out, within-source contrasts, the same-hospital source); the
+functions after `SOURCES` derive them from the registry, so adding a source is one more `Source` with its
+own `rules` function, registered in `SOURCES`.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ _SEX = {"m": "M", "male": "M", "f": "F", "female": "F"}
 def normalize_age(value: object) -> float:
     """Age in years from a metadata cell holding one number (optionally suffixed Y / yr(s) / year(s)); NaN
     for anything else (empty, open bounds '50+', decades 'early 40s', ranges '40-50') or outside 0-AGE_MAX."""
-    m = _AGE_YEARS.match(str(value).strip()) if isinstance(value, str) else None
+    m = _AGE_YEARS.match(value.strip()) if isinstance(value, str) else None
     if m is None:
         return math.nan
     years = float(m.group("years"))
