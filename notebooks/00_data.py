@@ -75,6 +75,18 @@ display(pd.crosstab(manifest["label"], manifest["view"], margins=True))
 display(pd.crosstab([manifest["label"], manifest["source_name"]], manifest["view"]))
 
 # %% [markdown]
+# ## Confounders: projection, age and sex
+#
+# Per source × label: films with a known view (and the AP / PA counts), with a known age (median and quartiles), and with a known sex (the share F among them), from each source's own metadata (NIH: the `Data_Entry_2017` table). If the classes differ in these, a model can learn them instead of the disease; docs/DATA.md states the same table for the mirror.
+
+# %%
+from cxrstudy.data.build import confounder_coverage
+
+coverage = confounder_coverage(manifest)
+coverage.to_csv(out / "confounders.csv", index=False)
+display(coverage.round(2))
+
+# %% [markdown]
 # ## Sample images per class and source
 #
 # Processed 8-bit PNGs (shorter side 256). Note how differently the sources look: that difference is exactly what a classifier can learn instead of the disease.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -9,13 +10,17 @@ import pytest
 
 from cxrstudy.data.sources import (
     CANDIDATE_COLUMNS,
+    NIH_TABLE,
     SOURCES,
     Candidates,
     RepoFile,
     Source,
     SourceInputs,
     all_candidates,
+    normalize_age,
     normalize_case_url,
+    normalize_sex,
+    read_csv_text,
 )
 
 
@@ -144,6 +149,73 @@ def test_nih_rules(rows, cands):
     assert dark.sum() == 113
 
 
+def _age_sex(rows: pd.DataFrame, source: str, path: str) -> tuple[float | None, str]:
+    r = rows[(rows["source_name"] == source) & (rows["upstream_path"] == path)]
+    assert len(r) == 1, (source, path)
+    age = r["age"].iloc[0]
+    return (None if math.isnan(age) else age, r["sex"].iloc[0])
+
+
+def test_age_and_sex_from_each_sources_metadata(rows, mirror_file, mirror_root):
+    """Real rows of each source's own metadata file, and the candidate rows they become."""
+    ieee = read_csv_text(mirror_file("ieee8023", "metadata.csv")).iloc[0]
+    assert (ieee["patientid"], ieee["age"], ieee["sex"]) == ("2", "65", "M")
+    assert _age_sex(rows, "ieee8023", "images/" + ieee["filename"]) == (65.0, "M")
+    # MHH: lower-case sex, age redacted in every row
+    mhh = read_csv_text(mirror_file("mhh", "data.csv"))
+    assert mhh.iloc[0][["image_id", "sex", "age"]].tolist() == ["fff13f3a", "f", ""]
+    assert (mhh["age"] == "").all()
+    assert _age_sex(rows, "mhh", "png/fff13f3a.png") == (None, "F")
+    # Figure1 (latin-1): an age, and the approximate ages '67+' and 'early 40s' read as unknown
+    f1 = read_csv_text(mirror_file("figure1", "metadata.csv"), encoding="latin-1").set_index("patientid")
+    assert f1.loc["COVID-00004", ["age", "sex"]].tolist() == ["42", "M"]
+    assert f1.loc["COVID-00015a", "age"] == "67+" and f1.loc["COVID-00040a", "age"] == "early 40s"
+    assert _age_sex(rows, "figure1", "images/COVID-00004.jpg") == (42.0, "M")
+    assert _age_sex(rows, "figure1", "images/COVID-00015a.png") == (None, "")
+    assert _age_sex(rows, "figure1", "images/COVID-00040a.jpg") == (None, "")
+    # Actualmed: the columns exist and are empty in every row
+    am = read_csv_text(mirror_file("actualmed", "metadata.csv"))
+    assert len(am) == 238 and (am["age"] == "").all() and (am["sex"] == "").all()
+    act = rows[rows["source_name"] == "actualmed"]
+    assert act["age"].isna().all() and (act["sex"] == "").all()
+    # CXNet (UTF-8 with BOM): male / female, fractional years for infants; no metadata row, no age or sex
+    cx = read_csv_text(mirror_file("cxnet", "metadata.csv"), encoding="utf-8-sig").set_index("filename")
+    assert cx.loc["260.jpg", ["age", "sex"]].tolist() == ["68", "female"]
+    assert cx.loc["757p.jpg", ["age", "sex"]].tolist() == ["0.03", "male"]
+    folder = "chest_xray_images/covid19/"
+    assert _age_sex(rows, "cxnet", folder + "260.jpg") == (68.0, "F")
+    assert _age_sex(rows, "cxnet", folder + "757p.jpg") == (0.03, "M")
+    assert _age_sex(rows, "cxnet", folder + "83.jpeg") == (None, "")
+    # NIH: from the auxiliary Data_Entry_2017 table; a film without a row has neither
+    nih = read_csv_text(mirror_root / NIH_TABLE.repo / NIH_TABLE.commit / NIH_TABLE.path)
+    entry = nih.set_index("Image Index").loc["00001280_004.png"]
+    assert entry[["Patient Age", "Patient Gender", "View Position"]].tolist() == ["36", "F", "PA"]
+    assert _age_sex(rows, "nih", "X-Ray Image DataSet/No_findings/00001280_004.png") == (36.0, "F")
+    assert "00010471_001.png" not in set(nih["Image Index"])
+    assert _age_sex(rows, "nih", "X-Ray Image DataSet/Pneumonia/00010471_001.png") == (None, "")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("65", 65.0), (" 45 ", 45.0), ("0.03", 0.03), ("0", 0.0), ("120", 120.0), ("058Y", 58.0), ("45 yrs", 45.0),
+     ("70 years", 70.0), ("", None), ("121", None), ("411", None), ("-3", None), ("50+", None), ("67+", None),
+     ("early 40s", None), ("mid 50s", None), ("40-50", None), ("?", None), (None, None), (float("nan"), None),
+     (65, None)],
+)  # fmt: skip
+def test_normalize_age(value, expected):
+    got = normalize_age(value)
+    assert (None if math.isnan(got) else got) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("M", "M"), ("m", "M"), ("Male", "M"), (" male ", "M"), ("F", "F"), ("f", "F"), ("FEMALE", "F"),
+     ("female", "F"), ("", ""), ("O", ""), ("unknown", ""), ("mf", ""), (None, ""), (float("nan"), "")],
+)  # fmt: skip
+def test_normalize_sex(value, expected):
+    assert normalize_sex(value) == expected
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
@@ -181,8 +253,8 @@ def test_a_seventh_source_is_one_adapter(tmp_path):
             elif r.dx not in ("covid", "normal", "pneumonia"):
                 excl.append({**base, "label": "", "reason": f"label rule: {r.dx!r}"})
             else:
-                rows.append({**base, "view": r.proj, "patient_id": f"{src.name}:{r.file}", "patient_id_is_image_level": True,
-                             "case_url": "", "license": src.license, "flags": ""})  # fmt: skip
+                rows.append({**base, "view": r.proj, "age": math.nan, "sex": "", "patient_id": f"{src.name}:{r.file}",
+                             "patient_id_is_image_level": True, "case_url": "", "license": src.license, "flags": ""})  # fmt: skip
         return Candidates(pd.DataFrame(rows), pd.DataFrame(excl))
 
     extra = Source("toy", "me/toy", "0" * 40, "toy", "CC0", rules, priority=6, metadata=("labels.csv",))

@@ -13,18 +13,26 @@ from PIL import Image
 
 from cxrstudy.data import sources as S
 from cxrstudy.data.build import build_dataset
-from cxrstudy.data.sources import Candidates, Source, SourceInputs, read_csv_text
+from cxrstudy.data.sources import (
+    Candidates,
+    Source,
+    SourceInputs,
+    normalize_age,
+    normalize_sex,
+    read_csv_text,
+)
 
 REPO, COMMIT = "lab/toy-cxr", "0123456789abcdef0123456789abcdef01234567"
-#: file, finding, view, patient: two films of p01, a lateral, and zz_copy.png (p11) a byte copy of p03's film.
+#: file, finding, view, patient, age, sex: two films of p01, a lateral, and zz_copy.png (p11) a byte copy of
+#: p03's film; age and sex as a source might spell them.
 LABELS = [
-    ("p01a.png", "covid", "PA", "p01"),
-    ("p01b.png", "covid", "AP", "p01"),
-    *[(f"p{i:02d}.png", "covid", "PA", f"p{i:02d}") for i in range(2, 9)],
-    *[(f"p{i:02d}.png", "normal", "PA", f"p{i:02d}") for i in range(9, 11)],
-    *[(f"n{i:02d}.png", "normal", "AP", f"n{i:02d}") for i in range(1, 8)],
-    ("n01_lat.png", "normal", "L", "n01"),
-    ("zz_copy.png", "covid", "PA", "p11"),
+    ("p01a.png", "covid", "PA", "p01", "61", "male"),
+    ("p01b.png", "covid", "AP", "p01", "61", "male"),
+    *[(f"p{i:02d}.png", "covid", "PA", f"p{i:02d}", f"{40 + i}Y", "f") for i in range(2, 9)],
+    *[(f"p{i:02d}.png", "normal", "PA", f"p{i:02d}", "", "") for i in range(9, 11)],
+    *[(f"n{i:02d}.png", "normal", "AP", f"n{i:02d}", "50+", "?") for i in range(1, 8)],
+    ("n01_lat.png", "normal", "L", "n01", "", ""),
+    ("zz_copy.png", "covid", "PA", "p11", "", ""),
 ]
 
 
@@ -34,7 +42,8 @@ def _toy_rules(src: Source, inputs: SourceInputs) -> Candidates:
     lateral = df["view"] == "L"
     rows = pd.DataFrame({
         "source": src.repo, "source_name": src.name, "upstream_path": "images/" + df["file"], "label": df["finding"],
-        "view": df["view"], "patient_id": src.name + ":" + df["patient"], "patient_id_is_image_level": False,
+        "view": df["view"], "age": df["age"].map(normalize_age), "sex": df["sex"].map(normalize_sex),
+        "patient_id": src.name + ":" + df["patient"], "patient_id_is_image_level": False,
         "case_url": "", "license": src.license, "flags": "",
     })  # fmt: skip
     excluded = rows.loc[lateral, ["source", "source_name", "upstream_path", "label"]].assign(reason="lateral")
@@ -52,7 +61,7 @@ def toy_mirror(tmp_path: Path) -> Path:
     """A mirror ``{owner}/{repo}/{commit}/{path}`` holding the toy source's metadata and films."""
     root = tmp_path / "mirror" / REPO / COMMIT
     (root / "images").mkdir(parents=True)
-    pd.DataFrame(LABELS, columns=["file", "finding", "view", "patient"]).to_csv(root / "labels.csv", index=False)
+    pd.DataFrame(LABELS, columns=["file", "finding", "view", "patient", "age", "sex"]).to_csv(root / "labels.csv", index=False)
     for seed, (name, *_rest) in enumerate(LABELS[:-1]):
         _film(seed).save(root / "images" / name)
     shutil.copyfile(root / "images" / "p03.png", root / "images" / "zz_copy.png")
@@ -74,11 +83,16 @@ def test_a_registered_source_builds_into_a_manifest(toy_mirror, toy_source, tmp_
     res = build_dataset(base=str(toy_mirror), out_dir=out, raw_dir=tmp_path / "raw", workers=2,
                         cache_dir=tmp_path / "cache", process_workers=1, progress=False, sources=["toy"])  # fmt: skip
     m = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert m.equals(res.manifest.astype(str)) and set(m["source_name"]) == {"toy"} and set(m["source"]) == {REPO}
-    kept = [f for f, _, view, _ in LABELS if view != "L" and f != "zz_copy.png"]
+    assert m.equals(res.manifest.fillna("").astype(str)) and set(m["source_name"]) == {"toy"} and set(m["source"]) == {REPO}
+    kept = [f for f, _, view, *_ in LABELS if view != "L" and f != "zz_copy.png"]
     assert sorted(m["upstream_path"]) == sorted(f"images/{f}" for f in kept)
     label = {f"images/{f}": lab for f, lab, *_ in LABELS}
     assert (m["label"] == m["upstream_path"].map(label)).all()
+    ages = m.set_index("upstream_path")["age"]
+    assert (ages["images/p01a.png"], ages["images/p03.png"], ages["images/p09.png"], ages["images/n02.png"]) == (
+        "61.0", "43.0", "", ""
+    )
+    assert m.groupby(m["upstream_path"].str[7])["sex"].agg(set).to_dict() == {"p": {"M", "F", ""}, "n": {""}}
     assert (m["patient_id"] == "toy:" + m["upstream_path"].str.extract(r"images/(\w\d\d)", expand=False)).all()
     assert all((out / p).is_file() for p in m["image"])
     # the split: patient-disjoint, every split used, the two films of p01 together

@@ -41,6 +41,7 @@ from cxrstudy.data.preprocess import (
 )
 from cxrstudy.data.sources import (
     EXCLUDED_COLUMNS,
+    SEXES,
     SOURCES,
     Source,
     SourceInputs,
@@ -394,6 +395,58 @@ def dropped_copies(excluded: pd.DataFrame) -> pd.DataFrame:
     )
     out = pd.DataFrame({"dropped_from": dup["source_name"], "kept_from": kept})
     return out.value_counts().rename("images").reset_index()
+
+
+def confounder_coverage(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per source x label (registry order, then ``total`` per label): films, AP and PA counts, the shares of
+    films with a known view, age and sex, the age median and quartiles, and the share F among known sexes."""
+    age = pd.to_numeric(manifest["age"], errors="coerce")
+    sex = manifest["sex"].fillna("").astype(str)
+    m = pd.DataFrame({
+        "source_name": manifest["source_name"].astype(str), "label": manifest["label"].astype(str),
+        "AP": manifest["view"] == "AP", "PA": manifest["view"] == "PA", "age": age,
+        "age_known": age.notna(), "sex_known": sex.isin(SEXES), "F": sex.eq("F").astype(float).where(sex.isin(SEXES)),
+    })  # fmt: skip
+    g = pd.concat([m, m.assign(source_name="total")], ignore_index=True).groupby(["source_name", "label"])
+    table = g.agg(
+        films=("label", "size"),
+        AP=("AP", "sum"),
+        PA=("PA", "sum"),
+        age_known=("age_known", "mean"),
+        age_median=("age", "median"),
+        age_q1=("age", lambda a: a.quantile(0.25)),
+        age_q3=("age", lambda a: a.quantile(0.75)),
+        sex_known=("sex_known", "mean"),
+        share_F=("F", "mean"),
+    ).reset_index()
+    table.insert(5, "view_known", (table["AP"] + table["PA"]) / table["films"])
+    order = {name: i for i, name in enumerate([*SOURCES, "total"])}
+    table = table.sort_values(
+        ["source_name", "label"], key=lambda c: c.map(order) if c.name == "source_name" else c
+    )
+    return table.reset_index(drop=True)
+
+
+def coverage_markdown(coverage: pd.DataFrame) -> str:
+    """The :func:`confounder_coverage` table as the Markdown table of docs/DATA.md (shares in whole percent)."""
+
+    def pct(x: float) -> str:
+        return "–" if pd.isna(x) else f"{x:.0%}"
+
+    def age(r: pd.Series) -> str:
+        q = [round(float(x), 1) for x in (r.age_median, r.age_q1, r.age_q3)]
+        return "–" if pd.isna(r.age_median) else f"{q[0]:g} ({q[1]:g}–{q[2]:g})"
+
+    lines = [
+        "| source | label | films | known view (AP / PA) | known age | age median (IQR) | known sex | F of known |",
+        "|---|---|---:|---|---:|---|---:|---:|",
+    ]
+    for r in coverage.itertuples():
+        lines.append(
+            f"| {r.source_name} | {r.label} | {r.films} | {pct(r.view_known)} ({r.AP} / {r.PA}) "
+            f"| {pct(r.age_known)} | {age(r)} | {pct(r.sex_known)} | {pct(r.share_F)} |"
+        )
+    return "\n".join(lines)
 
 
 def label_shares(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -20,6 +20,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "patient_id_is_image_level",
     "patient_group",
     "view",
+    "age",
+    "sex",
     "license",
     "split",
     "sha256",

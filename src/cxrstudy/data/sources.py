@@ -1,16 +1,18 @@
 """Source adapters: one small declarative `Source` per upstream repository plus the rules that turn that
 repository's own metadata (and, for folder-labelled sources, a file listing) into candidate rows.
 
-Every rule of docs/DATA.md lives here: label strings, views (laterals excluded),
-source-prefixed patient IDs, licences, case URLs, and the adapter-level exclusions with their reasons
-(``lateral``, ``label rule: ...``, ``hannover copy: ...``, ``absent: ...``). A `Source` also carries
-every trait the rest of the study reads (de-duplication priority and links, hold-out, within-source
-contrasts, the same-hospital source); the functions after `SOURCES` derive them from the registry, so
-adding a source is one more `Source` with its own `rules` function, registered in `SOURCES`.
+Every rule of docs/DATA.md lives here: label strings, views (laterals excluded), age and sex (each source's
+own metadata, through the shared `normalize_age` / `normalize_sex`), source-prefixed patient IDs, licences,
+case URLs, and the adapter-level exclusions with their reasons (``lateral``, ``label rule: ...``,
+``hannover copy: ...``, ``absent: ...``). A `Source` also carries every trait the rest of the study reads
+(de-duplication priority and links, hold-out, within-source contrasts, the same-hospital source); the
+functions after `SOURCES` derive them from the registry, so adding a source is one more `Source` with its
+own `rules` function, registered in `SOURCES`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ CANDIDATE_COLUMNS: tuple[str, ...] = (
     "upstream_path",
     "label",
     "view",
+    "age",
+    "sex",
     "patient_id",
     "patient_id_is_image_level",
     "case_url",
@@ -42,6 +46,9 @@ CANDIDATE_COLUMNS: tuple[str, ...] = (
 EXCLUDED_COLUMNS: tuple[str, ...] = ("source", "source_name", "upstream_path", "label", "reason")
 
 VIEWS: tuple[str, ...] = ("PA", "AP", "unknown")
+SEXES: tuple[str, ...] = ("M", "F")
+#: Oldest age in years taken as real; larger values (and negative ones) are read as unknown.
+AGE_MAX = 120
 
 
 @dataclass(frozen=True)
@@ -185,13 +192,41 @@ def _view(value: str) -> str:
     return "unknown"
 
 
+#: A single age in years, optionally with a years unit: '65', '0.25', '058Y', '45 yrs', '70 years'.
+_AGE_YEARS = re.compile(r"^(?P<years>\d+(?:\.\d+)?)\s*(?:y|yr|yrs|year|years)?$", re.IGNORECASE)
+_SEX = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+def normalize_age(value: object) -> float:
+    """Age in years from a metadata cell holding one number (optionally suffixed Y / yr(s) / year(s)); NaN
+    for anything else (empty, open bounds '50+', decades 'early 40s', ranges '40-50') or outside 0-AGE_MAX."""
+    m = _AGE_YEARS.match(value.strip()) if isinstance(value, str) else None
+    if m is None:
+        return math.nan
+    years = float(m.group("years"))
+    return years if 0 <= years <= AGE_MAX else math.nan
+
+
+def normalize_sex(value: object) -> str:
+    """``M`` or ``F`` from M / F / male / female in any case; '' for anything else."""
+    return _SEX.get(value.strip().lower(), "") if isinstance(value, str) else ""
+
+
+def _age_sex(row: pd.Series | dict[str, str], age: str = "age", sex: str = "sex") -> dict[str, object]:
+    """The ``age`` and ``sex`` of a candidate row from a metadata row's columns ``age`` and ``sex``."""
+    return {"age": normalize_age(row[age]), "sex": normalize_sex(row[sex])}
+
+
 def _row(src: Source, path: str, label: str, view: str, patient: str, **extra: object) -> dict[str, object]:
+    """A candidate row; ``extra`` may carry age, sex, image_level, case_url, license and flags."""
     return {
         "source": src.repo,
         "source_name": src.name,
         "upstream_path": path,
         "label": label,
         "view": view,
+        "age": extra.get("age", math.nan),
+        "sex": extra.get("sex", ""),
         "patient_id": f"{src.name}:{patient}",
         "patient_id_is_image_level": bool(extra.get("image_level", False)),
         "case_url": extra.get("case_url", ""),
@@ -269,7 +304,19 @@ def _ieee8023_rules(src: Source, inputs: SourceInputs) -> Candidates:
     df = read_csv_text(path)
     _require(
         df,
-        ["patientid", "finding", "view", "modality", "location", "folder", "filename", "url", "license"],
+        [
+            "patientid",
+            "finding",
+            "view",
+            "modality",
+            "location",
+            "folder",
+            "filename",
+            "url",
+            "license",
+            "age",
+            "sex",
+        ],
         path,
     )
     df = df.assign(upstream_path=df["folder"].str.strip() + "/" + df["filename"].str.strip())
@@ -326,6 +373,7 @@ def _ieee8023_rules(src: Source, inputs: SourceInputs) -> Candidates:
                     _view(view) if view in IEEE_FRONTAL else "unknown",
                     r["patient"],
                     case_url=normalize_case_url(r["url"]),
+                    **_age_sex(r),
                     license=lic
                     or "unspecified in metadata.csv (collection README: per-image licences; metadata CC BY-NC-SA 4.0)",
                 )
@@ -341,13 +389,13 @@ def _ieee8023_rules(src: Source, inputs: SourceInputs) -> Candidates:
 def _mhh_rules(src: Source, inputs: SourceInputs) -> Candidates:
     path = inputs.file(src.repo, "data.csv")
     df = read_csv_text(path)
-    _require(df, ["patient_id", "image_id", "projection"], path)
+    _require(df, ["patient_id", "image_id", "projection", "age", "sex"], path)
     rows, excluded = [], []
     for _, r in df.iterrows():
         p = f"png/{r['image_id'].strip()}.png"
         proj = r["projection"].strip().lower()
         if proj in ("ap", "pa"):
-            rows.append(_row(src, p, "covid", proj.upper(), r["patient_id"].strip()))
+            rows.append(_row(src, p, "covid", proj.upper(), r["patient_id"].strip(), **_age_sex(r)))
         else:
             excluded.append(
                 _excl(
@@ -373,7 +421,7 @@ def _agchung_label(finding: str) -> str:
 def _figure1_rules(src: Source, inputs: SourceInputs) -> Candidates:
     path = inputs.file(src.repo, "metadata.csv")
     df = read_csv_text(path, encoding="latin-1")
-    _require(df, ["patientid", "finding", "view", "modality"], path)
+    _require(df, ["patientid", "finding", "view", "modality", "age", "sex"], path)
     by_stem: dict[str, str] = {}
     for f in inputs.listing("images"):
         by_stem.setdefault(PurePosixPath(f).stem, f)
@@ -390,14 +438,14 @@ def _figure1_rules(src: Source, inputs: SourceInputs) -> Candidates:
             excluded.append(_excl(src, p, "absent: no file with this stem in the images/ listing", label))
         else:
             patient = re.sub(r"[a-z]$", "", pid)  # COVID-00003a / b: two films of one person
-            rows.append(_row(src, p, label, _view(r["view"]), patient))
+            rows.append(_row(src, p, label, _view(r["view"]), patient, **_age_sex(r)))
     return _result(rows, excluded)
 
 
 def _actualmed_rules(src: Source, inputs: SourceInputs) -> Candidates:
     path = inputs.file(src.repo, "metadata.csv")
     df = read_csv_text(path)
-    _require(df, ["patientid", "finding", "view", "imagename"], path)
+    _require(df, ["patientid", "finding", "view", "imagename", "age", "sex"], path)
     rows, excluded = [], []
     for _, r in df.iterrows():
         p = f"images/{r['imagename'].strip()}"
@@ -410,7 +458,7 @@ def _actualmed_rules(src: Source, inputs: SourceInputs) -> Candidates:
                 _excl(src, p, f"label rule: finding {finding!r} is not used (notes: inconclusive)")
             )
         else:
-            rows.append(_row(src, p, label, _view(r["view"]), r["patientid"].strip()))
+            rows.append(_row(src, p, label, _view(r["view"]), r["patientid"].strip(), **_age_sex(r)))
     return _result(rows, excluded)
 
 
@@ -426,7 +474,7 @@ _CXNET_NAME = re.compile(r"^(?P<num>\d+)(?P<ped>p?)(?P<neg>-?)\.(?P<ext>[A-Za-z0
 def _cxnet_rules(src: Source, inputs: SourceInputs) -> Candidates:
     path = inputs.file(src.repo, "metadata.csv")
     df = read_csv_text(path, encoding="utf-8-sig")  # UTF-8 with BOM, CRLF
-    _require(df, ["filename", "patient_id", "view", "pcr_test", "url"], path)
+    _require(df, ["filename", "patient_id", "view", "pcr_test", "url", "age", "sex"], path)
     meta: dict[int, pd.Series] = {}
     for _, r in df.iterrows():
         m = re.match(r"\s*(\d+)", r["filename"])
@@ -464,6 +512,7 @@ def _cxnet_rules(src: Source, inputs: SourceInputs) -> Candidates:
                 r["patient_id"].strip(),
                 case_url=normalize_case_url(r["url"]),
                 flags=flags,
+                **_age_sex(r),
             )
         )
     for num in CXNET_NUMBERS:
@@ -498,8 +547,10 @@ _NIH_NAME = re.compile(r"^(?P<pid>\d{8})_(?P<fu>\d{3})\.png$", re.IGNORECASE)
 def _nih_rules(src: Source, inputs: SourceInputs) -> Candidates:
     table_path = inputs.file(NIH_TABLE.repo, NIH_TABLE.path)
     table = read_csv_text(table_path)
-    _require(table, ["Image Index", "View Position", "Finding Labels"], table_path)
-    views = dict(zip(table["Image Index"].str.strip(), table["View Position"].str.strip(), strict=True))
+    _require(
+        table, ["Image Index", "View Position", "Finding Labels", "Patient Age", "Patient Gender"], table_path
+    )
+    entries = dict(zip(table["Image Index"].str.strip(), table.to_dict("records"), strict=True))
     rows, excluded = [], []
     for folder, (label, expected) in DARK_FOLDERS.items():
         listing = inputs.listing(folder)
@@ -521,11 +572,13 @@ def _nih_rules(src: Source, inputs: SourceInputs) -> Candidates:
                     _excl(src, p, "label rule: file name is not an NIH image index PPPPPPPP_FFF.png", label)
                 )
                 continue
-            view = views.get(name, "")
+            entry = entries.get(name)
+            view = entry["View Position"].strip() if entry is not None else ""
             if view.upper().startswith("L"):
                 excluded.append(_excl(src, p, "lateral", label))
                 continue
-            rows.append(_row(src, p, label, _view(view), str(int(m.group("pid")))))
+            age_sex = _age_sex(entry, "Patient Age", "Patient Gender") if entry is not None else {}
+            rows.append(_row(src, p, label, _view(view), str(int(m.group("pid"))), **age_sex))
         if label is not None and len(listing) < expected:
             excluded.append(
                 _excl(
