@@ -34,6 +34,7 @@ equalize = False  # histogram equalisation inside the lung mask (with a lung vie
 selection_task = "covid_normal_pneumonia"  # the recommended variant is chosen among this task's variants ...
 selection_scenario = "deep"  # ... of this scenario (decomposition off), on validation rows only
 selection_max_drop = 0.05  # a variant may lose at most this much of the baseline's validation COVID-19-vs-normal accuracy (seed means)
+selection_contrast = "view_matched"  # within-source contrast over same-view pairs only (view_matched) or every pair (all_pairs)
 run_ids: list[str] = []  # the runs to evaluate (the pipeline passes those its transfer steps produce); empty: every run folder
 
 # %%
@@ -81,10 +82,11 @@ display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "train
 # %% [markdown]
 # ## Recommended variant (validation rows only, rule fixed in the parameters)
 #
-# Before any test number is read: among the variants (baseline included) of `selection_task` / `selection_scenario` without decomposition, averaged over seeds, keep those whose mean validation COVID-19-vs-normal accuracy is at most `selection_max_drop` below the baseline's; among them pick the highest mean validation within-source contrast (the mean of the ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs on validation rows); if none reaches the floor, the highest validation accuracy. `cxrstudy.evaluation.selection` reads only rows whose split is `val`.
+# Before any test number is read: among the variants (baseline included) of `selection_task` / `selection_scenario` without decomposition, averaged over seeds, keep those whose mean validation COVID-19-vs-normal accuracy is at most `selection_max_drop` below the baseline's; among them pick the highest mean validation within-source contrast (the mean of the ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs on validation rows, with `selection_contrast: view_matched` over pairs of films of the same view only, so that projection cannot win the place); if none reaches the floor, the highest validation accuracy. `cxrstudy.evaluation.selection` reads only rows whose split is `val`.
 
 # %%
-recommended = selection.select_variant(runs, selection_task, selection_scenario, max_drop=selection_max_drop)
+recommended = selection.select_variant(runs, selection_task, selection_scenario, max_drop=selection_max_drop,
+                                       contrast=selection_contrast, manifest=manifest)
 display(Markdown(f"**Recommended variant: {recommended['name']}**. {recommended['rule']}"))
 display(pd.DataFrame(recommended["candidates"]))
 

@@ -153,3 +153,28 @@ def test_a_relative_floor_is_set_on_the_baselines_validation_accuracy():
     with pytest.raises(ValueError, match="no baseline run"):
         S.select_variant([r for r in runs if r["info"].get("variant") not in (None, "baseline")], TASK, SCENARIO,
                          max_drop=0.05)
+
+
+def test_the_view_matched_contrast_gives_projection_no_credit():
+    """A variant that knows only the projection (it raises P(pneumonia) on AP films, and pneumonia films are
+    mostly AP) beats a variant with real within-source skill on every pair, and loses on same-view pairs."""
+    runs = [_run("baseline", s, val=(3.0, 0.6), test=(3.0, 0.6)) for s in (0, 1)]
+    runs += [_run("portable", s, val=(3.0, 0.0), test=(3.0, 0.0)) for s in (0, 1)]
+    films = pd.concat([r["predictions"] for r in runs]).drop_duplicates("image").reset_index(drop=True)
+    index = films["image"].str.extract(r"_(\d+)\.png$")[0].astype(int)
+    ap = np.where(films["label"] == "pneumonia", index % 5 != 0, index % 5 == 0)  # pneumonia 80% AP, others 20%
+    manifest = films[["image", "label", "source", "patient_group", "split"]].assign(
+        view=np.where(ap, "AP", "PA"), source_name=films["image"].str.split("/").str[1]
+    )
+    is_ap = manifest.set_index("image")["view"] == "AP"
+    for r in runs[2:]:
+        p = r["predictions"]
+        p["prob_pneumonia"] = p["prob_pneumonia"] + 3.0 * p["image"].map(is_ap).to_numpy()
+    every = S.select_variant(runs, TASK, SCENARIO, 0.5, contrast="all_pairs")
+    matched = S.select_variant(runs, TASK, SCENARIO, 0.5, contrast="view_matched", manifest=manifest)
+    assert every["name"] == "portable" and matched["name"] == "baseline"
+    assert matched["contrast"] == "view_matched" and "same-view pairs only" in matched["rule"]
+    port_all, port_vm = (_by_variant(x)["portable"]["val_within_source_auc"] for x in (every, matched))
+    assert port_vm < port_all and port_vm < _by_variant(matched)["baseline"]["val_within_source_auc"]
+    with pytest.raises(ValueError, match="needs the manifest"):
+        S.select_variant(runs, TASK, SCENARIO, 0.5, contrast="view_matched")

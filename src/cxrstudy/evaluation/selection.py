@@ -7,8 +7,11 @@ the larger of P(covid) and P(normal)) is at least the floor, ``selection_max_dro
 (:func:`baseline_floor`; :func:`select_variant` also takes an absolute ``floor``); among them pick the highest mean validation
 within-source contrast (``Source.contrasts``), the mean of (ieee8023 COVID-19 vs other pneumonia ROC-AUC by
 P(covid) / (P(covid) + P(pneumonia)), NIH pneumonia vs normal ROC-AUC by
-P(pneumonia) / (P(pneumonia) + P(normal))), each on the run's validation rows. When no variant reaches the
-floor, the highest mean validation COVID-19-vs-normal accuracy wins, and the rule says so.
+P(pneumonia) / (P(pneumonia) + P(normal))), each on the run's validation rows. With ``contrast`` =
+``view_matched`` (notebook 05's ``selection_contrast``) each ROC-AUC counts only (positive, negative) pairs
+of the same view (``evaluation.confounders.view_matched``), so projection cannot earn a variant its place.
+When no variant reaches the floor, the highest mean validation COVID-19-vs-normal accuracy wins, and the
+rule says so.
 
 Only rows whose ``split`` is ``val`` are read: :func:`validation_rows` filters each run's predictions once,
 first, and nothing else here sees them; results, metrics and scorecard entries are never read.
@@ -22,17 +25,22 @@ import numpy as np
 import pandas as pd
 
 from cxrstudy.data.sources import contrasts
+from cxrstudy.evaluation.confounders import view_matched
 from cxrstudy.evaluation.metrics import compute_metrics
-from cxrstudy.evaluation.scorecard import pair_score, with_source_names
+from cxrstudy.evaluation.scorecard import pair_score, with_film_facts, with_source_names
 from cxrstudy.evaluation.seeds import BASELINE, run_variant
 
 #: The one split the selection reads.
 SPLIT = "val"
+#: How the within-source contrast is read: every pair, or same-view pairs only.
+CONTRASTS: tuple[str, ...] = ("all_pairs", "view_matched")
 
 
-def validation_rows(predictions: pd.DataFrame) -> pd.DataFrame:
-    """The validation rows of a run's predictions (with ``source_name``): the only rows the selection reads."""
-    return with_source_names(predictions[predictions["split"] == SPLIT])
+def validation_rows(predictions: pd.DataFrame, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The validation rows of a run's predictions (with ``source_name``, and view, age and sex from ``manifest``):
+    the only rows the selection reads."""
+    val = with_source_names(predictions[predictions["split"] == SPLIT], manifest)
+    return val if manifest is None else with_film_facts(val, manifest)
 
 
 def _binary(rows: pd.DataFrame, positive: str, negative: str) -> dict:
@@ -41,17 +49,23 @@ def _binary(rows: pd.DataFrame, positive: str, negative: str) -> dict:
     return compute_metrics(rows["label"], np.column_stack([score, 1.0 - score]), [positive, negative], None, 0)
 
 
-def validation_scores(val: pd.DataFrame) -> dict[str, float | None]:
-    """``val_paper_task_accuracy`` and ``val_within_source_auc`` (mean of the defined contrasts) of one
-    run's validation rows (:func:`validation_rows`)."""
+def validation_scores(val: pd.DataFrame, contrast: str = "all_pairs") -> dict[str, float | None]:
+    """``val_paper_task_accuracy`` and ``val_within_source_auc`` (mean of the defined contrasts, over every pair
+    or same-view pairs only) of one run's validation rows (:func:`validation_rows`)."""
     if not (val["split"] == SPLIT).all():
         raise ValueError("validation_scores reads validation rows only")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"selection: contrast must be one of {CONTRASTS}, got {contrast!r}")
     paper = val[val["label"].isin(["covid", "normal"])]
     acc = _binary(paper, "covid", "normal")["accuracy"]["value"] if len(paper) else None
     aucs = []
     for source, pos, neg in contrasts():
         rows = val[(val["source_name"] == source) & val["label"].isin([pos, neg])]
-        if f"prob_{pos}" in rows.columns and rows["label"].nunique() == 2:
+        if f"prob_{pos}" not in rows.columns or rows["label"].nunique() < 2:
+            continue
+        if contrast == "view_matched":
+            aucs.append(view_matched(rows, pair_score(rows, pos, neg), pos, neg, "auc", 0, 0)["value"])
+        else:
             aucs.append(_binary(rows, pos, neg)["per_class"][pos]["roc_auc"]["value"])
     aucs = [a for a in aucs if a is not None]
     return {"val_paper_task_accuracy": acc, "val_within_source_auc": float(np.mean(aucs)) if aucs else None}
@@ -63,14 +77,21 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(known)) if known else None
 
 
-def candidates(runs: Sequence[dict], task: str, scenario: str, floor: float) -> list[dict]:
+def candidates(
+    runs: Sequence[dict],
+    task: str,
+    scenario: str,
+    floor: float,
+    contrast: str = "all_pairs",
+    manifest: pd.DataFrame | None = None,
+) -> list[dict]:
     """Per variant of ``task`` / ``scenario`` without decomposition (``reporting.results.load_runs`` items): seeds and
     the seed means of the validation scores, and whether the accuracy floor is passed."""
     by_variant: dict[str, list[dict]] = {}
     for run in runs:
         info = run["info"]
         if info["task"] == task and info["scenario"] == scenario and not info["decomposition"]:
-            scores = validation_scores(validation_rows(run["predictions"]))
+            scores = validation_scores(validation_rows(run["predictions"], manifest), contrast)
             by_variant.setdefault(run_variant(info), []).append({"seed": info["seed"], **scores})
     out = []
     for variant in sorted(by_variant, key=lambda v: (v != BASELINE, v)):
@@ -87,13 +108,14 @@ def candidates(runs: Sequence[dict], task: str, scenario: str, floor: float) -> 
     return out
 
 
-def _rule_text(task: str, scenario: str, floor: float) -> str:
+def _rule_text(task: str, scenario: str, floor: float, contrast: str) -> str:
     """The rule in words with its numbers."""
+    pairs = " over same-view pairs only" if contrast == "view_matched" else ""
     return (
         f"Among the variants of {task} {scenario} without decomposition, averaged over seeds, on validation rows "
         f"only: keep those whose mean validation COVID-19-vs-normal accuracy is >= {floor:g} "
         f"({100 * floor:g}%); among them pick the highest mean validation within-source contrast (mean of the "
-        "ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs); if none reaches the floor, "
+        f"ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs{pairs}); if none reaches the floor, "
         "pick the highest mean validation COVID-19-vs-normal accuracy."
     )
 
@@ -106,18 +128,27 @@ def _fmt(value: float | None) -> str:
 def baseline_floor(runs: Sequence[dict], task: str, scenario: str, max_drop: float) -> float:
     """The accuracy floor ``max_drop`` below the baseline's mean validation COVID-19-vs-normal accuracy (a
     variant may cost at most that much); ValueError without a baseline run to measure it on."""
-    base = [c for c in candidates(runs, task, scenario, 0.0) if c["variant"] == BASELINE]
+    base = [c for c in candidates(runs, task, scenario, 0.0) if c["variant"] == BASELINE]  # accuracy only
     if not base or base[0]["val_paper_task_accuracy"] is None:
         raise ValueError(f"selection: no baseline run of {task} {scenario} to set the floor {max_drop:g} below")
     return float(base[0]["val_paper_task_accuracy"]) - float(max_drop)
 
 
 def select_variant(
-    runs: Sequence[dict], task: str, scenario: str, floor: float | None = None, max_drop: float | None = None
+    runs: Sequence[dict],
+    task: str,
+    scenario: str,
+    floor: float | None = None,
+    max_drop: float | None = None,
+    contrast: str = "all_pairs",
+    manifest: pd.DataFrame | None = None,
 ) -> dict:
     """results.json ``recommended_variant``: ``name`` (None without candidates), ``rule`` (in words, with
-    the numbers and the outcome), ``task``, ``scenario``, ``floor``, ``candidates``. The floor is either
-    absolute (``floor``) or ``max_drop`` below the baseline's validation accuracy; give exactly one."""
+    the numbers and the outcome), ``task``, ``scenario``, ``floor``, ``contrast``, ``candidates``. The floor is
+    either absolute (``floor``) or ``max_drop`` below the baseline's validation accuracy; give exactly one.
+    ``contrast="view_matched"`` needs the ``manifest`` (each film's view)."""
+    if contrast == "view_matched" and manifest is None:
+        raise ValueError("selection: the view-matched contrast needs the manifest (each film's view)")
     if (floor is None) == (max_drop is None):
         raise ValueError("selection: give exactly one of floor (absolute) and max_drop (below the baseline)")
     relative = ""
@@ -125,9 +156,9 @@ def select_variant(
         floor = baseline_floor(runs, task, scenario, max_drop)
         relative = f" (the floor is the baseline's mean validation accuracy minus {max_drop:g})"
     assert floor is not None
-    cands = candidates(runs, task, scenario, floor)
-    rule = _rule_text(task, scenario, floor) + relative
-    out = {"name": None, "rule": rule, "task": task, "scenario": scenario, "floor": floor,
+    cands = candidates(runs, task, scenario, floor, contrast, manifest)
+    rule = _rule_text(task, scenario, floor, contrast) + relative
+    out = {"name": None, "rule": rule, "task": task, "scenario": scenario, "floor": floor, "contrast": contrast,
            "selected_on": "validation rows only", "candidates": cands}
     if not cands:
         out["rule"] = f"{rule} No run of {task} {scenario} without decomposition was found: nothing recommended."
