@@ -74,3 +74,21 @@ def test_design_has_missing_as_its_own_level():
     assert X[:, :3].tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
     assert X[:, 3].tolist() == [1, 0, 1, 0] and X[:, 4].tolist() == [50, 40, 30, 40]  # median-filled
     assert X[:, 5:].tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
+
+
+def test_the_view_probe_reads_no_signal_in_noise_and_finds_a_planted_one():
+    from cxrstudy.evaluation.scorecard import view_probe
+
+    rows = films({("covid", "AP"): 60, ("covid", "PA"): 40, ("covid", "unknown"): 7}, seed=3)
+    rows["image"] = [f"f{i}.png" for i in range(len(rows))]
+    rng = np.random.default_rng(0)
+    noise = pd.DataFrame(rng.normal(size=(len(rows), 8)), index=rows["image"])
+    res = view_probe(noise, rows, 200, 0)
+    assert res["n"] == 100 and res["chance"] == 0.5 and res["majority"] == 0.6
+    assert res["ci_low"] < 0.5 < res["ci_high"]
+    planted = noise.copy()
+    planted[0] += 3 * (rows["view"] == "AP").to_numpy()
+    res = view_probe(planted, rows, 200, 0)
+    assert res["value"] > 0.9 and res["ci_low"] > 0.8
+    one_view = rows[rows["view"] == "AP"]
+    assert view_probe(noise, one_view, 50, 0)["value"] is None

@@ -431,3 +431,15 @@ def test_variants_are_read_against_the_baseline_with_the_seed_spread():
     (text,) = V.variants_against_baseline(results)
     assert "S1 +12.0 (within the seed sd)" in text
     assert V.variants_against_baseline({"scorecard_summary": []}) == []
+
+
+def test_the_view_probe_sentence_reads_the_interval_against_chance():
+    res = {"headline": {"run_id": "r", "task": "covid_vs_normal"},
+           "scorecard": [{"run_id": "r", "metric": "view_id_within_covid_balanced_accuracy", "value": 0.8,
+                          "ci_low": 0.7, "ci_high": 0.9, "n": 120, "chance": 0.5},
+                         {"run_id": "r", "metric": "view_id_within_normal_balanced_accuracy", "value": 0.55,
+                          "ci_low": 0.45, "ci_high": 0.65, "n": 60, "chance": 0.5},
+                         {"run_id": "r", "metric": "view_id_within_pneumonia_balanced_accuracy", "value": None}]}
+    (text,) = V.view_probe(res)
+    assert "covid films 80.0% [70.0, 90.0] (names it; n=120)" in text
+    assert "normal films 55.0% [45.0, 65.0] (no signal shown; n=60)" in text and "pneumonia" not in text

@@ -259,6 +259,27 @@ def _source_probe(
     return _result(acc, len(rows), "probe", missing), _result(maj, len(rows), "probe", missing), sources
 
 
+def view_probe(features: pd.DataFrame, films: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
+    """How well the run's features name the projection (AP or PA) of films of one label: balanced accuracy of a
+    patient-grouped CV linear probe on the films of known view, with ``chance`` (0.5) and ``majority`` (the
+    larger view's share)."""
+    from cxrstudy.evaluation.confounders import views_of
+
+    rows = films[views_of(films) != "unknown"]
+    rows, missing = _with_features(rows, features)
+    views = views_of(rows)
+    groups = pd.Series(rows["patient_group"].astype(str).to_numpy()).groupby(views).nunique()
+    n_splits = int(min(N_SPLITS, groups.min())) if len(groups) == 2 else 0
+    if n_splits < 2:
+        out = _none(f"needs both views in >= 2 patient groups each; have {groups.to_dict()}", len(rows), "probe")
+        return {**out, "chance": 0.5, "majority": None}
+    X = features.loc[rows["image"]].to_numpy(np.float64)
+    probs, labels = grouped_cv_predict(X, views, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
+    res = compute_metrics(views, probs, labels, rows["patient_group"], n_bootstrap, seed)
+    majority = float(pd.Series(views).value_counts(normalize=True).max())
+    return {**_result(res["balanced_accuracy"], len(rows), "probe", missing), "chance": 0.5, "majority": majority}
+
+
 def reading(acc: float | None, ci_low: float | None, majority: float | None) -> str:
     """Plain reading of a source probe: "no source signal" when its interval reaches the majority
     baseline or ``acc <= majority + 0.02``, else "source signal present"."""
@@ -375,11 +396,14 @@ def _actualmed(held: pd.DataFrame, n_bootstrap: int, seed: int) -> Scored:
 
 def feature_rows(run_info: dict, predictions: pd.DataFrame | None, manifest: pd.DataFrame) -> pd.DataFrame:
     """Manifest rows (manifest order) whose features :func:`scorecard_for_run` reads for this run: its unseen
-    COVID-19 films and, for each ranking metric sent to the probe fallback, its unseen films of that source
-    and pair (every ranking's when ``predictions`` is None)."""
+    COVID-19 films, its unseen films of known view (the view probe) and, for each ranking metric sent to the
+    probe fallback, its unseen films of that source and pair (every ranking's when ``predictions`` is None)."""
+    from cxrstudy.evaluation.confounders import views_of
+
     classes = _run_classes(run_info)
     films = unseen(with_source_names(manifest), classes)
     keep = set(films.loc[films["label"] == PROBE_LABEL, "image"])
+    keep |= set(films.loc[views_of(films) != "unknown", "image"])
     held = None if predictions is None else held_out(with_source_names(predictions, manifest), classes)
     for _, source, pos, neg in _rankings(classes):
         if held is None or _needs_probe(_pair_rows(held, source, pos, neg), pos, neg):
@@ -426,6 +450,11 @@ def scorecard_for_run(
         results["nih_pneumonia_vs_normal_auc"] = _none(
             f"task {run_info.get('task')!r} has no pneumonia class"
         )
+    if features is not None:
+        for label in config.CLASSES:
+            results[f"view_id_within_{label}_balanced_accuracy"] = view_probe(
+                features, films[films["label"] == label], n_bootstrap, seed
+            )
     for metric, (_, rows, score) in scored.items():
         if rows is not None and len(rows):
             results[metric]["confounders"] = _confounders(metric, rows, score, manifest, n_bootstrap, seed)

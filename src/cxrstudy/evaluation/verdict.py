@@ -103,6 +103,30 @@ def scorecard(results: dict) -> list[str]:
     return out
 
 
+def view_probe(results: dict) -> list[str]:
+    """Whether each headline run's own features name the projection (AP or PA) within a label."""
+    heads = [results.get("headline") or {}, *(results.get("headline_other_tasks") or {}).values()]
+    out = []
+    for head in heads:
+        mine = [
+            e for e in results.get("scorecard") or []
+            if e.get("run_id") == head.get("run_id") and str(e.get("metric", "")).startswith("view_id_within_")
+        ]
+        parts = []
+        for e in mine:
+            if e.get("value") is None:
+                continue
+            label = e["metric"][len("view_id_within_"):-len("_balanced_accuracy")]
+            read = "names it" if (e.get("ci_low") or 0) > e.get("chance", 0.5) else "no signal shown"
+            parts.append(f"{label} films {fmt_pct(e)} ({read}; n={e['n']})")
+        if parts:
+            out.append(
+                f"Projection in the features of the headline {head.get('task')} run: a grouped linear probe names AP "
+                "against PA, balanced accuracy against a chance of 50%, within " + "; ".join(parts) + "."
+            )
+    return out
+
+
 def _goal_over_seeds_part(g: dict) -> str:
     """One goal of the recommended variant: seed mean (sd, interval range), target, met, all seeds clear."""
     name = f"{g['goal']} {METRIC_NAMES.get(g['metric'], g['metric'])}"
@@ -535,6 +559,7 @@ def verdict(results: dict) -> list[str]:
         *([head["text"]] if head.get("text") else []),
         *interval_width(head),
         *scorecard(results),
+        *view_probe(results),
         *recommendation(results),
         *variants_against_baseline(results),
         *source_identification(checks),
