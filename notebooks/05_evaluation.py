@@ -59,7 +59,7 @@ from cxrstudy.evaluation import (
 )
 from cxrstudy.lungs.region import lung_region_info
 from cxrstudy.lungs.render import view_root
-from cxrstudy.lungs.stage import load_lung_masks
+from cxrstudy.lungs.stage import load_lung_masks, with_mask_shape
 from cxrstudy.reporting import pages
 from cxrstudy.reporting.results import build_results, evaluate_runs, load_runs
 
@@ -68,7 +68,7 @@ torch.set_num_threads(min(torch.get_num_threads(), 4))
 out = config.profile_dir(profile)
 fig_dir = out / figures.FIGURE_DIR
 image_root = config.PROCESSED_DIR  # the films every check reads
-manifest = subsample(load_manifest(), max_per_class, seed)
+manifest = with_mask_shape(subsample(load_manifest(), max_per_class, seed), profile)  # + lung-mask shape numbers
 lung_masks, lung_key = load_lung_masks(manifest, profile, image_root, str(config.resolve_device(device)))
 lung_info = lung_region_info(lung_masks, manifest["image"].tolist())
 display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))

@@ -60,7 +60,7 @@ def test_demographic_rules_find_planted_age_and_nothing_in_noise():
     planted = C.cv_rule(rows, C.confounder_design(rows, view=False), "pneumonia", "normal", "auc", 200, 0)
     assert planted["value"] > 0.85 and planted["ci_low"] > 0.7
     block = C.confounder_block(rows, None, "pneumonia", "normal", "auc", 200, 0)
-    assert list(block) == list(C.RULES) and C.best_rule(block)[0] in ("demographics_only", "confounders_only")
+    assert list(block) == list(C.RULES[:3]) and C.best_rule(block)[0] in ("demographics_only", "confounders_only")
     # no view stratum with both labels: the view-only rule cannot be scored, with the reason
     one_view = films({("pneumonia", "AP"): 5, ("normal", "PA"): 5})
     vm = C.view_matched(one_view, np.full(10, 0.5), "pneumonia", "normal", "auc", 50, 0)
@@ -92,3 +92,27 @@ def test_the_view_probe_reads_no_signal_in_noise_and_finds_a_planted_one():
     assert res["value"] > 0.9 and res["ci_low"] > 0.8
     one_view = rows[rows["view"] == "AP"]
     assert view_probe(noise, one_view, 50, 0)["value"] is None
+
+
+def test_the_lung_mask_shape_is_one_more_confounder_only_rule(monkeypatch):
+    from cxrstudy.lungs import stage
+
+    rows = films({("covid", "AP"): 40, ("normal", "AP"): 40}, seed=4)
+    rows["image"] = [f"f{i}.png" for i in range(len(rows))]
+    rows = rows.assign(width=200, height=200)
+    wide = np.where(rows["label"] == "covid", 150, 110)  # COVID-19 films' lung boxes are wider here
+    table = pd.DataFrame({"image": rows["image"], "x0": 20, "y0": 30, "x1": 20 + wide, "y1": 150, "area_fraction": 0.3,
+                          "lr_balance": 0.9, "shape_score": 0.8, "qc_pass": True})
+    monkeypatch.setattr(stage, "lung_table", lambda profile: table)
+    shaped = stage.with_mask_shape(rows, "p")
+    assert list(shaped.columns[-8:]) == list(stage.MASK_SHAPE_COLUMNS)
+    assert shaped["mask_shape_box_aspect"].iloc[0] == pytest.approx(150 / 120)
+    block = C.confounder_block(shaped, None, "covid", "normal", "balanced_accuracy", 100, 0)
+    assert block["mask_shape_only"]["value"] == 1.0 and C.best_rule(block)[0] == "mask_shape_only"
+    assert "mask_shape_only" not in C.confounder_block(rows, None, "covid", "normal", "balanced_accuracy", 50, 0)
+
+    def no_lungs(profile):
+        raise FileNotFoundError(profile)
+
+    monkeypatch.setattr(stage, "lung_table", no_lungs)
+    assert stage.with_mask_shape(rows, "p") is rows

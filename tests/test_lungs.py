@@ -173,6 +173,7 @@ def _films(manifest: pd.DataFrame, per_source: int = 2) -> pd.DataFrame:
 
 
 def test_views_on_real_films_of_every_source(manifest):
+    """The crop views centre the lung box on a black square: no stretch, the box's pixels unchanged."""
     from cxrstudy.images import load_xray
 
     films = _films(manifest)
@@ -181,24 +182,44 @@ def test_views_on_real_films_of_every_source(manifest):
         img = load_xray(config.PROCESSED_DIR / image)
         for mask in (_lungs(img.height, img.width), np.zeros((img.height, img.width), bool)):
             box = lung_box(mask if mask.any() else np.ones_like(mask))
+            bw, bh = box[2] - box[0], box[3] - box[1]
             for view in VIEWS:
                 for eq in (False, True):
                     out = apply_view(img, mask, view, equalize=eq)
                     assert out.mode == "L" and out.width > 0 and out.height > 0
-                    assert out.width <= img.width and out.height <= img.height
                     if view == "full":
                         assert out.size == img.size
                     else:
-                        assert out.size == (box[2] - box[0], box[3] - box[1])
+                        assert out.size == (max(bw, bh), max(bw, bh))  # square, the longer side kept
             if mask.any():
                 x0, y0, x1, y1 = lung_box(mask)
+                side = max(x1 - x0, y1 - y0)
+                top, left = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
+                inner = (slice(top, top + y1 - y0), slice(left, left + x1 - x0))
                 crop = np.asarray(apply_view(img, mask, "lung_mask"))
-                assert (crop[~mask[y0:y1, x0:x1]] == 0).all()
+                assert (crop[inner][~mask[y0:y1, x0:x1]] == 0).all()
                 inside = np.asarray(img)[y0:y1, x0:x1][mask[y0:y1, x0:x1]]
-                assert np.array_equal(crop[mask[y0:y1, x0:x1]], inside)
-                assert np.array_equal(
-                    np.asarray(apply_view(img, mask, "lung_crop")), np.asarray(img)[y0:y1, x0:x1]
-                )
+                assert np.array_equal(crop[inner][mask[y0:y1, x0:x1]], inside)
+                framed = np.asarray(apply_view(img, mask, "lung_crop"))
+                assert np.array_equal(framed[inner], np.asarray(img)[y0:y1, x0:x1])
+                padding = np.ones_like(framed, bool)
+                padding[inner] = False
+                assert (framed[padding] == 0).all()
+
+
+def test_the_view_frame_keeps_the_aspect_and_frames_film_and_mask_alike():
+    from cxrstudy.inference import view_mask
+    from cxrstudy.lungs.views import to_view_frame
+
+    mask = np.zeros((100, 80), bool)
+    mask[20:80, 10:40] = True  # a tall box: 60 x 30
+    film = np.arange(100 * 80, dtype=np.int64).reshape(100, 80)
+    framed = to_view_frame(film, mask, "lung_crop", margin=0.0)
+    assert framed.shape == (60, 60) and (framed[:, :15] == 0).all() and (framed[:, 45:] == 0).all()
+    assert np.array_equal(framed[:, 15:45], film[20:80, 10:40])
+    assert np.array_equal(view_mask(mask, "lung_mask", 0.0), to_view_frame(mask, mask, "lung_mask", 0.0))
+    assert view_mask(mask, "lung_mask", 0.0).sum() == mask.sum()
+    assert to_view_frame(film, mask, "full") is film
 
 
 def test_lung_box_margin_is_clipped_to_the_image():

@@ -44,14 +44,11 @@ def needs_lungs(keys: set[InputKey]) -> bool:
 
 
 def view_mask(mask: np.ndarray, view: str, margin: float) -> np.ndarray:
-    """The lung mask in the coordinates of a view's image (cropped like the film for the lung views)."""
-    from cxrstudy.lungs.views import lung_box
+    """The lung mask in the coordinates of a view's image (framed like the film: :func:`lungs.views.to_view_frame`)."""
+    from cxrstudy.lungs.views import to_view_frame
 
     m = np.asarray(mask, dtype=bool)
-    if view in ("lung_crop", "lung_mask"):
-        x0, y0, x1, y1 = lung_box(m if m.any() else np.ones_like(m), margin)
-        return m[y0:y1, x0:x1]
-    return m
+    return to_view_frame(m, m, view, margin)
 
 
 def decode_study(path: Path | str) -> Image.Image:

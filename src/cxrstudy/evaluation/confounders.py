@@ -10,6 +10,8 @@ as the metric, and with the same metric, this module scores:
 * ``demographics_only``: a patient-grouped cross-validated logistic model on age and sex, a missing value
   being its own level.
 * ``confounders_only``: the same model on view, age and sex together.
+* ``mask_shape_only`` (when the films carry them): the same model on eight numbers of the lung mask's shape
+  (box size, aspect and centre, lung area, left/right balance, shape score), which a lung-field view shows.
 * ``view_matched``: the model's own score where projection cannot help: the ROC-AUC over (positive,
   negative) pairs of the same view only; accuracy and balanced accuracy averaged over the AP and PA strata
   that hold both labels, with each stratum's films.
@@ -36,8 +38,11 @@ METRIC_KIND: dict[str, str] = {
     "actualmed_covid_vs_normal_balanced_accuracy": "balanced_accuracy",
     "paper_task_accuracy": "accuracy",
 }
-#: The confounder-only rules, in the order results.json lists them.
-RULES: tuple[str, ...] = ("view_only", "demographics_only", "confounders_only")
+#: The confounder-only rules, in the order results.json lists them (``mask_shape_only`` when the films carry
+#: their lung masks' shape numbers, ``mask_shape_*`` columns).
+RULES: tuple[str, ...] = ("view_only", "demographics_only", "confounders_only", "mask_shape_only")
+#: Prefix of the lung-mask shape columns (``lungs.stage.with_mask_shape``).
+MASK_SHAPE_PREFIX = "mask_shape_"
 #: Most folds of the grouped cross-validation of the demographic and confounder models.
 N_SPLITS = 5
 LEVEL = 0.95
@@ -205,6 +210,12 @@ def confounder_block(
         ),
         "confounders_only": cv_rule(rows, confounder_design(rows), positive, negative, kind, n_bootstrap, seed),
     }
+    shape = [c for c in rows.columns if c.startswith(MASK_SHAPE_PREFIX)]
+    if shape:
+        X = rows[shape].apply(pd.to_numeric, errors="coerce")
+        out["mask_shape_only"] = cv_rule(
+            rows, X.fillna(X.median()).fillna(0.0).to_numpy(float), positive, negative, kind, n_bootstrap, seed
+        )
     if score is not None:
         out["view_matched"] = view_matched(rows, score, positive, negative, kind, n_bootstrap, seed)
     return out

@@ -178,6 +178,7 @@ def plot_intervals(
 REFERENCE_MARKS: dict[str, dict] = {
     "view_only": {"label": "view only (AP/PA)", "kw": {"marker": "x", "color": "C1", "ms": 6, "mew": 1.5}},
     "confounders_only": {"label": "view + age + sex", "kw": {"marker": "d", "color": "C4", "ms": 5, "mfc": "none"}},
+    "mask_shape_only": {"label": "lung-mask shape", "kw": {"marker": "s", "color": "C5", "ms": 4, "mfc": "none"}},
     "view_matched": {"label": "model, view-matched", "kw": {"marker": "o", "color": "C2", "ms": 6, "mfc": "none"}},
 }
 
@@ -434,6 +435,7 @@ def scorecard_panels(summary: Sequence[dict]) -> dict[str, pd.DataFrame]:
                     "op": goal.op,
                     "view_only": (refs.get("view_only") or {}).get("value"),
                     "confounders_only": (refs.get("confounders_only") or {}).get("value"),
+                    "mask_shape_only": (refs.get("mask_shape_only") or {}).get("value"),
                     "view_matched": (refs.get("view_matched") or {}).get("mean"),
                 }
             )

@@ -497,10 +497,11 @@ FILM_FACTS: tuple[str, ...] = ("view", "age", "sex")
 
 
 def with_film_facts(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` plus the manifest's view, age and sex of each image (empty where the manifest has none)."""
+    """``frame`` plus the manifest's view, age and sex of each image (empty where the manifest has none) and
+    its lung-mask shape numbers when the manifest carries them."""
     df = frame.copy()
     by_image = manifest.drop_duplicates("image").set_index("image")
-    for col in FILM_FACTS:
+    for col in (*FILM_FACTS, *(c for c in by_image.columns if c.startswith("mask_shape_"))):
         if col not in df.columns:
             df[col] = df["image"].map(by_image[col]).fillna("") if col in by_image.columns else ""
     return df

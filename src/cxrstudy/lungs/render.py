@@ -28,7 +28,7 @@ from cxrstudy import config
 from cxrstudy.fileio import atomic_path, write_json
 
 #: Bump when rendering changes meaning without its inputs changing.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 VIEWS_CACHE = config.CACHE_DIR / "views"
 COMPLETE = ".complete.json"
 #: Where films with segmented lungs hidden / kept alone are rendered (one folder per masks and root).

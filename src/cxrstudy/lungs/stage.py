@@ -426,3 +426,29 @@ def load_lung_masks(
         return None, ""
     masks = masks_for(manifest, profile, missing="predict", device=device, image_root=image_root)
     return masks, str(json.loads(summary.read_text()).get("cache_key", ""))
+
+
+#: The eight numbers that describe a film's lung mask by its shape alone (``mask_shape_*`` manifest columns).
+MASK_SHAPE_COLUMNS: tuple[str, ...] = (
+    "mask_shape_box_width", "mask_shape_box_height", "mask_shape_box_aspect", "mask_shape_box_cx",
+    "mask_shape_box_cy", "mask_shape_area", "mask_shape_lr_balance", "mask_shape_score",
+)
+
+
+def with_mask_shape(manifest: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """``manifest`` plus :data:`MASK_SHAPE_COLUMNS` from the profile's ``lungs.csv`` (box width, height and
+    centre as fractions of the film, box aspect in pixels, lung area, left/right balance, shape score); the
+    manifest unchanged when the profile has no lung stage output."""
+    try:
+        table = lung_table(profile).drop_duplicates("image").set_index("image")
+    except FileNotFoundError:
+        return manifest
+    t = table.reindex(manifest["image"])
+    w, h = manifest["width"].astype(float).to_numpy(), manifest["height"].astype(float).to_numpy()
+    x0, y0, x1, y1 = (t[c].astype(float).to_numpy() for c in ("x0", "y0", "x1", "y1"))
+    values = [
+        (x1 - x0) / w, (y1 - y0) / h, (x1 - x0) / np.maximum(y1 - y0, 1), (x0 + x1) / 2 / w, (y0 + y1) / 2 / h,
+        t["area_fraction"].astype(float).to_numpy(), t["lr_balance"].astype(float).to_numpy(),
+        t["shape_score"].astype(float).to_numpy(),
+    ]
+    return manifest.assign(**dict(zip(MASK_SHAPE_COLUMNS, values, strict=True)))

@@ -14,9 +14,11 @@ from PIL import Image
 #: The views and what they are.
 VIEWS: dict[str, str] = {
     "full": "the whole film",
-    "lung_crop": "the mask's bounding box plus a margin",
-    "lung_mask": "outside the mask black, then cropped to the lung box plus margin",
+    "lung_crop": "the mask's bounding box plus a margin, centred on a black square canvas",
+    "lung_mask": "outside the mask black, then cropped to the lung box plus margin on a black square canvas",
 }
+#: Views that crop the film to the lung box.
+CROP_VIEWS: frozenset[str] = frozenset({"lung_crop", "lung_mask"})
 
 
 def check_mask(img: Image.Image, mask: np.ndarray) -> np.ndarray:
@@ -56,6 +58,23 @@ def lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int
     return x0, y0, x1, y1
 
 
+def to_view_frame(arr: np.ndarray, mask: np.ndarray, view: str, margin: float = 0.05) -> np.ndarray:
+    """``arr`` (H,W: the film or its mask) in a view's frame: for the crop views, the lung box of ``mask``
+    (the whole image when it is empty) centred on a square canvas of zeros, so the models' square resize keeps
+    the lungs' aspect ratio and the box's shape is not stretched into the picture; unchanged for ``full``."""
+    if view not in CROP_VIEWS:
+        return arr
+    m = np.asarray(mask, dtype=bool)
+    x0, y0, x1, y1 = lung_box(m if m.any() else np.ones_like(m), margin)
+    crop = arr[y0:y1, x0:x1]
+    h, w = crop.shape
+    side = max(h, w)
+    out = np.zeros((side, side), dtype=crop.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = crop
+    return out
+
+
 def equalize_in_mask(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Histogram equalisation whose grey-level mapping is computed on the mask's pixels only, applied
     to the whole array (uint8 in, uint8 out)."""
@@ -89,5 +108,4 @@ def apply_view(
         return Image.fromarray(np.ascontiguousarray(arr))
     if view == "lung_mask":
         arr = np.where(m, arr, 0).astype(np.uint8)
-    x0, y0, x1, y1 = lung_box(m, margin)
-    return Image.fromarray(np.ascontiguousarray(arr[y0:y1, x0:x1]))
+    return Image.fromarray(np.ascontiguousarray(to_view_frame(arr, m, view, margin)))
