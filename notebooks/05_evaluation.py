@@ -46,6 +46,7 @@ from cxrstudy import config
 from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.evaluation import (
+    confounders,
     figures,
     frames,
     headline,
@@ -164,7 +165,8 @@ display(pd.DataFrame(scorecard.check_goals(card)).pivot_table(index=["run_id", "
 checks = shortcut_summary.assemble_shortcut_checks(
     checks_raw.get("source_identification"), checks_raw.get("masking"), checks_raw.get("leave_one_source_out"),
     checks_raw.get("same_hospital"), sal, saliency_run=head_run, lung_region=lung_info,
-    source_id_within_label=checks_raw.get("source_id_within_label"), n_bootstrap=n_bootstrap, seed=seed)
+    source_id_within_label=checks_raw.get("source_id_within_label"), n_bootstrap=n_bootstrap, seed=seed,
+    mask_shape=confounders.mask_shape_check(manifest, n_bootstrap=n_bootstrap, seed=seed))
 results = build_results(
     out, manifest, shortcut_checks=checks, n_bootstrap=n_bootstrap, seed=seed, excluded=excluded, runs=runs,
     entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size},

@@ -116,3 +116,24 @@ def test_the_lung_mask_shape_is_one_more_confounder_only_rule(monkeypatch):
 
     monkeypatch.setattr(stage, "lung_table", no_lungs)
     assert stage.with_mask_shape(rows, "p") is rows
+
+
+def test_mask_shape_check_on_the_film_and_as_the_lung_views_frame_it(monkeypatch):
+    from cxrstudy.evaluation import verdict as V
+    from cxrstudy.lungs import stage
+
+    rows = films({("covid", "AP"): 40, ("normal", "AP"): 40, ("covid", "PA"): 5}, seed=5)
+    rows["image"] = [f"f{i}.png" for i in range(len(rows))]
+    rows = rows.assign(width=200, height=250, split=["holdout"] * 2 + ["train"] * (len(rows) - 2))
+    cx = np.where(rows["label"] == "covid", 60, 100)  # the box sits elsewhere on COVID-19 films: lost in the frame
+    table = pd.DataFrame({"image": rows["image"], "x0": cx - 40, "y0": 40, "x1": cx + 40, "y1": 200,
+                          "area_fraction": 0.3, "lr_balance": 0.9, "shape_score": 0.8, "qc_pass": True})
+    monkeypatch.setattr(stage, "lung_table", lambda profile: table)
+    res = C.mask_shape_check(stage.with_mask_shape(rows, "p"), n_bootstrap=100)
+    assert res["film"]["n"] == len(rows) - 2  # the held-out hospital stays out
+    assert res["film"]["value"] == 1.0 and res["lung_view"]["ci_low"] <= 0.5 <= res["lung_view"]["ci_high"]
+    frame = C.lung_view_frame(stage.with_mask_shape(rows, "p"))
+    assert frame["mask_shape_box_height"].iloc[0] == 1.0 and frame["mask_shape_box_width"].iloc[0] == 0.5
+    assert C.mask_shape_check(rows) is None
+    (text,) = V.mask_shape({"mask_shape": res})
+    assert "at a balanced accuracy of 100.0%" in text and "as the lung views frame it" in text

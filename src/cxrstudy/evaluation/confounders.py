@@ -226,3 +226,43 @@ def best_rule(block: dict | None) -> tuple[str | None, float | None]:
     scored = [(name, (block or {}).get(name, {}).get("value")) for name in RULES]
     scored = [(n, v) for n, v in scored if v is not None]
     return max(scored, key=lambda nv: nv[1]) if scored else (None, None)
+
+
+def lung_view_frame(films: pd.DataFrame) -> pd.DataFrame:
+    """The lung-mask shape numbers as the lung views frame a film (the lung box centred on a square canvas):
+    box width and height as fractions of the canvas, aspect kept, centre fixed, lung area as a share of the
+    canvas, balance and shape score unchanged."""
+    w_px = films["mask_shape_box_width"].astype(float) * films["width"].astype(float)
+    h_px = films["mask_shape_box_height"].astype(float) * films["height"].astype(float)
+    side = np.maximum(w_px, h_px).clip(lower=1.0)
+    area = films["mask_shape_area"].astype(float) * films["width"].astype(float) * films["height"].astype(float)
+    return pd.DataFrame({
+        "mask_shape_box_width": w_px / side, "mask_shape_box_height": h_px / side,
+        "mask_shape_box_aspect": films["mask_shape_box_aspect"].astype(float), "mask_shape_box_cx": 0.5,
+        "mask_shape_box_cy": 0.5, "mask_shape_area": area / side**2,
+        "mask_shape_lr_balance": films["mask_shape_lr_balance"].astype(float),
+        "mask_shape_score": films["mask_shape_score"].astype(float),
+    }, index=films.index)
+
+
+def mask_shape_check(
+    manifest: pd.DataFrame, positive: str = "covid", negative: str = "normal", n_bootstrap: int = 1000, seed: int = 0
+) -> dict | None:
+    """How well the lung mask's shape alone tells ``positive`` from ``negative``: balanced accuracy of the
+    patient-grouped CV logistic model on the eight ``mask_shape_*`` numbers, on every film of the two labels
+    outside the held-out hospital, in the film's coordinates (``film``) and as the lung views frame the film
+    (``lung_view``, :func:`lung_view_frame`); None without the numbers."""
+    shape = [c for c in manifest.columns if c.startswith(MASK_SHAPE_PREFIX)]
+    if not shape:
+        return None
+    rows = manifest[manifest["label"].isin([positive, negative]) & (manifest["split"] != "holdout")]
+    rows = rows[rows[shape].apply(pd.to_numeric, errors="coerce").notna().all(axis=1)].reset_index(drop=True)
+    film = rows[shape].astype(float).to_numpy()
+    view = lung_view_frame(rows)[shape].to_numpy(float)
+    return {
+        "contrast": f"{positive} vs {negative}",
+        "metric": "balanced_accuracy",
+        "features": shape,
+        "film": cv_rule(rows, film, positive, negative, "balanced_accuracy", n_bootstrap, seed),
+        "lung_view": cv_rule(rows, view, positive, negative, "balanced_accuracy", n_bootstrap, seed),
+    }

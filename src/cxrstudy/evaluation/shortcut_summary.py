@@ -86,11 +86,13 @@ def assemble_shortcut_checks(
     seed: int = 0,
     input_view: str = "full",
     equalize: bool = False,
+    mask_shape: dict | None = None,
 ) -> dict:
     """results.json ``shortcut_checks`` from the separate checks (any of them may be missing).
     ``saliency``: ``saliency_for_runs`` table; the in-lung share is over ``saliency_run``'s images when given.
     ``lung_region``: ``shortcuts.lung_region_info`` of the masks used (None: the fixed rectangle);
-    ``input_view`` / ``equalize``: the films of the checks other than masking (notebook 05's parameters)."""
+    ``input_view`` / ``equalize``: the films of the checks other than masking (notebook 05's parameters);
+    ``mask_shape``: ``confounders.mask_shape_check``."""
     detail = lung_region or {"kind": "fixed rectangle", "rectangle": rectangle_region()}
     out: dict = {
         "lung_region": detail["kind"],
@@ -99,6 +101,8 @@ def assemble_shortcut_checks(
         "input_view": input_view,
         "equalize": bool(equalize),
     }
+    if mask_shape is not None:
+        out["mask_shape"] = mask_shape
     if source_identification is not None:
         out["source_identification_accuracy"] = source_identification.get("accuracy")
         out["source_identification"] = source_identification

@@ -127,6 +127,21 @@ def view_probe(results: dict) -> list[str]:
     return out
 
 
+def mask_shape(checks: dict) -> list[str]:
+    """What the lung mask's shape alone says about the paper's contrast, on the film and as the lung views show it."""
+    m = checks.get("mask_shape") or {}
+    film, view = m.get("film") or {}, m.get("lung_view") or {}
+    if film.get("value") is None:
+        return []
+    return [
+        f"The lung mask's shape alone (eight numbers: box size, aspect and position, lung area, left/right "
+        f"balance, shape score) tells {m.get('contrast', 'covid vs normal')} films apart at a balanced accuracy of "
+        f"{fmt_pct(film)} on the film, and of {fmt_pct(view)} as the lung views frame it (lung box centred on a "
+        f"square, aspect kept; chance 50%; n={film.get('n')}, patient-grouped cross-validation): a lung-field "
+        "input carries that shape."
+    ]
+
+
 def _goal_over_seeds_part(g: dict) -> str:
     """One goal of the recommended variant: seed mean (sd, interval range), target, met, all seeds clear."""
     name = f"{g['goal']} {METRIC_NAMES.get(g['metric'], g['metric'])}"
@@ -564,6 +579,7 @@ def verdict(results: dict) -> list[str]:
         *variants_against_baseline(results),
         *source_identification(checks),
         *masking(checks),
+        *mask_shape(checks),
         *leave_one_source_out(checks),
         *same_hospital(checks),
         *saliency(checks),
