@@ -152,11 +152,6 @@ def plot_intervals(
         v = t["value"].to_numpy(dtype=float)
         err = np.vstack([v - t["ci_low"].to_numpy(dtype=float), t["ci_high"].to_numpy(dtype=float) - v])
         ax.errorbar(v, y, xerr=np.nan_to_num(err), fmt="o", color="C0", ms=4, capsize=3, lw=1.2)
-        for col, style in REFERENCE_MARKS.items():
-            if col in t.columns:
-                ref = t[col].to_numpy(dtype=float)
-                has = np.isfinite(ref)
-                ax.plot(ref[has], y[has], linestyle="none", label=style["label"], **style["kw"])
         ax.set_yticks(y, t["label"], fontsize=7)
         ax.set_ylim(len(t) - 0.5, -0.5)
         ax.grid(axis="x", color="0.9")
@@ -211,18 +206,23 @@ def plot_scorecard(panels: dict[str, pd.DataFrame], xlabel: str = "value (95% CI
             ax.axvline(known[0], color="C3", ls="--", lw=1.2)  # the goal itself is in the panel title
         elif len(known):
             ax.plot(targets, y, "|", color="C3", ms=12, mew=2)  # a goal per row (S3: each run's majority + 5)
+        for col, style in REFERENCE_MARKS.items():
+            if col in t.columns:
+                ref = t[col].to_numpy(dtype=float)
+                has = np.isfinite(ref)
+                ax.plot(ref[has], y[has], linestyle="none", label=style["label"], **style["kw"])
         ax.set_yticks(y, t["label"], fontsize=7)
         ax.set_ylim(len(t) - 0.5, -0.5)
         ax.grid(axis="x", color="0.9")
         ax.set_title(name, fontsize=8, loc="left")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
-        axes[0, 0].legend(handles, labels, fontsize=6, loc="lower left", ncol=3, framealpha=0.8)
+        fig.legend(handles, labels, fontsize=6, loc="lower center", ncol=len(handles), frameon=False)
     axes[-1, 0].set_xlim(0.0, 1.0)
     axes[-1, 0].set_xlabel(xlabel, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.985) if title else None)
+    fig.tight_layout(rect=(0, 0.02 if handles else 0, 1, 0.985 if title else 1))
     return fig
 
 
