@@ -14,14 +14,14 @@
 # ---
 
 # %% [markdown]
-# # 00 · Data: sources, download, decoding, de-duplication, splits
+# # 00 · Data: sources, download, decoding, de-duplication, folds
 #
-# Builds (or, when warm, re-verifies) the dataset with `cxrstudy.data.build.build_dataset`: fetches the six pinned upstream repositories (plus the NIH table) from `CXR_MIRROR`, applies each source's label / view / patient rules, decodes every image to 8-bit grayscale PNG, removes duplicates, links patients across sources and splits patient-disjointly. Outputs: `data/processed/manifest.csv`, `excluded.csv`, `duplicates.csv`, `build_info.json`. This notebook then tells the data story: what we have, what is missing and why, and what can go wrong.
+# Builds (or, when warm, re-verifies) the dataset with `cxrstudy.data.build.build_dataset`: fetches the six pinned upstream repositories (plus the NIH table) from `CXR_MIRROR`, applies each source's label / view / patient rules, decodes every image to 8-bit grayscale PNG, removes duplicates, links patients across sources and assigns every film outside the held-out hospital (Actualmed, `split` = `holdout`, `fold` = -1) to one of five patient-grouped cross-validation folds, stratified by source × label (`StratifiedGroupKFold`; profiles may ask for another number of folds, computed the same way). Outputs: `data/processed/manifest.csv`, `excluded.csv`, `duplicates.csv`, `build_info.json`. This notebook then tells the data story: what we have, what is missing and why, and what can go wrong.
 
 # %% tags=["parameters"]
 profile = "smoke"  # reports go to reports/<profile>/data/
 seed = 0  # seeds the sample-image draw
-split_seed = 0  # seed of the patient-disjoint train/val/test split
+split_seed = 0  # seed of the patient-grouped cross-validation folds the manifest records
 workers = 8  # parallel downloads
 mirror = ""  # base path or URL of the upstream files; empty: $CXR_MIRROR, else raw.githubusercontent.com
 
@@ -32,7 +32,7 @@ from IPython.display import display
 from cxrstudy import config
 from cxrstudy.data.build import (
     build_dataset,
-    counts_by_split,
+    counts_by_fold,
     dropped_copies,
     duplicate_examples,
     exclusion_summary,
@@ -50,19 +50,18 @@ manifest, excluded, duplicates = result.manifest, result.excluded, result.duplic
 print(format_summary(result))
 
 # %% [markdown]
-# ## What we have: images and patients per label × source × split
+# ## What we have: images and patients per label × source × fold
 #
-# Cells are images / distinct patient groups. A patient group merges IDs that belong to one person (same image in two sources, follow-up films, shared case URLs); splits never share a group.
+# Cells are images / distinct patient groups; fold -1 is the held-out hospital. A patient group merges IDs that belong to one person (same image in two sources, follow-up films, shared case URLs); folds never share a group.
 
 # %%
-c = counts_by_split(manifest)
+c = counts_by_fold(manifest)
 c["cell"] = c["images"].astype(str) + " / " + c["patients"].astype(str)
-table = c.pivot(index=["label", "source_name"], columns="split", values="cell").fillna("0")
-table = table[[s for s in ("train", "val", "test") if s in table.columns]]
-c.to_csv(out / "counts_by_split.csv", index=False)
+table = c.pivot(index=["label", "source_name"], columns="fold", values="cell").fillna("0")
+c.to_csv(out / "counts_by_fold.csv", index=False)
 display(table)
 display(result.counts().pivot(index='source_name', columns='label', values='images').fillna(0).astype(int))
-fig = plot_counts_by_source(manifest, title='images per source and label, by split')
+fig = plot_counts_by_source(manifest, title='images per source and label')
 save_figure(fig, out / "counts_by_source.png")
 
 # %% [markdown]
@@ -154,7 +153,7 @@ for label in shares.index:
 # %% [markdown]
 # ## Conclusion
 #
-# - The build is reproducible: pinned commits, SHA-256 of every fetched file in `data/raw/lock.json`, deterministic decoding, de-duplication and seeded patient-disjoint splits; a warm re-run changes nothing.
+# - The build is reproducible: pinned commits, SHA-256 of every fetched file in `data/raw/lock.json`, deterministic decoding, de-duplication and seeded patient-grouped folds; a warm re-run changes nothing.
 # - Counts follow MIRROR.md's expected table; CXNet is lower than the thumbnail-only 565 to the extent the stronger duplicate test finds re-cropped copies, and CXNet's image-level patient IDs stay a weak point.
 # - Absent files are reported, not fatal; online runs fetch more of them.
 # - The dataset is heavily source-confounded (normals ≈ NIH): headline accuracies must be checked per source and against the shortcut tests before they are believed.

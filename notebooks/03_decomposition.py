@@ -16,11 +16,13 @@
 # %% [markdown]
 # # 03 · Class decomposition (DeTraC): k-means subclasses of each class, on training features only
 #
-# Each class's **training** images are clustered with k-means on their pooled features (optionally standardised and PCA-reduced); each training image gets a subclass label such as `covid_1`. Validation and test images are never clustered and never get a subclass. The network of notebook 04 learns the subclasses; its output is composed back to the classes by summing subclass probabilities (DeTraC's hard rule, the parent of the most probable subclass, is reported beside it). Outputs: `reports/<profile>/decomposition/subclasses.csv` and `decomposition.json`.
+# Once per cross-validation fold (the folds of notebook 04, `data.splits.cv_roles`): each class's **training** images of that fold (the other folds less their inner validation part) are clustered with k-means on their pooled features (optionally standardised and PCA-reduced); each training image gets a subclass label such as `covid_1`. Validation and test images are never clustered and never get a subclass. The network of notebook 04 learns the subclasses; its output is composed back to the classes by summing subclass probabilities (DeTraC's hard rule, the parent of the most probable subclass, is reported beside it). Outputs: `reports/<profile>/decomposition/seed<S>_fold<F>/subclasses.csv` and `decomposition.json` per fold; the figures show the first fold.
 
 # %% tags=["parameters"]
 profile = "smoke"  # reports go to reports/<profile>/
-seed = 0  # seeds the subsample, the embeddings and k-means
+seed = 0  # seeds the subsample, the folds, the embeddings and k-means
+folds = 2  # cross-validation folds (as notebook 04)
+repeats = 1  # cross-validations, repeat r seeded by seed + r * folds (as notebook 04)
 device = "auto"  # auto: CUDA if present, else cpu; or cpu, cuda, cuda:N
 backbone = "efficientnet_lite0"  # cxrstudy.models.list_backbones(), or scratch:<name>
 image_size = 160  # squish-resize to image_size x image_size
@@ -44,8 +46,8 @@ from IPython.display import display
 
 from cxrstudy import config
 from cxrstudy.data.manifest import load_manifest
-from cxrstudy.data.splits import subsample
-from cxrstudy.decomposition import fit_decomposition, save_decomposition
+from cxrstudy.data.splits import cv_roles, subsample
+from cxrstudy.decomposition import fit_decomposition, part_name, save_decomposition
 from cxrstudy.features import embed_2d, extraction_summary, profile_features
 from cxrstudy.plots import (
     plot_embedding,
@@ -62,17 +64,22 @@ manifest = subsample(load_manifest(), max_per_class, seed)
 feats, image_root = profile_features(manifest, profile, backbone, image_size, input_view, equalize,
                                      batch_size=batch_size, device=device, num_workers=num_workers)
 print(extraction_summary(feats, backbone, image_size, device))
-train = manifest[manifest["split"] == "train"]
-print(f'{len(train)} training images of {len(manifest)}; only these are clustered')
 
 # %%
-decomp, subclass_of = fit_decomposition(feats.loc[train["image"]], train["label"], train["split"],
-                                        k=k, k_range=(k_min, k_max), standardize=standardize,
-                                        pca_components=pca_components, seed=seed)
-decomp.params.update(backbone=backbone, image_size=image_size, max_per_class=max_per_class, input_view=input_view,
-                     equalize=equalize)
-save_decomposition(config.profile_dir(profile), decomp, subclass_of)
-display(pd.DataFrame({'k': decomp.k}).T)
+fits = {}
+for cv_seed in [seed + r * folds for r in range(repeats)]:
+    for fold in range(folds):
+        roles = cv_roles(manifest, folds, fold, cv_seed)
+        train = roles[roles["split"] == "train"]
+        decomp, subclass_of = fit_decomposition(feats.loc[train["image"]], train["label"], train["split"],
+                                                k=k, k_range=(k_min, k_max), standardize=standardize,
+                                                pca_components=pca_components, seed=cv_seed + fold)
+        decomp.params.update(backbone=backbone, image_size=image_size, max_per_class=max_per_class,
+                             input_view=input_view, equalize=equalize, fold=fold, folds=folds, cv_seed=cv_seed)
+        save_decomposition(config.profile_dir(profile), decomp, subclass_of, part_name(cv_seed, fold))
+        fits[part_name(cv_seed, fold)] = (decomp, subclass_of, train)
+display(pd.DataFrame({p: {**d.k, 'training films': len(t)} for p, (d, _, t) in fits.items()}).T)
+decomp, subclass_of, train = fits[part_name(seed, 0)]  # the figures show the first fold
 display(pd.DataFrame(decomp.silhouettes).T.round(3))
 
 # %% [markdown]

@@ -33,6 +33,8 @@ TASKS: dict[str, tuple[str, ...]] = {
 SCENARIOS: tuple[str, ...] = ("shallow", "deep", "finetune", "scratch")
 #: The variant of the unmodified pipeline (full film, no adversary); its run ids carry no suffix.
 BASELINE_VARIANT = "baseline"
+#: Folds of the cross-validation the manifest's ``fold`` column records (profiles set their own ``folds``).
+CV_FOLDS = 5
 #: A variant's name (profiles' ``variants``): lower-case words joined by underscores; it ends the run id.
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

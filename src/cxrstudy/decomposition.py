@@ -215,9 +215,16 @@ def compose_hard(sub_probs: np.ndarray, subclasses: list[str], classes: Sequence
     return composition_matrix(subclasses, classes).argmax(axis=1)[p.argmax(axis=1)]
 
 
-def save_decomposition(profile_dir: Path, decomposition: Decomposition, subclass_of: pd.Series) -> Path:
-    """Write ``decomposition/subclasses.csv`` (image, label, subclass) and ``decomposition.json``."""
-    out = Path(profile_dir) / SUBDIR
+def part_name(seed: int, fold: int) -> str:
+    """Folder of one cross-validation fold's decomposition under ``decomposition/``."""
+    return f"seed{seed}_fold{fold}"
+
+
+def save_decomposition(
+    profile_dir: Path, decomposition: Decomposition, subclass_of: pd.Series, part: str = ""
+) -> Path:
+    """Write ``decomposition/[<part>/]subclasses.csv`` (image, label, subclass) and ``decomposition.json``."""
+    out = Path(profile_dir) / SUBDIR / part
     unknown = sorted(set(subclass_of) - set(decomposition.subclasses))
     if unknown:
         raise ValueError(f"subclass labels {unknown} are not in the decomposition")
@@ -238,9 +245,9 @@ def save_decomposition(profile_dir: Path, decomposition: Decomposition, subclass
     return out
 
 
-def load_decomposition(profile_dir: Path) -> tuple[Decomposition, pd.Series]:
+def load_decomposition(profile_dir: Path, part: str = "") -> tuple[Decomposition, pd.Series]:
     """Read what ``save_decomposition`` wrote: the decomposition and the subclass per training image."""
-    out = Path(profile_dir) / SUBDIR
+    out = Path(profile_dir) / SUBDIR / part
     jpath, cpath = out / DECOMPOSITION_JSON, out / SUBCLASSES_CSV
     for p in (jpath, cpath):
         if not p.is_file():

@@ -333,7 +333,7 @@ STEP_IO: dict[str, StepIO] = {
     "02_features": StepIO(reads=(_MANIFEST, "{profile}/lungs"), writes=("{profile}/features/summary.json",)),
     "03_decomposition": StepIO(
         reads=(_MANIFEST, "{profile}/lungs"),
-        writes=("{profile}/decomposition/subclasses.csv", "{profile}/decomposition/decomposition.json"),
+        writes=("{profile}/decomposition",),
     ),
     "04_transfer": StepIO(reads=(_MANIFEST, "{profile}/lungs", "{profile}/decomposition"), writes=("{profile}/runs",)),
     "05_evaluation": StepIO(

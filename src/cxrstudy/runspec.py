@@ -1,7 +1,9 @@
 """``RunSpec``: the one place that knows what identifies a training run and how its id is spelled.
 
-A run is identified by its task, backbone, scenario, decomposition setting, seed and variant; it sees its
-films through an input view at an image size. Everything else that names, groups, labels or re-reads a
+A run is identified by its task, backbone, scenario, decomposition setting, seed, variant and cross-validation
+fold; it sees its films through an input view at an image size. A configuration's runs differ in the fold (and,
+with repeated cross-validation, in the seed); a spec with ``fold=None`` names the configuration's out-of-fold
+whole (its id is the configuration id). Everything else that names, groups, labels or re-reads a
 run (run folders, results.json entries, seed summaries, figure labels, the pipeline's expected runs,
 inference) goes through this class; nothing parses a run id.
 """
@@ -14,20 +16,22 @@ from typing import Any
 
 from cxrstudy.config import BASELINE_VARIANT
 
-#: How a run id is spelled (the run's folder name); the variant suffix follows for any variant but the baseline.
-RUN_ID_FORMAT = "{task}__{backbone}__{scenario}__{decomposition}__seed{seed}"
+#: How a run id is spelled (the run's folder name): the configuration id, then the fold; the variant suffix follows
+#: for any variant but the baseline.
+CONFIG_ID_FORMAT = "{task}__{backbone}__{scenario}__{decomposition}__seed{seed}"
+RUN_ID_FORMAT = CONFIG_ID_FORMAT + "__fold{fold}"
 VARIANT_SUFFIX = "__{variant}"
 #: Fields that identify a run, in the order of run.json and results.json.
-IDENTITY: tuple[str, ...] = ("task", "backbone", "scenario", "decomposition", "seed", "variant")
-#: What a configuration is: the identity without the seed (its runs differ only in the seed).
-CONFIG_KEYS: tuple[str, ...] = tuple(k for k in IDENTITY if k != "seed")
+IDENTITY: tuple[str, ...] = ("task", "backbone", "scenario", "decomposition", "seed", "variant", "fold")
+#: What a configuration is: the identity without the seed and the fold (its runs differ only in those).
+CONFIG_KEYS: tuple[str, ...] = tuple(k for k in IDENTITY if k not in ("seed", "fold"))
 #: Fields that say how the run sees a film, with the value a run.json without them means.
 VIEW_DEFAULTS: dict[str, Any] = {"input_view": "full", "equalize": False, "view_margin": 0.05}
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What identifies one run (task, backbone, scenario, decomposition, seed, variant) and how it sees films."""
+    """What identifies one run (task, backbone, scenario, decomposition, seed, variant, fold) and how it sees films."""
 
     task: str
     backbone: str
@@ -39,14 +43,26 @@ class RunSpec:
     input_view: str = "full"
     equalize: bool = False
     view_margin: float = 0.05
+    fold: int | None = 0
 
     @property
     def run_id(self) -> str:
         """The run's folder name, :data:`RUN_ID_FORMAT` (decomposition spelled ``decomp`` or ``nodecomp``) plus
-        :data:`VARIANT_SUFFIX` for any variant but the baseline."""
+        :data:`VARIANT_SUFFIX` for any variant but the baseline; with ``fold=None`` the :attr:`config_id`."""
         fields = {**self.to_record(), "decomposition": self.decomposition_name}
-        base = RUN_ID_FORMAT.format(**fields)
+        base = (CONFIG_ID_FORMAT if self.fold is None else RUN_ID_FORMAT).format(**fields)
         return base if self.variant == BASELINE_VARIANT else base + VARIANT_SUFFIX.format(**fields)
+
+    @property
+    def config_id(self) -> str:
+        """The run id without its fold (:data:`CONFIG_ID_FORMAT` plus the variant suffix): names the configuration's
+        cross-validation (one per seed when it is repeated)."""
+        return RunSpec(**{**self.__dict__, "fold": None}).run_id
+
+    @property
+    def train_seed(self) -> int:
+        """The seed the run trains with: ``seed + fold`` (the seed itself for the out-of-fold whole)."""
+        return self.seed + (self.fold or 0)
 
     @property
     def decomposition_name(self) -> str:
@@ -69,8 +85,10 @@ class RunSpec:
         return self.input_view, self.equalize, self.view_margin
 
     def label(self, sep: str = "\n", task: bool = True) -> str:
-        """A short label for figures: ``task<sep>backbone scenario decomp seedN [variant]``."""
+        """A short label for figures: ``task<sep>backbone scenario decomp seedN [foldN] [variant]``."""
         parts = [self.backbone, self.scenario, self.decomposition_name, f"seed{self.seed}"]
+        if self.fold is not None:
+            parts.append(f"fold{self.fold}")
         if self.variant != BASELINE_VARIANT:
             parts.append(self.variant)
         rest = " ".join(parts)
@@ -84,8 +102,9 @@ class RunSpec:
     def from_record(cls, info: Mapping[str, Any], where: str = "run record") -> RunSpec:
         """The spec of a run.json or results.json run entry; a missing identity field raises ValueError naming it.
 
-        A record without ``variant`` is the baseline's; one without view fields saw the full film."""
-        missing = [k for k in IDENTITY if k != "variant" and k not in info]
+        A record without ``variant`` is the baseline's; one without view fields saw the full film; ``fold`` None (or
+        absent) is a configuration's out-of-fold whole."""
+        missing = [k for k in IDENTITY if k not in ("variant", "fold") and k not in info]
         if missing:
             raise ValueError(f"{where}: missing key(s) {missing}")
         size = info.get("image_size")
@@ -98,15 +117,22 @@ class RunSpec:
             variant=str(info.get("variant") or BASELINE_VARIANT),
             image_size=int(size) if size is not None else None,
             **{k: type(v)(info.get(k, v)) for k, v in VIEW_DEFAULTS.items()},
+            fold=None if info.get("fold") is None else int(info["fold"]),
         )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> list[RunSpec]:
-        """Every run a transfer step's parameters ask for: seeds ``seed .. seed + n_seeds - 1`` (outer) times the
-        ``decomposition`` values (one value or a list; inner), in that order."""
+        """Every run a transfer step's parameters ask for: ``repeats`` cross-validations (outer; repeat r has seed
+        ``seed + r * folds``), each fold ``0 .. folds - 1`` (middle), times the ``decomposition`` values (one
+        value or a list; inner), in that order."""
         decomps = params["decomposition"]
         decomps = list(decomps) if isinstance(decomps, (list, tuple)) else [decomps]
-        own = {f.name for f in fields(cls)} - {"decomposition", "seed"}
+        own = {f.name for f in fields(cls)} - {"decomposition", "seed", "fold"}
         base = {k: params[k] for k in own if k in params}
-        first, n = int(params["seed"]), int(params.get("n_seeds", 1))
-        return [cls(decomposition=bool(d), seed=first + i, **base) for i in range(n) for d in decomps]
+        first, k, n = int(params["seed"]), int(params.get("folds", 1)), int(params.get("repeats", 1))
+        return [
+            cls(decomposition=bool(d), seed=first + r * k, fold=f, **base)
+            for r in range(n)
+            for f in range(k)
+            for d in decomps
+        ]

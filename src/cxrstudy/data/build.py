@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from cxrstudy import config
@@ -333,7 +334,7 @@ def build_dataset(
     dl.probe(f"{first.repo}/{first.commit}/{first.path}")
     stale = _remove_stale_temp(raw_dir) + _remove_stale_temp(out_dir)
     from cxrstudy.data.dedup import deduplicate  # imported after the fail-fast probe (heavier imports)
-    from cxrstudy.data.splits import make_splits
+    from cxrstudy.data.splits import CV, HOLDOUT, HOLDOUT_FOLD, assign_folds
 
     watch.lap("probe")
 
@@ -350,7 +351,8 @@ def build_dataset(
     dd = deduplicate(rows, image_root=out_dir, cache_dir=cache_dir)
     kept = dd.kept.copy()
     watch.lap("dedup")
-    kept["split"] = make_splits(kept, seed=split_seed, holdout_sources=holdout_sources())
+    kept["fold"] = assign_folds(kept, config.CV_FOLDS, seed=split_seed, holdout_sources=holdout_sources())
+    kept["split"] = np.where(kept["fold"] == HOLDOUT_FOLD, HOLDOUT, CV)
     watch.lap("split")
 
     manifest, excluded, duplicates = _output_tables(kept, rows, dd, [cands.excluded, excl_fetch, excl_decode])
@@ -367,9 +369,9 @@ def build_dataset(
     return BuildResult(manifest, excluded, duplicates, info, out_dir)
 
 
-def counts_by_split(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Images and patient groups per label x source x split (long table)."""
-    g = manifest.groupby(["label", "source_name", "split"])
+def counts_by_fold(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images and patient groups per label x source x fold (long table; -1: held out)."""
+    g = manifest.groupby(["label", "source_name", "fold"])
     return pd.DataFrame({"images": g.size(), "patients": g["patient_group"].nunique()}).reset_index()
 
 

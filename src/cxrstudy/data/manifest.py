@@ -24,6 +24,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "sex",
     "license",
     "split",
+    "fold",
     "sha256",
     "width",
     "height",

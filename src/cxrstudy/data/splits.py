@@ -15,6 +15,7 @@ fractions apply to the remaining rows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -139,3 +140,76 @@ def subsample(manifest: pd.DataFrame, max_per_class: int, seed: int) -> pd.DataF
     keep = shuffled.groupby(["split", "label"], sort=False).cumcount() < max_per_class
     chosen = np.sort(shuffled.index[keep.to_numpy()].to_numpy())
     return manifest.iloc[chosen].copy()
+
+
+#: The manifest's ``split`` of a film that cross-validation scores (every film outside the held-out sources).
+CV = "cv"
+#: Share of the training folds' patient groups that form a fold's inner validation part.
+INNER_VAL_FRACTION = 0.15
+#: ``fold`` of a held-out film: predicted by every fold's model, trained or validated on by none.
+HOLDOUT_FOLD = -1
+
+
+def assign_folds(
+    df: pd.DataFrame,
+    folds: int,
+    seed: int = 0,
+    *,
+    stratify: Sequence[str] = ("label", "source_name"),
+    holdout_sources: Sequence[str] = (),
+) -> pd.Series:
+    """Fold (0 .. ``folds`` - 1) of every row by scikit-learn's ``StratifiedGroupKFold`` (shuffled with ``seed``):
+    patient groups never span two folds, strata ``stratify`` are spread evenly. Rows of ``holdout_sources`` and
+    every row sharing a patient group with them get :data:`HOLDOUT_FOLD`. Independent of row order."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"assign_folds: folds must be an integer >= 2 (got {folds!r})")
+    _require(df, ["patient_group", "source_name", *stratify], "assign_folds")
+    if df["patient_group"].isna().any():
+        raise ValueError("assign_folds: empty patient_group in some rows")
+    groups = df["patient_group"].astype(str).to_numpy()
+    held = np.isin(groups, groups[df["source_name"].isin(list(holdout_sources)).to_numpy()])
+    out = np.full(len(df), HOLDOUT_FOLD, dtype=int)
+    free = np.flatnonzero(~held)
+    if len(free):
+        order = free[np.lexsort((df["image"].astype(str).to_numpy()[free] if "image" in df.columns
+                                 else np.arange(len(free)), groups[free]))]
+        strata = df.iloc[order][list(stratify)].astype(str).agg("|".join, axis=1).to_numpy()
+        n_groups = len(set(groups[order]))
+        if n_groups < folds:
+            raise ValueError(f"assign_folds: {n_groups} patient group(s) cannot fill {folds} folds")
+        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # a stratum smaller than the folds (figure1 pneumonia: 2 films) is expected
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            for i, (_, test) in enumerate(cv.split(np.zeros(len(order)), strata, groups[order])):
+                out[order[test]] = i
+    return pd.Series(out, index=df.index, name="fold")
+
+
+def fold_split(
+    df: pd.DataFrame, fold: int, folds: pd.Series, val_fraction: float = 0.15, seed: int = 0
+) -> pd.Series:
+    """One fold's roles: ``test`` (the fold), ``holdout`` (:data:`HOLDOUT_FOLD`), and the other folds split
+    patient-disjointly into ``train`` and an inner ``val`` (:func:`make_splits`, stratified the same way)."""
+    folds = pd.Series(folds, index=df.index)
+    if fold not in set(folds):
+        raise ValueError(f"fold_split: fold {fold} is not among the folds {sorted(set(folds))}")
+    role = pd.Series("test", index=df.index, name="split", dtype=object)
+    role[folds == HOLDOUT_FOLD] = HOLDOUT
+    rest = (folds != fold) & (folds != HOLDOUT_FOLD)
+    inner = make_splits(df[rest], seed=seed + fold, val_fraction=val_fraction, test_fraction=0.0,
+                        image_level_to_train="patient_id_is_image_level" in df.columns)
+    role[rest] = inner
+    return role
+
+
+def cv_roles(
+    manifest: pd.DataFrame, folds: int, fold: int, seed: int = 0, val_fraction: float = INNER_VAL_FRACTION
+) -> pd.DataFrame:
+    """The manifest as one cross-validation fold sees it: ``fold`` from :func:`assign_folds` (``folds`` folds seeded
+    by ``seed``, the held-out sources out of every fold) and ``split`` the row's role (:func:`fold_split`)."""
+    from cxrstudy.data.sources import holdout_sources
+
+    assigned = assign_folds(manifest, folds, seed, holdout_sources=holdout_sources())
+    return manifest.assign(fold=assigned, split=fold_split(manifest, fold, assigned, val_fraction, seed))

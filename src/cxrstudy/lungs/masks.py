@@ -104,6 +104,20 @@ def processed_mask(member: str, size: tuple[int, int]) -> np.ndarray:
     return _processed_mask(member, int(size[0]), int(size[1])).copy()
 
 
+#: Seed of the lung stage's own patient-disjoint split of the mask films.
+LUNG_SPLIT_SEED = 0
+
+
+def lung_split(manifest: pd.DataFrame) -> pd.Series:
+    """The lung stage's ``train``/``val``/``test`` of every manifest row: its own patient-disjoint split
+    (``data.splits.make_splits``, seeded by :data:`LUNG_SPLIT_SEED`), since a mask is not a label and the
+    classifier's cross-validation folds do not apply to it."""
+    from cxrstudy.data.sources import holdout_sources
+    from cxrstudy.data.splits import make_splits
+
+    return make_splits(manifest, seed=LUNG_SPLIT_SEED, holdout_sources=holdout_sources())
+
+
 def pair_masks(
     manifest: pd.DataFrame, min_area: float = 0.02, max_masks: int = 0, seed: int = 0
 ) -> tuple[list[MaskPair], dict]:
@@ -115,7 +129,8 @@ def pair_masks(
     with under ``min_area`` of lung at the manifest's ``width`` x ``height`` are dropped (the archive
     holds empty masks for CT slices and lateral views). Returns the pairs (manifest order) and counts.
     """
-    need = {"image", "source_name", "upstream_path", "split", "patient_group", "width", "height"}
+    need = {"image", "source_name", "upstream_path", "patient_group", "patient_id_is_image_level", "label",
+            "width", "height"}
     missing = sorted(need - set(manifest.columns))
     if missing:
         raise ValueError(f"manifest lacks column(s) {missing} needed to pair lung masks")
@@ -123,7 +138,7 @@ def pair_masks(
     by_stem: dict[str, list[str]] = {}
     for name in members:
         by_stem.setdefault(_stem(name), []).append(name)
-    rows = manifest[manifest["source_name"] == MASK_SOURCE]
+    rows = manifest.assign(split=lung_split(manifest))[manifest["source_name"] == MASK_SOURCE]
     counts = {
         "masks_in_archive": len(members),
         "manifest_rows_of_source": int(len(rows)),

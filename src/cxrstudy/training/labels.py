@@ -33,11 +33,14 @@ def identity_labels(classes: Sequence[str]) -> LabelSpace:
     return LabelSpace(tuple(classes), tuple(classes), {c: c for c in classes})
 
 
-def decomposition_labels(profile_dir: Path, classes: Sequence[str]) -> tuple[LabelSpace, pd.Series]:
-    """Notebook 03's decomposition restricted to the task's classes, and the subclass of each training image."""
+def decomposition_labels(
+    profile_dir: Path, classes: Sequence[str], part: str = ""
+) -> tuple[LabelSpace, pd.Series]:
+    """Notebook 03's decomposition (of one fold: ``part``) restricted to the task's classes, and the subclass of
+    each training image."""
     from cxrstudy.decomposition import load_decomposition
 
-    dec, subclass_of = load_decomposition(Path(profile_dir))
+    dec, subclass_of = load_decomposition(Path(profile_dir), part)
     subs = tuple(s for s in dec.subclasses if dec.parent_of[s] in classes)
     missing = [c for c in classes if not any(dec.parent_of[s] == c for s in subs)]
     if missing:

@@ -89,7 +89,7 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").unlink(missing_ok=True)  # run.json marks a finished run: never leave a stale one
 
-    config.seed_everything(cfg.seed)
+    config.seed_everything(cfg.train_seed)
     model = Classifier(
         cfg.backbone, len(space.subclasses), pretrained=cfg.scenario != "scratch", dropout=cfg.dropout
     )
@@ -117,10 +117,13 @@ def _labelled_rows(
     manifest: pd.DataFrame, cfg: TrainConfig, profile_dir: Path | str | None
 ) -> tuple[pd.DataFrame, LabelSpace, np.ndarray]:
     """The task's rows, the label space (decomposition on or off) and the ``[subclass, parent]`` targets."""
+    from cxrstudy.data.splits import cv_roles
+    from cxrstudy.decomposition import part_name
+
     classes = config.task_classes(cfg.task)
-    rows = task_rows(manifest, cfg.task)
+    rows = task_rows(cv_roles(manifest, cfg.folds, cfg.fold, cfg.seed, cfg.inner_val), cfg.task)
     space, subclass_of = (
-        decomposition_labels(Path(profile_dir), classes)  # type: ignore[arg-type]
+        decomposition_labels(Path(profile_dir), classes, part_name(cfg.seed, cfg.fold))  # type: ignore[arg-type]
         if cfg.decomposition
         else (identity_labels(classes), None)
     )
@@ -197,7 +200,7 @@ def _source_adversary(
     """Targets with the per-class source column (codes from *training* rows only; -1 elsewhere) and the
     adversary callback with the run's weight, schedule, learning rate and width."""
     codes = SourceCodes.from_rows(rows, config.task_classes(cfg.task))
-    torch.manual_seed(cfg.seed + 2)  # the heads' initial weights, independently of the model's
+    torch.manual_seed(cfg.train_seed + 2)  # the heads' initial weights, independently of the model's
     adversary = make_source_adversary(model, codes, hidden=cfg.adversary_hidden)
     cb = SourceAdversaryCallback(
         adversary, codes, cfg.adversary_weight, schedule=cfg.adversary_schedule, lr=cfg.adversary_lr
@@ -262,6 +265,11 @@ def _run_info(
         "scenario": cfg.scenario,
         "decomposition": bool(cfg.decomposition),
         "seed": cfg.seed,
+        "fold": cfg.fold,
+        "folds": cfg.folds,
+        "config_id": cfg.spec.config_id,
+        "train_seed": cfg.train_seed,
+        "inner_val": cfg.inner_val,
         "classes": list(space.classes),
         "subclasses": list(space.subclasses),
         "parent_of": dict(space.parent_of),
@@ -388,6 +396,7 @@ def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
         "scenario",
         "decomposition",
         "seed",
+        "fold",
         "epochs_run",
         "best_epoch",
         "train_seconds",
@@ -409,24 +418,26 @@ def summarize_runs(results: Sequence[RunResult]) -> pd.DataFrame:
 
 
 def describe_decomposition_effect(summary: pd.DataFrame) -> str:
-    """Plain-language comparison of decomposition on vs off, averaged over the seeds both ran (point estimates;
-    intervals come in notebook 05)."""
+    """Plain-language comparison of decomposition on vs off on inner validation, averaged over the folds both ran
+    (point estimates; held-out numbers and intervals come in notebook 05)."""
     on, off = summary[summary["decomposition"]], summary[~summary["decomposition"]]
     if on.empty or off.empty:
         return "Only one decomposition setting was run: no comparison."
-    seeds = sorted(set(on["seed"]) & set(off["seed"]))
-    on, off = on[on["seed"].isin(seeds)], off[off["seed"].isin(seeds)]
+    both = set(zip(on["seed"], on["fold"], strict=True)) & set(zip(off["seed"], off["fold"], strict=True))
+    on = on[[k in both for k in zip(on["seed"], on["fold"], strict=True)]]
+    off = off[[k in both for k in zip(off["seed"], off["fold"], strict=True)]]
+    seeds = sorted(both)
     lines = []
-    for split in ("val", "test"):
+    for split in ("val",):
         x = pd.to_numeric(on[f"{split}_accuracy"], errors="coerce").dropna()
         y = pd.to_numeric(off[f"{split}_accuracy"], errors="coerce").dropna()
         if x.empty or y.empty:
             continue
         lines.append(
             f"{split}: {100 * x.mean():.1f}% with decomposition vs {100 * y.mean():.1f}% without "
-            f"({100 * (x.mean() - y.mean()):+.1f} points, n={int(on[f'n_{split}'].iloc[0])} images)"
+            f"({100 * (x.mean() - y.mean()):+.1f} points, n={int(on[f'n_{split}'].iloc[0])} images per fold)"
         )
     return (
         f"{on['scenario'].iloc[0]} ({int(on['n_subclasses'].iloc[0])} subclasses vs "
-        f"{int(off['n_subclasses'].iloc[0])} classes), mean over {len(seeds)} seed(s): " + "; ".join(lines)
+        f"{int(off['n_subclasses'].iloc[0])} classes), mean over {len(seeds)} fold(s): " + "; ".join(lines)
     )

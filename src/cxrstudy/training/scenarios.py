@@ -56,7 +56,7 @@ def _feature_loaders(
         if x.shape[1] != head.in_features:
             raise ValueError(f"features have {x.shape[1]} columns, the head expects {head.in_features}")
         ds = TensorDataset(x, torch.as_tensor(targets[m]))
-        loaders.append(make_loader(ds, cfg.batch_size, train=split == "train", seed=cfg.seed))
+        loaders.append(make_loader(ds, cfg.batch_size, train=split == "train", seed=cfg.train_seed))
     return loaders
 
 
@@ -143,7 +143,7 @@ def image_loaders(
     for split in ("train", "val"):
         m = (rows["split"] == split).to_numpy()
         train = split == "train"
-        aug = train_augmentation(torch.Generator().manual_seed(cfg.seed + 1)) if train else None
+        aug = train_augmentation(torch.Generator().manual_seed(cfg.train_seed + 1)) if train else None
         weights = None
         if train and cfg.sampling == "source_balanced":
             weights, _ = source_balance_weights(rows.loc[m, "label"], rows.loc[m, "source_name"])
@@ -154,7 +154,7 @@ def image_loaders(
                 model.spec,
                 cfg.batch_size,
                 train=train,
-                seed=cfg.seed,
+                seed=cfg.train_seed,
                 augment=aug,
                 weights=weights,
             )

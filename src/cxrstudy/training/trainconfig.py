@@ -9,6 +9,7 @@ from numbers import Integral, Real
 from typing import NoReturn
 
 from cxrstudy import config
+from cxrstudy.data.splits import INNER_VAL_FRACTION
 from cxrstudy.runspec import RunSpec
 
 #: Smallest allowed value of each integer parameter.
@@ -17,6 +18,8 @@ _INT_MINIMUM: dict[str, int] = {
     "epochs": 1,
     "batch_size": 2,  # batch norm needs two images per batch
     "seed": 0,
+    "fold": 0,
+    "folds": 2,
     "num_workers": 0,
     "patience": 0,
     "lr_find_iters": 5,
@@ -61,6 +64,11 @@ class TrainConfig:
     finetune the rate is the head's and open backbone groups get ``slice(lr / lr_mult, lr)``.
     ``wd`` None is fastai's default (0.01, decoupled).
 
+    Cross-validation: the run is fold ``fold`` of ``folds`` patient-grouped folds seeded by ``seed``
+    (``data.splits.cv_roles``): it trains on the other folds less an inner validation part (``inner_val`` of
+    their patient groups), which serves early stopping, the kept checkpoint and ``lr_find``; it predicts its fold
+    (``test``) and the held-out hospital; its weights, shuffling and augmentation are seeded by ``seed + fold``.
+
     Variant: ``variant`` names the parameter set; ``input_view`` / ``equalize`` / ``view_margin``
     say how the films were rendered (``lungs.render.view_root``; the caller passes that folder as
     ``image_root``); ``adversary_weight`` > 0 adds the class-conditional source adversary
@@ -96,6 +104,9 @@ class TrainConfig:
     adversary_lr: float = 1e-3
     adversary_hidden: int = 256
     sampling: str = "uniform"
+    fold: int = 0
+    folds: int = 2
+    inner_val: float = INNER_VAL_FRACTION
 
     def __post_init__(self) -> None:
         self._check_names()
@@ -109,6 +120,9 @@ class TrainConfig:
         if self.wd is not None:
             _check_real("wd", self.wd, low=0.0)
         _check_real("dropout", self.dropout, low=0.0, high=1.0)
+        _check_real("inner_val", self.inner_val, low=0.0, low_open=True, high=0.5)
+        if self.fold >= self.folds:
+            _fail("fold", f"must be below folds ({self.folds})", self.fold)
         if self.finetune_stages is not None:
             object.__setattr__(self, "finetune_stages", _check_stages(self.finetune_stages))
         object.__setattr__(self, "lr_range", _check_range(self.lr_range))
@@ -125,17 +139,25 @@ class TrainConfig:
     def from_params(cls, params: Mapping[str, object]) -> list[TrainConfig]:
         """The runs a transfer step's parameters ask for (:meth:`RunSpec.from_params`: seeds outer, decomposition
         values inner); every other field comes from the parameter of its name, or keeps its default."""
-        names = {f.name for f in fields(cls)} - {"decomposition", "seed"}
+        names = {f.name for f in fields(cls)} - {"decomposition", "seed", "fold"}
         settings = {k: params[k] for k in names if k in params}
-        return [cls(**settings, decomposition=s.decomposition, seed=s.seed) for s in RunSpec.from_params(params)]
+        return [
+            cls(**settings, decomposition=s.decomposition, seed=s.seed, fold=s.fold)  # type: ignore[arg-type]
+            for s in RunSpec.from_params(params)
+        ]
 
     @property
     def spec(self) -> RunSpec:
         """The run's identity and view (:class:`cxrstudy.runspec.RunSpec`)."""
         return RunSpec(
             self.task, self.backbone, self.scenario, self.decomposition, self.seed, self.variant,
-            self.image_size, self.input_view, self.equalize, self.view_margin,
+            self.image_size, self.input_view, self.equalize, self.view_margin, self.fold,
         )
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of the run's weights, shuffling and augmentation (:attr:`RunSpec.train_seed`)."""
+        return self.spec.train_seed
 
     @property
     def run_id(self) -> str:
