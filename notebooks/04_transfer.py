@@ -72,7 +72,6 @@ from cxrstudy.plots import plot_confusion, save_figure
 out = config.profile_dir(profile)
 manifest = subsample(load_manifest(), max_per_class, seed)
 image_root = view_root(manifest, profile, input_view, equalize, view_margin)  # the films as this variant sees them
-display(training.task_rows(manifest, task).groupby(["fold", "label"]).size().unstack(fill_value=0))
 
 # %% [markdown]
 # ## Training

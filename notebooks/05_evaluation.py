@@ -14,9 +14,9 @@
 # ---
 
 # %% [markdown]
-# # 05 · Evaluation: metrics with patient-bootstrap intervals over seeds, shortcut checks, saliency, scorecard, recommended variant, verdict
+# # 05 · Evaluation: out-of-fold metrics with patient-bootstrap intervals, shortcut checks, saliency, scorecard, recommended variant, verdict
 #
-# Evaluates every saved run of the profile from its stored predictions (no retraining). Runs come in configurations (task, backbone, scenario, decomposition, variant) with several seeds; every table gives per configuration the mean over seeds, the sd over seeds and the range of the per-seed intervals beside each run's own numbers. First, before any test number is read, the recommended variant is chosen on validation rows only by a rule fixed in the parameters. Then: accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups**, on the test split only (evaluation-only `holdout` rows never enter these); calibration (ECE, Brier, reliability diagrams); McNemar's test clustered on patient groups between scenarios and for class decomposition (on minus off), per variant and seed, Holm-adjusted, and pooled over seeds. Then the shortcut checks on frozen features (source identification across and within labels, lungs hidden / lungs only, leave-one-source-out, the one same-hospital source), Grad-CAM saliency with the share inside the lungs (the profile's segmented lungs from notebook 01_lungs when it ran, else a fixed central rectangle), and the confound-free scorecard of every run on its own penultimate features of films it never saw. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline, scorecard and shortcut-check figures also appear on the profile's `index.html`.
+# Evaluates every saved run of the profile from its stored predictions (no retraining). Runs come in configurations (task, backbone, scenario, decomposition, variant), each cross-validated: one run per fold. A configuration's **out-of-fold whole** pools its folds: every film outside the held-out hospital is predicted once, by the fold model that never trained or validated on it; the held-out hospital (Actualmed) is predicted by every fold model and read as their ensemble (mean probability). Every reported number comes from the out-of-fold wholes; per-fold values and their spread stand beside them. First, before any held-out number is read, the recommended variant is chosen on the folds' pooled inner-validation rows by a rule fixed in the parameters. Then: accuracy, balanced accuracy, per-class sensitivity / specificity / precision / F1, ROC-AUC and PR-AUC (one-vs-rest), each with a 95% interval from a bootstrap that resamples **patient groups within each class** (so every replicate holds every class; with fewer than 10 patients in a class the interval is *not estimable*), on the out-of-fold films (the held-out hospital never enters these); calibration (ECE, Brier, reliability diagrams); McNemar's test clustered on patient groups between scenarios and for class decomposition (on minus off), per variant and seed, Holm-adjusted, and pooled over seeds. Then the shortcut checks on frozen features (source identification across and within labels, lungs hidden / lungs only, leave-one-source-out, the one same-hospital source), Grad-CAM saliency with the share inside the lungs (the profile's segmented lungs from notebook 01_lungs when it ran, else a fixed central rectangle), and the confound-free scorecard of every run on its own penultimate features of films it never saw. Writes `reports/<profile>/results.json` (schema in `docs/results_schema.md`), `model_card.md`, `claim_checklist.md` and figures under `reports/<profile>/evaluation/`; the headline, scorecard and shortcut-check figures also appear on the profile's `index.html`.
 
 # %% tags=["parameters"]
 profile = "smoke"  # evaluates reports/<profile>/runs/*
@@ -35,6 +35,7 @@ selection_task = "covid_normal_pneumonia"  # the recommended variant is chosen a
 selection_scenario = "deep"  # ... of this scenario (decomposition off), on validation rows only
 selection_max_drop = 0.05  # a variant may lose at most this much of the baseline's validation COVID-19-vs-normal accuracy (seed means)
 selection_contrast = "view_matched"  # within-source contrast over same-view pairs only (view_matched) or every pair (all_pairs)
+n_permutations = 19  # label permutations of the within-label source probes' null (p-value resolution 1/(n+1))
 run_ids: list[str] = []  # the runs to evaluate (the pipeline passes those its transfer steps produce); empty: every run folder
 
 # %%
@@ -47,6 +48,7 @@ from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.evaluation import (
     confounders,
+    cv,
     figures,
     frames,
     headline,
@@ -74,16 +76,17 @@ lung_masks, lung_key = load_lung_masks(manifest, profile, image_root, str(config
 lung_info = lung_region_info(lung_masks, manifest["image"].tolist())
 display(Markdown(f"Lung region of the masking experiment and Grad-CAM: **{lung_info['kind']}**"))
 excluded = pd.read_csv(config.EXCLUDED_PATH) if config.EXCLUDED_PATH.is_file() else None
-runs = load_runs(out, only=run_ids or None)  # a run folder outside run_ids is skipped and named
-if not runs:
+fold_runs = load_runs(out, only=run_ids or None)  # a run folder outside run_ids is skipped and named
+if not fold_runs:
     raise FileNotFoundError(f"no finished runs under {out / 'runs'}: run notebook 04 first")
-display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "train_seconds", "epochs_run", "n_test")}
+runs = cv.oof_runs(fold_runs)  # one out-of-fold whole per configuration
+display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "n_folds", "train_seconds", "n_test")}
                       for r in runs]))
 
 # %% [markdown]
-# ## Recommended variant (validation rows only, rule fixed in the parameters)
+# ## Recommended variant (inner-validation rows only, rule fixed in the parameters)
 #
-# Before any test number is read: among the variants (baseline included) of `selection_task` / `selection_scenario` without decomposition, averaged over seeds, keep those whose mean validation COVID-19-vs-normal accuracy is at most `selection_max_drop` below the baseline's; among them pick the highest mean validation within-source contrast (the mean of the ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs on validation rows, with `selection_contrast: view_matched` over pairs of films of the same view only, so that projection cannot win the place); if none reaches the floor, the highest validation accuracy. `cxrstudy.evaluation.selection` reads only rows whose split is `val`.
+# Before any held-out number is read: among the variants (baseline included) of `selection_task` / `selection_scenario` without decomposition, on the folds' pooled inner-validation predictions, keep those whose mean validation COVID-19-vs-normal accuracy is at most `selection_max_drop` below the baseline's; among them pick the highest mean validation within-source contrast (the mean of the ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs on validation rows, with `selection_contrast: view_matched` over pairs of films of the same view only, so that projection cannot win the place); if none reaches the floor, the highest validation accuracy. `cxrstudy.evaluation.selection` reads only rows whose split is `val`.
 
 # %%
 recommended = selection.select_variant(runs, selection_task, selection_scenario, max_drop=selection_max_drop,
@@ -92,14 +95,15 @@ display(Markdown(f"**Recommended variant: {recommended['name']}**. {recommended[
 display(pd.DataFrame(recommended["candidates"]))
 
 # %% [markdown]
-# ## Test metrics per run and per configuration over seeds
+# ## Out-of-fold metrics per configuration, and the spread over folds
 #
-# Percentages with 95% percentile intervals from resampling whole patient groups (an image enters a resample as often as its patient group was drawn). *val. accuracy* is what the headline run is chosen on; *accuracy* is the arg-max of the summed subclass probabilities and *hard-rule acc.* DeTraC's rule (the parent of the most probable subclass). The second table pools each configuration's seeds: mean, (sd) and [the lowest to the highest bound of the per-seed intervals].
+# Percentages with 95% percentile intervals from resampling whole patient groups within each class (an image enters a resample as often as its patient group was drawn). *val. accuracy* (pooled inner validation) is what the headline configuration is chosen on; *accuracy* is the arg-max of the summed subclass probabilities and *hard-rule acc.* DeTraC's rule (the parent of the most probable subclass). The second table gives each configuration's folds, each on its own films: mean, (sd) and [the lowest to the highest bound of the per-fold intervals].
 
 # %%
 entries = evaluate_runs(runs, n_bootstrap, seed)
+fold_entries = evaluate_runs(fold_runs, n_bootstrap, seed)
 display(frames.runs_frame(entries))
-display(seeds.seed_frame(seeds.seed_summary(entries)))
+display(seeds.seed_frame(seeds.seed_summary(fold_entries)))
 
 # %% [markdown]
 # ## Figures
@@ -123,7 +127,7 @@ if shortcut_checks:
     checks_raw = shortcuts.run_shortcut_checks(
         manifest, paper_runs, image_root, backbone, image_size, config.TASKS[headline.PAPER_TASK],
         batch_size=batch_size, device=device, seed=seed, n_bootstrap=n_bootstrap, lung_masks=lung_masks,
-        lung_key=lung_key, view_root=view_root(manifest, profile, input_view, equalize))
+        lung_key=lung_key, view_root=view_root(manifest, profile, input_view, equalize), n_permutations=n_permutations)
     sid = checks_raw["source_identification"]
     display(Markdown(f"Source identification across labels: accuracy {sid.get('accuracy')}, balanced "
                      f"{sid.get('balanced_accuracy')}, majority baseline {sid.get('majority_baseline')}, label-only "
@@ -136,16 +140,18 @@ if shortcut_checks:
 # %% [markdown]
 # ## Saliency (Grad-CAM)
 #
-# Grad-CAM on the last convolutional stage, explaining the predicted class, on each run's films as it saw them (its input view), for a seeded random sample of test images stratified by true class and outcome (up to `saliency_per_class` correct and as many wrong per class), for the first seed of every configuration and the headline runs (to keep the step fast). The dashed outline is the film's lung region (segmented lungs resized to the map's grid, or the central rectangle); *in-lung* is the share of saliency inside it and *uniform* the region's area (what a uniform map would give). The maps come from `image_size / 32` cells per side (5x5 at 160 px), which limits what the share can say.
+# Grad-CAM on the last convolutional stage, explaining the predicted class, on each run's films as it saw them (its input view), for a seeded random sample of its own held-out fold's films stratified by true class and outcome (up to `saliency_per_class` correct and as many wrong per class), for the first fold of every configuration (to keep the step fast). The dashed outline is the film's lung region (segmented lungs resized to the map's grid, or the central rectangle); *in-lung* is the share of saliency inside it and *uniform* the region's area (what a uniform map would give). The maps come from `image_size / 32` cells per side (5x5 at 160 px), which limits what the share can say.
 
 # %%
 head_run = headline.headline(entries).get("run_id")
 head_runs = [headline.headline(entries, t).get("run_id") for t in config.TASKS]
-sal = saliency.saliency_for_runs(seeds.first_seed_runs(runs, head_runs), image_root, saliency_per_class, fig_dir, seed,
-                                 config.resolve_device(device), masks=lung_masks, manifest=manifest, profile=profile)
+sal_runs = [r["fold_runs"][0] for r in seeds.first_seed_runs(runs, head_runs)]  # first fold, on its own films
+sal = saliency.saliency_for_runs(sal_runs, image_root, saliency_per_class, fig_dir, seed, config.resolve_device(device),
+                                 masks=lung_masks, manifest=manifest, profile=profile)
 display(sal.groupby(["run_id", "outcome"])[["lung_share", "uniform_share"]].mean().unstack())
-if head_run:
-    display(Image(filename=str(fig_dir / f"saliency_{head_run}.png")))
+head_fold = next((r["info"]["run_id"] for r in sal_runs if r["info"]["config_id"] == head_run), None)
+if head_fold:
+    display(Image(filename=str(fig_dir / f"saliency_{head_fold}.png")))
 
 # %% [markdown]
 # ## Confound-free scorecard
@@ -153,7 +159,8 @@ if head_run:
 # Per run, only on films the run never trained or validated on: a film is *seen* by a run when its manifest split is train or val AND its label is one of the run's classes (run.json `classes`); everything else is unseen (test, holdout, and films of labels outside the task, e.g. pneumonia films for a binary covid_vs_normal run). With patient-group bootstrap intervals: S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC (>= 0.80), S2 Actualmed balanced accuracy (>= 0.85, evaluation-only hospital), S3 source identification within COVID-19 films (<= its majority share + 5 points), S4 NIH pneumonia vs normal ROC-AUC (>= 0.85, three-class runs), S5 the paper's task accuracy (>= 94.17%). The probes (source identification within COVID-19, and the fallback where too few unseen predicted films exist, `method` = probe) are patient-grouped linear probes on the run's **own** penultimate features of unseen films only; those features are computed on the films through the run's input view (runs sharing input view and task one after the other, so their films are decoded once) and cached in `data/cache/run_features/`.
 
 # %%
-card = runfeatures.scorecard_entries(runs, manifest, image_root, device, batch_size, n_bootstrap, seed, profile)
+card = runfeatures.scorecard_entries(runs, manifest, image_root, device, batch_size, n_bootstrap, seed, profile,
+                                     n_permutations)
 display(scorecard.scorecard_frame(card).set_index(["run_id", "variant", "metric"]))
 display(pd.DataFrame(scorecard.check_goals(card)).pivot_table(index=["run_id", "variant"], columns="goal",
                                                               values="met", aggfunc="first"))
@@ -164,13 +171,14 @@ display(pd.DataFrame(scorecard.check_goals(card)).pivot_table(index=["run_id", "
 # %%
 checks = shortcut_summary.assemble_shortcut_checks(
     checks_raw.get("source_identification"), checks_raw.get("masking"), checks_raw.get("leave_one_source_out"),
-    checks_raw.get("same_hospital"), sal, saliency_run=head_run, lung_region=lung_info,
+    checks_raw.get("same_hospital"), sal, saliency_run=head_fold, lung_region=lung_info,
     source_id_within_label=checks_raw.get("source_id_within_label"), n_bootstrap=n_bootstrap, seed=seed,
     mask_shape=confounders.mask_shape_check(manifest, n_bootstrap=n_bootstrap, seed=seed))
 results = build_results(
     out, manifest, shortcut_checks=checks, n_bootstrap=n_bootstrap, seed=seed, excluded=excluded, runs=runs,
-    entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size},
-    scorecard=card, recommended_variant=recommended)
+    entries=entries, params={"max_per_class": max_per_class, "backbone": backbone, "image_size": image_size,
+                             "n_permutations": n_permutations},
+    scorecard=card, recommended_variant=recommended, fold_entries=fold_entries)
 pages.write_model_card(results, out / "model_card.md")
 pages.write_claim_checklist(results, out / "claim_checklist.md")
 display(Markdown(results["headline"]["text"]))

@@ -39,8 +39,7 @@ from cxrstudy import config, tensorcache, training
 from cxrstudy.data.manifest import ManifestError, load_manifest
 from cxrstudy.features import bf16_supported, extract_features, prepare_model
 from cxrstudy.fileio import atomic_write_text
-from cxrstudy.models import Classifier, get_spec
-from cxrstudy.training.labels import ComposedLoss
+from cxrstudy.models import get_spec
 
 #: The share of the bare figure each pipeline is meant to reach.
 TARGET_RATIO = 0.85
@@ -131,36 +130,6 @@ def bare_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int, bf16:
     return len(x) / (time.perf_counter() - start)
 
 
-class BareStep:
-    """A bare forward + backward + AdamW step of the classifier on in-memory tensors (normalised, channels_last,
-    the study's loss), cycling over the batches; ``times`` holds each step's wall time (s)."""
-
-    def __init__(self, a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.dev = config.resolve_device(a.device)
-        self.model = Classifier(a.backbone, 2).to(self.dev, memory_format=torch.channels_last).train()
-        self.loss = ComposedLoss(np.eye(2, dtype=np.float32)).to(self.dev)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.batches = [
-            (xb.to(self.dev), yb.to(self.dev))
-            for xb, yb in zip(x.split(a.batch_size), y.split(a.batch_size), strict=True)
-        ]
-        self.times: list[float] = []
-        self.step()  # warm-up, untimed
-        self.times.clear()
-
-    def step(self) -> None:
-        """One timed step."""
-        xb, yb = self.batches[len(self.times) % len(self.batches)]
-        start = time.perf_counter()
-        loss = self.loss(self.model(xb), yb)
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-        self.times.append(time.perf_counter() - start)
-
-
 def feature_rounds(rows: pd.DataFrame, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Alternating rounds of the feature pipeline and the bare forward (fp32, and bf16 where native)."""
     spec, dev = get_spec(a.backbone), config.resolve_device(a.device)
@@ -200,7 +169,8 @@ def train_rounds(rows: pd.DataFrame, feats: pd.DataFrame, a: argparse.Namespace)
     n = a.batch_size * (a.train_batches + 1)
     images = tensorcache.load_uint8_batch(rows.iloc[:n], a.image_root, a.image_size, spec.interpolation)
     y = torch.as_tensor((rows["label"].iloc[:n] != rows["label"].iloc[0]).to_numpy(dtype=np.int64))
-    bare = BareStep(a, tensorcache.to_model_input(images, spec), torch.stack([y, y], 1))
+    bare = training.BareStep(a.backbone, a.device, tensorcache.to_model_input(images, spec), torch.stack([y, y], 1),
+                              a.batch_size)
     kw = dict(backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size, device=a.device)
     kw |= dict(n_batches=a.train_batches, features=feats, seed=a.seed)
     deep, bare_rates, pairs = [], [], []

@@ -593,6 +593,8 @@ def run_profile(
             for step, params in steps:
                 record["steps"].append(_run_step(step, params, out, ctx))
             record["status"] = "ok"
+            if any(s["status"] == "ran" for s in record["steps"]):
+                record.update(reference_rate(profile, time.perf_counter() - t_start))
         except StepFailed:
             record["status"] = "failed"
             raise
@@ -602,6 +604,41 @@ def run_profile(
             write_json(out / "run.json", record)
             write_index(out, record)
     return record
+
+
+#: The reference machine's bare training step (``make bench``) and the default profile's budget on it.
+REFERENCE_IMG_S = 85.0
+BUDGET_SECONDS = 1800.0
+#: How long the run's own bare training figure is measured.
+REFERENCE_SECONDS = 10.0
+
+
+def reference_rate(profile: Profile, wall_seconds: float) -> dict[str, Any]:
+    """``reference_train_img_s``: this machine's bare forward + backward + AdamW step (``make bench``'s, the
+    profile's backbone, image size and batch), measured for :data:`REFERENCE_SECONDS`; and ``budget``: the run's
+    wall time scaled to the reference machine (wall x bare / :data:`REFERENCE_IMG_S`) against
+    :data:`BUDGET_SECONDS`. Empty for a profile without a backbone."""
+    common = profile.common
+    if "backbone" not in common:
+        return {}
+    from cxrstudy.training import bare_train_rate
+
+    bare = bare_train_rate(
+        str(common["backbone"]), int(common.get("image_size", 160)), int(common.get("batch_size", 32)),
+        str(common.get("device", "auto")), REFERENCE_SECONDS,
+    )
+    scaled = wall_seconds * bare["img_s"] / REFERENCE_IMG_S
+    return {
+        "reference_train_img_s": bare["img_s"],
+        "reference_train": bare,
+        "budget": {
+            "wall_seconds": round(wall_seconds, 1),
+            "reference_img_s": REFERENCE_IMG_S,
+            "wall_on_reference_s": round(scaled, 1),
+            "limit_on_reference_s": BUDGET_SECONDS,
+            "within": bool(scaled <= BUDGET_SECONDS),
+        },
+    }
 
 
 def rerender(name: str) -> None:

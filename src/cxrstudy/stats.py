@@ -25,17 +25,44 @@ _CHUNK = 250
 # --------------------------------------------------------------------------- group bootstrap
 
 
-def bootstrap_weights(groups: np.ndarray, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield (chunk, n) weight matrices: multinomial draws of whole groups, mapped to their images."""
-    _, codes = np.unique(groups, return_inverse=True)
+def bootstrap_weights(
+    groups: np.ndarray, n_bootstrap: int, seed: int, strata: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
+    """Yield (chunk, n) weight matrices: multinomial draws of whole groups, mapped to their images. With
+    ``strata`` (one per image; a group takes its first image's), each stratum's groups are drawn as many times as
+    it has groups, so every replicate holds every stratum (a class-stratified bootstrap)."""
+    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)
     n_groups = codes.max() + 1
+    of_group = np.zeros(n_groups, dtype=int) if strata is None else np.unique(np.asarray(strata)[first], return_inverse=True)[1]
+    members = [np.flatnonzero(of_group == s) for s in range(of_group.max() + 1)]
     rng = np.random.default_rng(seed)
     done = 0
     while done < n_bootstrap:
         b = min(_CHUNK, n_bootstrap - done)
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b)
+        counts = np.zeros((b, n_groups), dtype=np.int64)
+        for m in members:
+            counts[:, m] = rng.multinomial(len(m), np.full(len(m), 1.0 / len(m)), size=b)
         yield counts[:, codes].astype(float)
         done += b
+
+
+#: Fewest patients a class needs for an interval: below it a metric is reported as not estimable.
+MIN_PATIENTS_PER_CLASS = 10
+
+
+def patients_per_class(labels: Sequence, groups: Sequence) -> dict[str, int]:
+    """Distinct patient groups per label."""
+    df = pd.DataFrame({"label": np.asarray(labels).astype(str), "group": np.asarray(groups).astype(str)})
+    return {str(k): int(v) for k, v in df.groupby("label")["group"].nunique().items()}
+
+
+def not_estimable(labels: Sequence, groups: Sequence, minimum: int = MIN_PATIENTS_PER_CLASS) -> str | None:
+    """Why an interval over these films is not estimable (a class with fewer than ``minimum`` patients), or None."""
+    thin = {k: v for k, v in patients_per_class(labels, groups).items() if v < minimum}
+    if not thin:
+        return None
+    listed = ", ".join(f"{k}: {v}" for k, v in sorted(thin.items()))
+    return f"not estimable: fewer than {minimum} patients in a class ({listed})"
 
 
 def group_array(groups: Sequence | None, n: int) -> np.ndarray:

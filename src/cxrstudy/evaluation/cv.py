@@ -94,8 +94,9 @@ def oof_run(members: Sequence[dict]) -> dict[str, Any]:
         "fold_run_ids": [r["info"]["run_id"] for r in members],
         "n_folds": len(members),
         "train_seconds": round(sum(float(r["info"].get("train_seconds") or 0) for r in members), 3),
-        "epochs_run": [r["info"].get("epochs_run") for r in members],
-        "best_epoch": [r["info"].get("best_epoch") for r in members],
+        "epochs_run": max((r["info"].get("epochs_run") or 0) for r in members),
+        "epochs_run_by_fold": [r["info"].get("epochs_run") for r in members],
+        "best_epoch_by_fold": [r["info"].get("best_epoch") for r in members],
         "n_test": int(n.get("test", 0)),
         "n_val": int(n.get("val", 0)),
         "subclasses": classes,
@@ -112,6 +113,26 @@ def oof_run(members: Sequence[dict]) -> dict[str, Any]:
 def oof_runs(runs: Sequence[dict]) -> list[dict]:
     """:func:`oof_run` of every configuration among ``runs`` (loaded fold runs), in first appearance order."""
     return [oof_run(m) for m in group_folds(runs).values()]
+
+
+def film_folds(run: dict, manifest: pd.DataFrame) -> pd.Series:
+    """Fold of every manifest film (index image) in an out-of-fold whole's cross-validation (its folds and seed,
+    ``data.splits.assign_folds``; held-out films -1); a disagreement with the folds its runs predicted raises
+    ValueError (the manifest or subsample differs from training's)."""
+    from cxrstudy.data.sources import holdout_sources
+    from cxrstudy.data.splits import assign_folds
+
+    info = run["info"]
+    folds = assign_folds(manifest, int(info["folds"]), int(info["seed"]), holdout_sources=holdout_sources())
+    by_image = pd.Series(folds.to_numpy(), index=manifest["image"].astype(str).to_numpy())
+    by_image = by_image[~by_image.index.duplicated()]
+    test = run["predictions"][run["predictions"]["split"] == "test"]
+    if (bad := test[test["fold"].to_numpy() != test["image"].map(by_image).to_numpy()]).size:
+        raise ValueError(
+            f"configuration {info['run_id']}: the manifest's folds disagree with the runs' for "
+            f"{len(bad)} film(s), e.g. {bad['image'].head(3).tolist()} (same manifest and max_per_class?)"
+        )
+    return by_image
 
 
 def per_fold_values(run: dict, metric) -> list[float | None]:

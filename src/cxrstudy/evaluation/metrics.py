@@ -30,7 +30,13 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import brier_score_loss
 
-from cxrstudy.stats import bootstrap_weights, group_array, percentile_interval
+from cxrstudy.stats import (
+    bootstrap_weights,
+    group_array,
+    not_estimable,
+    patients_per_class,
+    percentile_interval,
+)
 
 #: Below this many discordant pairs McNemar's test uses the exact binomial distribution.
 MCNEMAR_EXACT_BELOW = 25
@@ -162,7 +168,9 @@ def compute_metrics(
     pred: Sequence | None = None,
     n_bins: int = 10,
 ) -> dict:
-    """All test metrics with patient-group bootstrap CIs (``groups=None``: resample images instead).
+    """All test metrics with class-stratified patient-group bootstrap CIs (``groups=None``: resample images
+    instead); with fewer than ``stats.MIN_PATIENTS_PER_CLASS`` patients in a class every interval is left out and
+    ``not_estimable`` says why.
 
     ``pred`` overrides the arg-max prediction (e.g. DeTraC's hard rule); probabilities still drive
     the ranking metrics and calibration. Returns a JSON-ready dict (see docs/results_schema.md).
@@ -174,13 +182,15 @@ def compute_metrics(
     g = group_array(groups, len(y))
     point = _metrics_for_weights(y, p, probs, np.ones((1, len(y))))
     reps: dict[str, list[np.ndarray]] = {name: [] for name in point}
-    for W in bootstrap_weights(g, n_bootstrap, seed):
+    for W in bootstrap_weights(g, n_bootstrap, seed, strata=y):
         for name, values in _metrics_for_weights(y, p, probs, W).items():
             reps[name].append(values)
     merged = {name: np.concatenate(v) if v else np.array([]) for name, v in reps.items()}
     res: dict = {
         "n": int(len(y)),
         "n_groups": int(len(np.unique(g))),
+        "n_patients": int(len(np.unique(g))),
+        "patients_per_class": patients_per_class(np.asarray(classes)[y], g),
         "classes": classes,
     }
     for name in SCALAR_METRICS:
@@ -198,11 +208,16 @@ def compute_metrics(
     res["bootstrap"] = {
         # with one image per group, resampling groups is resampling images
         "unit": "patient_group" if res["n_groups"] < res["n"] else "image",
+        "stratified_by": "label",
         "n_requested": int(n_bootstrap),
         "seed": int(seed),
         "level": level,
         "method": "percentile",
     }
+    if why := not_estimable(np.asarray(classes)[y], g):
+        res["not_estimable"] = why
+        for iv in [*(res[m] for m in SCALAR_METRICS), *(d[m] for d in res["per_class"].values() for m in PER_CLASS_METRICS)]:
+            iv.update(ci_low=None, ci_high=None, note=why)
     return res
 
 
@@ -344,10 +359,12 @@ def paired_difference_ci(
     )
     reps = [
         _metrics_for_weights(y, pa, pa_probs, W)[metric] - _metrics_for_weights(y, pb, pb_probs, W)[metric]
-        for W in bootstrap_weights(g, n_bootstrap, seed)
+        for W in bootstrap_weights(g, n_bootstrap, seed, strata=y)
     ]
     out = percentile_interval(point[0], np.concatenate(reps) if reps else np.array([]), level)
     out["metric"] = metric
+    if why := not_estimable(np.asarray(classes)[y], g):
+        out.update(ci_low=None, ci_high=None, note=why)
     return out
 
 

@@ -215,6 +215,26 @@ def scorecard_order(runs: Sequence[dict]) -> list[int]:
     return sorted(range(len(runs)), key=lambda i: (first[keys[i]], i))
 
 
+def oof_features(
+    run: dict, rows: pd.DataFrame, manifest: pd.DataFrame, image_root: Path, device: str, batch_size: int
+) -> pd.DataFrame:
+    """Out-of-fold penultimate features of ``rows``' films for an out-of-fold whole (``evaluation.cv.oof_run``):
+    each film through the model of its own fold (``evaluation.cv.film_folds``), held-out films through the
+    first fold's model; a plain run's own features otherwise."""
+    from cxrstudy.evaluation.cv import film_folds
+
+    if "fold_dirs" not in run:
+        return run_features(run["dir"], rows, image_root, device, batch_size)
+    fold_of = rows["image"].map(film_folds(run, manifest)).fillna(-1).astype(int)
+    first = min(run["fold_dirs"])
+    parts = [
+        run_features(run["fold_dirs"][fold if fold in run["fold_dirs"] else first], part, image_root, device, batch_size)
+        for fold, part in rows.groupby(fold_of.to_numpy(), sort=True)
+    ]
+    out = pd.concat(parts)
+    return out.loc[rows["image"].drop_duplicates().astype(str)]
+
+
 def scorecard_entries(
     runs: Sequence[dict],
     manifest: pd.DataFrame,
@@ -224,11 +244,12 @@ def scorecard_entries(
     n_bootstrap: int = 1000,
     seed: int = 0,
     profile: str | None = None,
+    n_permutations: int | None = None,
 ) -> list[dict]:
-    """Scorecard entries of every run (``reporting.results.load_runs`` items, entries in their order) on the run's own
-    features of films it never trained or validated on (:func:`scorecard_rows`), each run's films through its
-    input view (:func:`run_image_root`; ``image_root`` holds the plain films)."""
-    from cxrstudy.evaluation.scorecard import scorecard_for_run
+    """Scorecard entries of every configuration (``evaluation.cv.oof_runs`` items, entries in their order) on its
+    out-of-fold features of films its models never trained or validated on (:func:`scorecard_rows`), each
+    configuration's films through its input view (:func:`run_image_root`; ``image_root`` holds the plain films)."""
+    from cxrstudy.evaluation.scorecard import N_PERMUTATIONS, scorecard_for_run
 
     done: dict[int, list[dict]] = {}
     for i in scorecard_order(runs):
@@ -236,6 +257,10 @@ def scorecard_entries(
         info = run["info"]
         rows = scorecard_rows(manifest, info, run["predictions"])
         root = run_image_root(info, manifest, profile, image_root)
-        feats = run_features(run["dir"], rows, root, device, batch_size) if len(rows) else None
-        done[i] = scorecard_for_run(info, run["predictions"], manifest, feats, RunSpec.from_record(info).variant, n_bootstrap, seed)
+        feats = oof_features(run, rows, manifest, root, device, batch_size) if len(rows) else None
+        done[i] = scorecard_for_run(
+            info, run["predictions"], manifest, feats, RunSpec.from_record(info).variant, n_bootstrap, seed,
+            N_PERMUTATIONS if n_permutations is None else n_permutations,
+            [r["predictions"] for r in run.get("fold_runs", ())],
+        )
     return [e for i in range(len(runs)) for e in done[i]]

@@ -1,16 +1,18 @@
-"""Confound-free scorecard of one trained run: questions that source shortcuts cannot answer for it.
+"""Confound-free scorecard of one configuration: questions that source shortcuts cannot answer for it.
 
-Every metric of a run is computed only on films the run never trained or validated on. A film is
-**seen** by a run when its manifest split is ``train`` or ``val`` AND its label is one of the run's classes
-(run.json ``classes``); everything else is **unseen** (``test``, ``holdout``, and films of labels outside the
-task, e.g. pneumonia films of any split for a binary covid_vs_normal run). The run's ``predictions.csv``
-repeats the manifest split for the rows it predicted; the probes read the manifest. Model-scored
+The scorecard reads a configuration's out-of-fold whole (``evaluation.cv.oof_run``): every film is scored by
+the fold model that never trained or validated on it, the held-out hospital by the folds' ensemble. A row is
+**seen** when its split is ``train`` or ``val`` AND its label is one of the run's classes (run.json ``classes``);
+in an out-of-fold whole only the folds' inner-validation rows are, and they are never scored. The probes read
+the configuration's out-of-fold penultimate features of the manifest's films outside the held-out hospital
+(no probe trains on a held-out film). Model-scored
 metrics use the unseen rows of the run's predictions; the probes (source identification within COVID-19
 and the probe fallbacks) use the run's penultimate features of unseen manifest films only
 (:func:`feature_rows` names them). Intervals are 95% percentile intervals of the patient-group bootstrap
 of :mod:`cxrstudy.evaluation.metrics`. Metrics (``metric`` of each entry):
 
-* ``paper_task_accuracy``: COVID-19 vs normal on the test split; three-class runs are restricted to
+* ``paper_task_accuracy``: COVID-19 vs normal out of fold (the paper's number, beside the scorecard, not a
+  confound-free goal: the paper task's normal films come almost all from NIH); three-class runs are restricted to
   covid/normal rows and predict the larger of P(covid) and P(normal).
 * ``ieee8023_covid_vs_pneumonia_auc``: ieee8023 COVID-19 films ranked above ieee8023 other-pneumonia
   films by P(covid) / (P(covid) + P(pneumonia)) (binary runs: P(covid)). With fewer than
@@ -21,9 +23,10 @@ of :mod:`cxrstudy.evaluation.metrics`. Metrics (``metric`` of each entry):
   the same few films, so the model's ranking is kept with a ``note`` and its wide interval.
 * ``actualmed_covid_vs_normal_balanced_accuracy``: held-out Actualmed covid/normal rows, predicting
   the larger of P(covid) and P(normal); both classes are needed.
-* ``source_id_within_covid_accuracy`` / ``_majority``: a 5-fold StratifiedGroupKFold linear probe
-  predicting the source of the unseen COVID-19 films (sources with >= ``min_films`` films) from the
-  run's features, and the share of the largest source; both bootstrapped over patient groups.
+* ``source_id_within_covid_balanced_accuracy``: balanced accuracy of a 5-fold StratifiedGroupKFold linear probe
+  predicting the source of the COVID-19 films outside the held-out hospital (sources with >= ``min_films``
+  films) from the configuration's out-of-fold features, against ``chance`` (1 / number of sources), with a
+  ``p_value`` from permuting the sources over patient groups through the same grouped CV (``n_permutations``).
 * ``nih_pneumonia_vs_normal_auc`` (three-class runs): unseen NIH rows ranked by
   P(pneumonia) / (P(pneumonia) + P(normal)); probe fallback as for ieee8023.
 
@@ -40,10 +43,13 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import compute_metrics
-from cxrstudy.stats import group_array, group_bootstrap_means, grouped_cv_predict
+from cxrstudy.stats import group_array, grouped_cv_predict
 
 #: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
-FIELDS: tuple[str, ...] = ("run_id", "variant", "task", "metric", "value", "ci_low", "ci_high", "n", "method")
+FIELDS: tuple[str, ...] = (
+    "run_id", "config_id", "variant", "task", "metric", "scope", "value", "ci_low", "ci_high", "n", "n_patients",
+    "method",
+)
 #: Held-out rows below this many films, or ...
 MIN_FILMS = 10
 #: ... this many patient groups, of either class send a ranking metric to the probe fallback.
@@ -57,9 +63,15 @@ N_SPLITS = 5
 LEVEL = 0.95
 
 
+#: ``Goal.relative_to`` value that reads the target from the entry's own ``chance``.
+CHANCE = "chance"
+#: Label permutations of the within-label source probes' null (p-value resolution 1 / (n + 1)).
+N_PERMUTATIONS = 19
+
+
 @dataclass(frozen=True)
 class Goal:
-    """One goal line: ``metric`` ``op`` ``target`` (S3: target = value of ``relative_to`` + ``margin``)."""
+    """One goal line: ``metric`` ``op`` ``target`` (S3: target = the entry's ``chance`` + ``margin``)."""
 
     goal: str
     metric: str
@@ -72,10 +84,13 @@ class Goal:
 GOALS: tuple[Goal, ...] = (
     Goal("S1", "ieee8023_covid_vs_pneumonia_auc", ">=", 0.80),
     Goal("S2", "actualmed_covid_vs_normal_balanced_accuracy", ">=", 0.85),
-    Goal("S3", "source_id_within_covid_accuracy", "<=", None, "source_id_within_covid_majority", 0.05),
+    Goal("S3", "source_id_within_covid_balanced_accuracy", "<=", None, CHANCE, 0.05),
     Goal("S4", "nih_pneumonia_vs_normal_auc", ">=", 0.85),
-    Goal("S5", "paper_task_accuracy", ">=", config.PAPER_ACCURACY),
 )
+#: The paper's figure, shown beside the scorecard (not a confound-free goal).
+PAPER_REFERENCE = Goal("paper", "paper_task_accuracy", ">=", config.PAPER_ACCURACY)
+#: Metrics read on the held-out hospital (``scope`` holdout); every other metric is out of fold.
+HOLDOUT_METRICS = frozenset({"actualmed_covid_vs_normal_balanced_accuracy"})
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -99,6 +114,7 @@ def _result(interval: dict | None, n: int, method: str, note: str | None = None)
         "n": int(n),
         "method": method,
     }
+    note = "; ".join(x for x in (note, iv.get("note")) if x) or None
     if out["value"] is None and not note:
         note = "metric undefined on these images"
     if note:
@@ -236,27 +252,60 @@ def _probe(
     return _result(res["per_class"][positive]["roc_auc"], len(rows), "probe", missing), rows, score
 
 
-def _source_probe(
-    features: pd.DataFrame, rows: pd.DataFrame, min_films: int, n_bootstrap: int, seed: int
-) -> tuple[dict, dict, list[str]]:
-    """Grouped-CV source probe on ``rows``: (accuracy entry, majority entry, sources used)."""
+def source_probe(
+    features: pd.DataFrame, rows: pd.DataFrame, min_films: int, n_bootstrap: int, seed: int,
+    n_permutations: int = N_PERMUTATIONS,
+) -> tuple[dict, pd.DataFrame]:
+    """How well features name the source of ``rows``' films (sources with >= ``min_films`` films): balanced
+    accuracy of the grouped-CV linear probe (class-stratified patient bootstrap) against ``chance`` (1 / sources),
+    ``p_value`` from ``n_permutations`` permutations of the sources over patient groups through the same grouped
+    CV, the largest source's share (``majority``), the sources and their ``reading`` (:func:`reading`)."""
     rows, missing = _with_features(rows, features)
     counts = rows["source_name"].value_counts()
     sources = sorted(counts[counts >= min_films].index)
     rows = rows[rows["source_name"].isin(sources)].reset_index(drop=True)
     if len(sources) < 2:
         note = f"fewer than two sources with >= {min_films} films ({counts.to_dict()})"
-        return _none(note, len(rows), "probe"), _none(note, len(rows), "probe"), sources
+        out = _none(note, len(rows), "probe")
+        return {**out, "chance": None, "p_value": None, "majority": None, "sources": sources,
+                "reading": "not computed"}, rows
     y = rows["source_name"].astype(str).to_numpy()
     g = group_array(rows["patient_group"], len(rows))
     n_splits = int(min(N_SPLITS, len(np.unique(g))))
-    probs, labels = grouped_cv_predict(
-        features.loc[rows["image"]].to_numpy(np.float64), y, g, n_splits, seed
-    )
-    correct = (np.asarray(labels)[probs.argmax(axis=1)] == y).astype(float)
-    largest = (y == counts[sources].idxmax()).astype(float)
-    acc, maj = group_bootstrap_means([correct, largest], g, n_bootstrap, seed, LEVEL)
-    return _result(acc, len(rows), "probe", missing), _result(maj, len(rows), "probe", missing), sources
+    X = features.loc[rows["image"]].to_numpy(np.float64)
+    probs, labels = grouped_cv_predict(X, y, g, n_splits, seed)
+    res = compute_metrics(y, probs, labels, g, n_bootstrap, seed)
+    observed = res["balanced_accuracy"]["value"]
+    null = [
+        _balanced_accuracy(yp, *grouped_cv_predict(X, yp, g, n_splits, seed))
+        for yp in _permuted_groups(y, g, n_permutations, seed)
+    ]
+    p_value = (1 + sum(v >= observed for v in null)) / (1 + len(null)) if null else None
+    entry = {
+        **_result(res["balanced_accuracy"], len(rows), "probe", missing),
+        "n_patients": res["n_patients"],
+        "chance": 1.0 / len(sources),
+        "p_value": p_value,
+        "n_permutations": len(null),
+        "majority": float(counts[sources].max() / counts[sources].sum()),
+        "sources": sources,
+    }
+    entry["reading"] = reading(entry)
+    return entry, rows
+
+
+def _permuted_groups(y: np.ndarray, groups: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` relabellings of the films that permute the groups' labels (a group keeps one label: its first film's)."""
+    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)
+    group_label = y[first]
+    rng = np.random.default_rng(seed + 1)
+    return [rng.permutation(group_label)[codes] for _ in range(n)]
+
+
+def _balanced_accuracy(y: np.ndarray, probs: np.ndarray, labels: list) -> float:
+    """Mean recall over the labels present in ``y`` of the arg-max of ``probs`` (columns ``labels``)."""
+    pred = np.asarray(labels)[probs.argmax(axis=1)]
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
 
 
 def view_probe(features: pd.DataFrame, films: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
@@ -280,14 +329,13 @@ def view_probe(features: pd.DataFrame, films: pd.DataFrame, n_bootstrap: int, se
     return {**_result(res["balanced_accuracy"], len(rows), "probe", missing), "chance": 0.5, "majority": majority}
 
 
-def reading(acc: float | None, ci_low: float | None, majority: float | None) -> str:
-    """Plain reading of a source probe: "no source signal" when its interval reaches the majority
-    baseline or ``acc <= majority + 0.02``, else "source signal present"."""
-    if acc is None or majority is None:
+def reading(entry: dict, margin: float = 0.05) -> str:
+    """Plain reading of a source probe against chance: "no source signal" when the whole interval lies within
+    ``margin`` of chance, "source signal present" when it lies wholly above, else "undetermined"."""
+    if entry.get("value") is None or entry.get("chance") is None:
         return "not computed"
-    if acc <= majority + 0.02 or (ci_low is not None and ci_low <= majority):
-        return "no source signal"
-    return "source signal present"
+    status = interval_status(entry.get("ci_low"), entry.get("ci_high"), "<=", entry["chance"] + margin)
+    return {"met": "no source signal", "missed": "source signal present"}.get(status or "", "undetermined")
 
 
 def source_id_within_label(
@@ -296,26 +344,21 @@ def source_id_within_label(
     min_films: int = 10,
     seed: int = 0,
     n_bootstrap: int = 1000,
+    n_permutations: int = N_PERMUTATIONS,
 ) -> list[dict]:
-    """Source identification within each label (label, n, sources, accuracy, CI, majority, reading);
-    the across-label figure mostly restates the label, this one does not."""
+    """Source identification within each label (:func:`source_probe`: balanced accuracy against chance, with
+    its permutation p-value and reading), on the films outside the held-out hospital; the across-label figure
+    mostly restates the label, this one does not."""
     out = []
-    for label, rows in manifest.groupby("label", sort=True):
-        acc, maj, sources = _source_probe(features, rows, min_films, n_bootstrap, seed)
-        entry = {
-            "label": str(label),
-            "n": acc["n"],
-            "sources": sources,
-            "accuracy": acc["value"],
-            "ci_low": acc["ci_low"],
-            "ci_high": acc["ci_high"],
-            "majority": maj["value"],
-            "reading": reading(acc["value"], acc["ci_low"], maj["value"]),
-        }
-        if "note" in acc:
-            entry["note"] = acc["note"]
-        out.append(entry)
+    for label, rows in _outside_holdout(manifest).groupby("label", sort=True):
+        entry, _ = source_probe(features, rows, min_films, n_bootstrap, seed, n_permutations)
+        out.append({"label": str(label), **entry})
     return out
+
+
+def _outside_holdout(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose split is not ``holdout``: what a probe may train on."""
+    return frame[frame["split"].astype(str) != "holdout"]
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -419,13 +462,16 @@ def scorecard_for_run(
     variant: str = "baseline",
     n_bootstrap: int = 1000,
     seed: int = 0,
+    n_permutations: int = N_PERMUTATIONS,
+    fold_predictions: Sequence[pd.DataFrame] = (),
 ) -> list[dict]:
-    """Every scorecard entry of one run (module docstring) on films it never trained or validated on;
-    ``features`` (the run's, indexed by image; :func:`feature_rows` suffice) or None."""
+    """Every scorecard entry of one configuration (module docstring) on films its models never trained or
+    validated on; ``features`` (out-of-fold, indexed by image; :func:`feature_rows` suffice) or None;
+    ``fold_predictions``: the fold runs' own predictions (S2 gives each fold's value beside the ensemble's)."""
     classes = _run_classes(run_info)
     preds = with_film_facts(with_source_names(predictions, manifest), manifest)
     held = held_out(preds, classes)
-    films = unseen(with_source_names(manifest), classes)
+    films = _outside_holdout(unseen(with_source_names(manifest), classes))
     scored: dict[str, Scored] = {"paper_task_accuracy": _paper_task(preds, n_bootstrap, seed)}
     rankings = {m: (src, pos, neg) for m, src, pos, neg in _rankings(classes)}
     scored["ieee8023_covid_vs_pneumonia_auc"] = _ranking(
@@ -433,14 +479,16 @@ def scorecard_for_run(
     )
     scored["actualmed_covid_vs_normal_balanced_accuracy"] = _actualmed(held, n_bootstrap, seed)
     results = {m: s[0] for m, s in scored.items()}
+    s2 = results["actualmed_covid_vs_normal_balanced_accuracy"]
+    if scored["actualmed_covid_vs_normal_balanced_accuracy"][1] is not None:
+        s2["auc"] = _actualmed_auc(*scored["actualmed_covid_vs_normal_balanced_accuracy"][1:], n_bootstrap, seed)
+        s2["per_fold"] = [_actualmed_value(with_source_names(p, manifest), classes) for p in fold_predictions]
     if features is None:
-        results["source_id_within_covid_accuracy"] = _none("no features given", method="probe")
-        results["source_id_within_covid_majority"] = _none("no features given", method="probe")
+        results["source_id_within_covid_balanced_accuracy"] = _none("no features given", method="probe")
     else:
         covid = films[films["label"] == PROBE_LABEL]
-        acc, maj, sources = _source_probe(features, covid, 10, n_bootstrap, seed)
-        results["source_id_within_covid_accuracy"] = {**acc, "view_mix": view_mix(covid, sources)}
-        results["source_id_within_covid_majority"] = maj
+        entry, used = source_probe(features, covid, 10, n_bootstrap, seed, n_permutations)
+        results["source_id_within_covid_balanced_accuracy"] = {**entry, "view_mix": view_mix(used, entry["sources"])}
     if "nih_pneumonia_vs_normal_auc" in rankings:
         scored["nih_pneumonia_vs_normal_auc"] = _ranking(
             held, films, features, *rankings["nih_pneumonia_vs_normal_auc"], n_bootstrap, seed
@@ -458,8 +506,33 @@ def scorecard_for_run(
     for metric, (_, rows, score) in scored.items():
         if rows is not None and len(rows):
             results[metric]["confounders"] = _confounders(metric, rows, score, manifest, n_bootstrap, seed)
-    head = {"run_id": run_info.get("run_id", ""), "variant": variant, "task": run_info.get("task", "")}
-    return [{**head, "metric": m, **r} for m, r in results.items()]
+            results[metric].setdefault("n_patients", int(rows["patient_group"].nunique()))
+    head = {
+        "run_id": run_info.get("run_id", ""),
+        "config_id": run_info.get("config_id", run_info.get("run_id", "")),
+        "variant": variant,
+        "task": run_info.get("task", ""),
+    }
+    return [
+        {**head, "metric": m, "scope": "holdout" if m in HOLDOUT_METRICS else "out_of_fold",
+         **{"n_patients": None, **r}}
+        for m, r in results.items()
+    ]
+
+
+def _actualmed_value(predictions: pd.DataFrame, classes: Sequence[str]) -> float | None:
+    """One fold model's balanced accuracy on the held-out Actualmed films (point value)."""
+    rows, score = _actualmed(held_out(predictions, classes), 0, 0)[1:]
+    if rows is None:
+        return None
+    pred = np.where(score >= 0.5, "covid", "normal")
+    return float(np.mean([(pred[rows["label"].to_numpy() == c] == c).mean() for c in ("covid", "normal")]))
+
+
+def _actualmed_auc(rows: pd.DataFrame, score: np.ndarray, n_bootstrap: int, seed: int) -> dict:
+    """ROC-AUC of COVID-19 above normal on the held-out Actualmed films, with its interval."""
+    res = _binary_metrics(rows, score, "covid", "normal", n_bootstrap, seed)
+    return _result(res["per_class"]["covid"]["roc_auc"], len(rows), "model")
 
 
 #: The two labels each confounder-checked metric compares (positive first).
@@ -573,7 +646,7 @@ def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[
             e = mine.get(goal.metric, {})
             target = goal.target
             if goal.relative_to is not None:
-                base = mine.get(goal.relative_to, {}).get("value")
+                base = e.get("chance") if goal.relative_to == CHANCE else mine.get(goal.relative_to, {}).get("value")
                 target = None if base is None else base + goal.margin
             value = e.get("value")
             status, reason = goal_status(e, goal.op, target) if value is not None else (None, None)
@@ -584,6 +657,7 @@ def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[
                 {
                     "goal": goal.goal,
                     "run_id": run_id,
+                    "config_id": e.get("config_id", run_id),
                     "variant": variant,
                     "metric": goal.metric,
                     "op": goal.op,

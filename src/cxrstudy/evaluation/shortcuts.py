@@ -4,10 +4,13 @@
   (patient-group cross-validation); the higher above the majority baseline, the easier the shortcut.
 * **Masking** (after Maguolo & Nanni 2021): features of images with the central lung field blacked
   out (``lungs.region.mask_lungs``) or with only that field kept (``keep_lungs_only``); a linear head
-  trained on the train split and tested on the test split of each. A high score with the lungs
-  blacked out means the score is not about the lungs.
+  scored out of fold by patient-grouped cross-validation on each. A high score with the lungs blacked out
+  means the score is not about the lungs.
 * **Leave-one-source-out**: a linear head trained without a whole source, tested on that source.
-* **Same hospital**: Actualmed is the only source with COVID-19 and normal films from one site.
+* **Same hospital**: Actualmed is the only source with COVID-19 and normal films from one site; a head trained
+  on every other film is tested on it.
+
+No probe trains on a film of the held-out hospital (``split`` holdout).
 
 The lung region (segmented lungs, else the central rectangle) is :mod:`cxrstudy.lungs.region`'s; films
 with segmented lungs hidden or kept are rendered once by :func:`cxrstudy.lungs.render.render_masked_views`
@@ -143,19 +146,32 @@ def masking_experiment(
     classes: Sequence[str],
     seed: int = 0,
     n_bootstrap: int = 1000,
+    n_splits: int = 5,
 ) -> dict:
-    """Linear head trained on train and tested on test for each feature variant (unmasked, masked_lungs, …)."""
-    rows = _task_rows(manifest, classes)
-    train, test = rows[rows["split"] == "train"], rows[rows["split"] == "test"]
+    """Out-of-fold metrics of the linear head (patient-grouped CV, films outside the held-out hospital) for each
+    feature variant (unmasked, masked_lungs, …)."""
+    rows = _task_rows(outside_holdout(manifest), classes)
+    groups = rows["patient_group"].astype(str).to_numpy()
+    y = rows["label"].to_numpy()
     out = {}
     for name, feats in features_by_variant.items():
-        res, _ = train_test_probe(feats, train, test, classes, seed, n_bootstrap)
+        probs_cv, labels = grouped_cv_predict(_features_for(feats, rows, f"masking {name}"), y, groups, n_splits, seed)
+        probs = np.zeros((len(y), len(classes)))
+        for j, c in enumerate(labels):
+            probs[:, list(classes).index(c)] = probs_cv[:, j]
+        res = compute_metrics(y, probs, classes, groups, n_bootstrap, seed)
         out[name] = {
-            "n_train": int(len(train)),
-            "n_test": int(len(test)),
+            "n": int(len(rows)),
+            "n_patients": res["n_patients"],
+            "n_splits": n_splits,
             **{k: res[k] for k in ("accuracy", "balanced_accuracy", "roc_auc")},
         }
     return out
+
+
+def outside_holdout(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows a probe may train on: every split but ``holdout``."""
+    return manifest[manifest["split"].astype(str) != "holdout"]
 
 
 def leave_one_source_out(
@@ -215,10 +231,7 @@ def same_hospital(
 ) -> dict:
     """One source (default: the registry's same-hospital source, Actualmed): each run's predictions on its
     films the run never trained or validated on (``runs_test``: the held-out hospital's ``holdout`` split, or
-    ``test``), and a within-source linear probe.
-
-    The probe uses every image of the source and task with patient-grouped cross-validation (folds =
-    fewest patient groups of a class, at most 5); its metrics come from the out-of-fold predictions.
+    ``test``), and a linear probe trained on every task film outside the held-out hospital, tested on it.
     """
     source_name = source_name or same_hospital_source()
     rows = _task_rows(manifest[manifest["source_name"] == source_name], classes)
@@ -234,19 +247,16 @@ def same_hospital(
             entry["labels"] = sub["label"].value_counts().to_dict()
         per_run[run_id] = entry
     out["runs_test"] = per_run
-    min_groups = rows.groupby("label")["patient_group"].nunique().reindex(list(classes)).fillna(0).min()
-    n_splits = int(min(5, min_groups))
-    if n_splits < 2:
-        out["probe"] = {"note": f"fewer than 2 patient groups in some class of {source_name}: no probe"}
+    if rows["label"].nunique() < 2:
+        out["probe"] = {"note": f"{source_name} holds only {sorted(rows['label'].unique())}: no probe"}
         return out
-    X = _features_for(features, rows, "same hospital")
-    y = rows["label"].to_numpy()
-    probs_cv, labels = grouped_cv_predict(X, y, rows["patient_group"].astype(str).to_numpy(), n_splits, seed)
-    probs = np.zeros((len(y), len(classes)))
-    for j, c in enumerate(labels):
-        probs[:, list(classes).index(c)] = probs_cv[:, j]
-    res = compute_metrics(y, probs, classes, rows["patient_group"], n_bootstrap, seed)
-    out["probe"] = {"n_splits": n_splits, **{k: res[k] for k in ("accuracy", "balanced_accuracy", "roc_auc")}}
+    train = _task_rows(outside_holdout(manifest[manifest["source_name"] != source_name]), classes)
+    res, _ = train_test_probe(features, train, rows, classes, seed, n_bootstrap)
+    out["probe"] = {
+        "trained_on": "every task film outside the held-out hospital",
+        "n_train": int(len(train)),
+        **{k: res[k] for k in ("accuracy", "balanced_accuracy", "roc_auc")},
+    }
     return out
 
 
@@ -257,7 +267,8 @@ def folds_from_masks(
     rows: pd.DataFrame, folds: Sequence[tuple[str, pd.Series]]
 ) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """(source, held-out mask) folds to (source, train rows, held-out rows); training drops every patient
-    group that also appears in the held-out rows (cross-source duplicates and follow-ups)."""
+    group that also appears in the held-out rows (cross-source duplicates and follow-ups) and the held-out
+    hospital's films."""
     out = []
     for source, mask in folds:
         held = np.asarray(mask, dtype=bool)
@@ -265,6 +276,7 @@ def folds_from_masks(
             raise ValueError(f"fold {source!r}: mask has {len(held)} entries for {len(rows)} rows")
         test = rows[held]
         train = rows[~held & ~rows["patient_group"].isin(set(test["patient_group"])).to_numpy()]
+        train = outside_holdout(train) if "split" in train.columns else train
         out.append((source, train, test))
     return out
 
@@ -299,6 +311,7 @@ def run_shortcut_checks(
     lung_masks: dict[str, np.ndarray] | None = None,
     lung_key: str = "",
     view_root: Path | None = None,
+    n_permutations: int = 19,
 ) -> dict:
     """Every feature-level check: source identification (across and within labels), masking,
     leave-one-source-out, same hospital, and the lung region used (``lung_region``).
@@ -329,8 +342,9 @@ def run_shortcut_checks(
     unmasked = variants["unmasked"] if plain else feats(view_root)
     return {
         "lung_region": lung_region_info(lung_masks, manifest["image"].astype(str).tolist()),
-        "source_identification": source_identification(unmasked, manifest, seed),
-        "source_id_within_label": source_id_within_label(unmasked, manifest, seed=seed, n_bootstrap=n_bootstrap),
+        "source_identification": source_identification(unmasked, outside_holdout(manifest), seed),
+        "source_id_within_label": source_id_within_label(unmasked, manifest, seed=seed, n_bootstrap=n_bootstrap,
+                                                      n_permutations=n_permutations),
         "masking": masking_experiment(variants, manifest, classes, seed, n_bootstrap),
         "leave_one_source_out": leave_one_source_out(unmasked, rows, folds, classes, seed, n_bootstrap),
         "same_hospital": same_hospital(

@@ -67,10 +67,14 @@ def load_runs(profile_dir: Path, only: Collection[str] | None = None) -> list[di
 
 
 def run_entry(info: dict, test: dict, **extra: Any) -> dict:
-    """One element of results.json's ``runs``: identity, variant, budget, timing and the ``test`` metrics."""
+    """One element of results.json's ``runs`` (a fold run) or ``configurations`` (an out-of-fold whole):
+    identity, variant, budget, timing and the ``test`` metrics (a fold's own films, or every film out of fold)."""
+    spec = RunSpec.from_record(info)
     entry = {
         "run_id": info.get("run_id"),
-        **RunSpec.from_record(info).to_record(),
+        "config_id": spec.config_id,
+        **spec.to_record(),
+        "scope": "fold" if spec.fold is not None else "out_of_fold",
         "input_view": str(info.get("input_view", "full")),
         "equalize": bool(info.get("equalize", False)),
         "epochs": info.get("epochs"),
@@ -86,7 +90,8 @@ def run_entry(info: dict, test: dict, **extra: Any) -> dict:
 
 
 def evaluate_runs(runs: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> list[dict]:
-    """Test metrics (patient-group bootstrap) of every run, as results.json ``runs`` entries."""
+    """Test metrics (class-stratified patient bootstrap) of every run or out-of-fold whole, as results.json
+    ``runs`` / ``configurations`` entries."""
     out = []
     for run in runs:
         info, preds = run["info"], run["predictions"]
@@ -99,6 +104,31 @@ def evaluate_runs(runs: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) 
 
 
 # --------------------------------------------------------------------------- results.json
+
+
+#: What the cross-validation's folds are stratified by and grouped by (``data.splits.assign_folds``).
+CV_STRATIFY = ("label", "source_name")
+CV_GROUP = "patient_group"
+
+
+def protocol(runs: Sequence[dict]) -> dict:
+    """results.json ``protocol``: cross-validation, its folds and repeats (from the runs' records), strata, group."""
+    infos = [r["info"] for r in runs]
+    folds = sorted({int(i.get("folds") or i.get("n_folds") or 0) for i in infos})
+    seeds: dict[tuple, set[int]] = {}
+    for info in infos:
+        spec = RunSpec.from_record(info)
+        seeds.setdefault(spec.config_key, set()).add(spec.seed)
+    repeats = max((len(v) for v in seeds.values()), default=0)
+    return {
+        "kind": "cv",
+        "folds": folds[0] if len(folds) == 1 else folds,
+        "repeats": repeats,
+        "stratify": list(CV_STRATIFY),
+        "group": CV_GROUP,
+        "inner_validation": "a patient-grouped share of the training folds (early stopping, checkpoint, lr_find, selection)",
+        "holdout": "actualmed: out of every fold and every probe's training; predicted by every fold model (ensemble)",
+    }
 
 
 def reference() -> dict:
@@ -137,26 +167,39 @@ def build_results(
     params: dict | None = None,
     scorecard: list[dict] | None = None,
     recommended_variant: dict | None = None,
+    fold_entries: list[dict] | None = None,
     write: bool = True,
 ) -> dict:
     """Evaluate every saved run of a profile and write ``results.json`` (schema: docs/results_schema.md).
     ``runs`` / ``entries``: already loaded runs and their ``evaluate_runs`` output, to avoid redoing them;
     ``scorecard``: ``runfeatures.scorecard_entries`` of the runs (``goals`` are checked from it);
-    ``recommended_variant``: ``selection.select_variant`` (made on validation rows before any test number)."""
+    ``recommended_variant``: ``selection.select_variant`` (made on inner-validation rows before any held-out
+    number). ``runs`` are the configurations' out-of-fold wholes (``evaluation.cv.oof_runs``; loaded and pooled
+    here when None), ``entries`` their metrics, ``fold_entries`` the fold runs' own (results.json ``runs``)."""
+    from cxrstudy.evaluation.cv import oof_runs
+
     profile_dir = Path(profile_dir)
-    runs = load_runs(profile_dir) if runs is None else runs
+    fold_runs = None
+    if runs is None:
+        fold_runs = load_runs(profile_dir)
+        runs = oof_runs(fold_runs)
     entries = evaluate_runs(runs, n_bootstrap, seed) if entries is None else entries
+    if fold_entries is None:
+        fold_runs = fold_runs or [f for r in runs for f in r.get("fold_runs", ())]
+        fold_entries = evaluate_runs(fold_runs, n_bootstrap, seed)
     results: dict = {
         "schema_version": SCHEMA_VERSION,
         "profile": profile_dir.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (py3.10)
         "params": {"n_bootstrap": n_bootstrap, "seed": seed, **(params or {})},
         "metric_definitions": "docs/results_schema.md",
+        "protocol": protocol(runs),
         "dataset": dataset_summary(manifest, excluded),
-        "runs": entries,
+        "runs": fold_entries,
+        "configurations": entries,
         "comparisons": compare_runs(runs, n_bootstrap, seed),
         "shortcut_checks": shortcut_checks or {},
-        "seed_summary": seed_summary(entries),
+        "seed_summary": seed_summary(fold_entries),
         "scorecard": list(scorecard or []),
         "goals": check_goals(scorecard or []),
         "recommended_variant": recommended_variant,

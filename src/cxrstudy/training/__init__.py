@@ -68,7 +68,7 @@ from cxrstudy.training.runs import (
     summarize_runs,
     train_run,
 )
-from cxrstudy.training.throughput import training_throughput
+from cxrstudy.training.throughput import BareStep, bare_train_rate, training_throughput
 from cxrstudy.training.trainconfig import BUDGET_RULE, TrainConfig, stage_epochs
 
 __all__ = [
@@ -111,4 +111,6 @@ __all__ = [
     "train_augmentation",
     "train_run",
     "training_throughput",
+    "BareStep",
+    "bare_train_rate",
 ]

@@ -138,3 +138,49 @@ def training_throughput(
         rates, times = _stage_rates(learn, opens, batch_size, between)
     # stages run for equal epochs: the overall rate is the harmonic mean
     return {"img_s": len(rates) / sum(1 / r for r in rates), "stages": rates, "batch_s": times}
+
+
+class BareStep:
+    """A bare forward + backward + AdamW step of the classifier on in-memory tensors (normalised, channels_last,
+    the study's loss), cycling over the batches; ``times`` holds each step's wall time (s)."""
+
+    def __init__(self, backbone: str, device: str, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.dev = config.resolve_device(device)
+        self.model = Classifier(backbone, 2).to(self.dev, memory_format=torch.channels_last).train()
+        self.loss = ComposedLoss(np.eye(2, dtype=np.float32)).to(self.dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.batches = [
+            (xb.to(self.dev), yb.to(self.dev)) for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+        ]
+        self.times: list[float] = []
+        self.step()  # warm-up, untimed
+        self.times.clear()
+
+    def step(self) -> None:
+        """One timed step."""
+        xb, yb = self.batches[len(self.times) % len(self.batches)]
+        start = time.perf_counter()
+        loss = self.loss(self.model(xb), yb)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        self.times.append(time.perf_counter() - start)
+
+
+def bare_train_rate(
+    backbone: str, image_size: int, batch_size: int, device: str = "auto", seconds: float = 15.0, seed: int = 0
+) -> dict[str, Any]:
+    """Images/s of :class:`BareStep` (``make bench``'s bare training figure) on random normalised batches, stepped
+    for about ``seconds`` after a warm-up; the rate is the median step's."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * batch_size, 3, image_size, image_size, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (2 * batch_size,), generator=gen)
+    bare = BareStep(backbone, device, x, torch.stack([y, y], 1), batch_size)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(bare.times) < 3:
+        bare.step()
+    rate = batch_size / float(np.median(bare.times))
+    return {"img_s": round(rate, 2), "steps": len(bare.times), "backbone": backbone, "image_size": image_size,
+            "batch_size": batch_size, "device": str(bare.dev)}
