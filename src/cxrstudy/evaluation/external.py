@@ -205,7 +205,7 @@ def evaluate_external(
     lungs = pdir / "lungs" if needs_lungs(keys) or (pdir / "lungs" / "model.json").is_file() else None
     readable, resized, unreadable, checked = decode_images(rows, keys, lungs, device)
     atomic_write_text(out / "unreadable.csv", unreadable.to_csv(index=False))
-    flagged = readable[readable["qc"].map(lambda q: bool(qc_problems(q)))]
+    flagged = readable.loc[readable["qc"].map(lambda q: bool(qc_problems(q))).astype(bool)]
     opts = {"device": device, "batch_size": batch_size, "n_bootstrap": n_bootstrap, "seed": seed, "figures": figures}
     results = {
         "schema_version": 1,
