@@ -50,12 +50,12 @@ lab: $(STAMP) ## open JupyterLab on the notebooks
 bench: $(STAMP) ## throughput benchmark -> reports/bench.json
 	$(PY) scripts/bench.py
 
-evaluate: $(STAMP) ## evaluate every saved model of PROFILE on EXTERNAL=labels.csv (columns path,label)
-	@test -n "$(EXTERNAL)" || { echo "usage: make evaluate EXTERNAL=path/to/labels.csv [PROFILE=default]" >&2; exit 2; }
-	$(PY) -m cxrstudy.evaluation.external --csv "$(EXTERNAL)" --profile $(PROFILE)
+evaluate: $(STAMP) ## evaluate every configuration (fold ensemble; SINGLE=1: every run) of PROFILE on EXTERNAL=labels.csv
+	@test -n "$(EXTERNAL)" || { echo "usage: make evaluate EXTERNAL=path/to/labels.csv [PROFILE=default] [SINGLE=1]" >&2; exit 2; }
+	$(PY) -m cxrstudy.evaluation.external --csv "$(EXTERNAL)" --profile $(PROFILE) $(if $(SINGLE),--single-runs)
 
-predict: $(STAMP) ## probabilities + Grad-CAM overlays: make predict IMAGES="a.png b.jpg" [RUN=run_id] [PROFILE=default] [OUT=dir]
-	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="a.png b.jpg" [RUN=run_id] [PROFILE=default] [OUT=dir]' >&2; exit 2; }
+predict: $(STAMP) ## probabilities, lung QC + Grad-CAM: make predict IMAGES="a.png b.jpg" [RUN=config_or_run_id] [PROFILE=default] [OUT=dir]
+	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="a.png b.jpg" [RUN=config_or_run_id] [PROFILE=default] [OUT=dir]' >&2; exit 2; }
 	$(VENV)/bin/cxrstudy predict $(IMAGES) --profile $(PROFILE) $(if $(RUN),--run $(RUN)) $(if $(OUT),--out $(OUT))
 
 lint: $(STAMP) ## ruff

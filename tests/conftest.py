@@ -59,16 +59,20 @@ def study_manifest(mirror_root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _save_untrained_run(profile_dir: Path, task: str, classes: list[str], subclasses: list[str], seed: int) -> str:
-    """A real (untrained, random-head) saved run in the contract's layout at 32 px."""
+def _save_untrained_run(
+    profile_dir: Path, task: str, classes: list[str], subclasses: list[str], seed: int, fold: int = 0, folds: int = 1
+) -> str:
+    """A real (untrained, random-head) saved run in the contract's layout at 32 px; fold ``fold`` of ``folds``
+    (its weights drawn with the run's training seed, so fold models differ)."""
     from cxrstudy.models import Classifier
     from cxrstudy.runspec import RunSpec
 
     decomposition = subclasses != classes
-    run_id = RunSpec(task, "efficientnet_lite0", "shallow", decomposition, seed).run_id
+    spec = RunSpec(task, "efficientnet_lite0", "shallow", decomposition, seed, fold=fold)
+    run_id = spec.run_id
     run_dir = profile_dir / "runs" / run_id
     run_dir.mkdir(parents=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.train_seed)
     model = Classifier("efficientnet_lite0", len(subclasses), pretrained=False)
     torch.save(model.state_dict(), run_dir / "model.pth")
     parent = {s: next(c for c in classes if s == c or s.startswith(c + "_")) for s in subclasses}
@@ -79,6 +83,9 @@ def _save_untrained_run(profile_dir: Path, task: str, classes: list[str], subcla
         "scenario": "shallow",
         "decomposition": decomposition,
         "seed": seed,
+        "fold": fold,
+        "folds": folds,
+        "config_id": spec.config_id,
         "classes": classes,
         "subclasses": subclasses,
         "parent_of": parent,
@@ -96,5 +103,6 @@ def _save_untrained_run(profile_dir: Path, task: str, classes: list[str], subcla
 
 @pytest.fixture(scope="session")
 def save_untrained_run():
-    """Function ``(profile_dir, task, classes, subclasses, seed) -> run_id`` writing a real untrained run."""
+    """Function ``(profile_dir, task, classes, subclasses, seed, fold=0, folds=1) -> run_id`` writing a real
+    untrained run."""
     return _save_untrained_run

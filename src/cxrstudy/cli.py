@@ -1,4 +1,4 @@
-"""The ``cxrstudy`` console script: ``cxrstudy predict IMAGE... [--profile P] [--run RUN_ID] --out DIR``."""
+"""The ``cxrstudy`` console script: ``cxrstudy predict IMAGE... [--profile P] [--run CONFIG_OR_RUN_ID] --out DIR``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="class probabilities and a Grad-CAM overlay for X-ray files")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, TIFF, 16-bit, ...)")
     p.add_argument("--profile", default="default", help="profile whose saved run is used (default: default)")
-    p.add_argument("--run", default=None, help="run id (default: the profile's headline run)")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="a configuration id (its fold models' ensemble) or one run id (default: the headline configuration)",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<profile>/predict)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM overlays")
@@ -24,19 +28,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    """Run predict and print a line per image; non-zero exit only when no image could be read."""
+    """Run predict and print a line per image, a warning per film that fails the lung QC; non-zero exit only
+    when no image could be read."""
+    from cxrstudy.inference import UNCHECKED
     from cxrstudy.predict import predict
 
     out = args.out or config.profile_dir(args.profile) / "predict"
     res = predict(args.images, out, args.profile, args.run, args.device, cam=not args.no_cam)
     for row in res.predictions.itertuples():
         print(f"{row.image}: {row.pred}")
+    for row in res.flagged.itertuples():
+        print(f"warning: {row.image} is not a film the models can judge (lung QC: {row.qc})", file=sys.stderr)
     for row in res.unreadable.itertuples():
         print(f"unreadable: {row.image}: {row.reason}", file=sys.stderr)
     if res.predictions.empty:
         print(f"error: none of the {len(args.images)} file(s) could be read", file=sys.stderr)
         return 1
-    print(f"run {res.run_id}: {len(res.predictions)} prediction(s) in {out / 'predictions.csv'}")
+    if not res.lungs_checked:
+        print(
+            f"warning: profile {args.profile!r} has no lung model: only the image-level checks ran (qc: {UNCHECKED})",
+            file=sys.stderr,
+        )
+    what = f"configuration {res.run_id} ({res.models.n_models} fold models)" if res.models.n_models > 1 else f"run {res.run_id}"
+    print(f"{what}: {len(res.predictions)} prediction(s) in {out / 'predictions.csv'}")
     return 0
 
 

@@ -4,13 +4,17 @@ Images go through the study's preprocessing: the one decoder (``load_xray``), th
 shorter side of 256 px, the run's input view (for a lung view, a mask from the profile's saved lung
 model, then :func:`cxrstudy.lungs.render.render_one`), then the run's own ``resize_to_uint8`` and
 ``model_transform``.
+
+A configuration's fold runs predict as one ensemble (:class:`Models`): the mean class probability over the fold
+models (``evaluation.cv.ensemble_rows``). Every film also gets the lung stage's QC (``qc``: empty when it passes,
+else its flags joined by ``;``); without a lung model only the image-level rules run and ``qc`` says so.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,37 +63,62 @@ def decode_study(path: Path | str) -> Image.Image:
     return resize_short_side(load_xray(path), TARGET_SHORT_SIDE)
 
 
+#: What ``qc`` says of a film when the profile has no lung model to check it with.
+UNCHECKED = "unchecked: no lung model"
+
+
+def qc_text(flags: Sequence[str], checked: bool = True) -> str:
+    """A film's ``qc`` cell: its QC flags joined by ``;`` (empty when it passes), plus :data:`UNCHECKED` when
+    no lung model checked it."""
+    return ";".join([*flags, *([] if checked else [UNCHECKED])])
+
+
+def qc_problems(qc: str) -> list[str]:
+    """The QC flags in a ``qc`` cell that make a film one the models cannot judge (all but :data:`UNCHECKED`)."""
+    return [f for f in qc.split(";") if f and f != UNCHECKED] if isinstance(qc, str) else []
+
+
 @dataclass
 class Decoded:
-    """Decoded files: readable indices, model-size inputs per key, unreadable (index, reason), lung masks."""
+    """Decoded files: readable indices, model-size inputs per key, unreadable (index, reason), lung masks and
+    each readable film's ``qc`` cell (:func:`qc_text`); ``lungs_checked``: whether a lung model ran."""
 
     ok: list[int]
     inputs: dict[InputKey, list[Image.Image]]
     bad: list[tuple[int, str]]
     masks: list[np.ndarray | None]
+    qc: list[str] = field(default_factory=list)
+    lungs_checked: bool = False
 
 
 def decode_for_models(
     paths: Sequence[str | Path], keys: set[InputKey], lungs_dir: Path | None = None, device: str = "cpu"
 ) -> Decoded:
-    """Decode each file once and build each key's model-size input; the film's lung mask comes from the
-    saved lung model in ``lungs_dir`` (``reports/<profile>/lungs``) when there is one, and is required
-    by a lung view. Pre-resizing with ``resize_to_uint8`` makes the model's own resize a no-op."""
+    """Decode each file once and build each key's model-size input; the film's lung mask and QC come from the
+    saved lung model in ``lungs_dir`` (``reports/<profile>/lungs``) when there is one, and it is required
+    by a lung view; without one only the image-level QC rules run. Pre-resizing with ``resize_to_uint8``
+    makes the model's own resize a no-op."""
     from cxrstudy.images import ImageDecodeError
+    from cxrstudy.lungs.qc import image_flags
     from cxrstudy.lungs.render import is_plain, render_one
     from cxrstudy.models import resize_to_uint8
 
     seg = _segmenter(lungs_dir, device, required=needs_lungs(keys))
-    out = Decoded([], {k: [] for k in keys}, [], [])
+    out = Decoded([], {k: [] for k in keys}, [], [], [], seg is not None)
     for i, path in enumerate(paths):
         try:
             img = decode_study(path)
         except ImageDecodeError as exc:
             out.bad.append((i, exc.reason))
             continue
-        mask = seg.predict(img) if seg is not None else None
+        if seg is not None:
+            mask, qc = seg.analyse(img)
+            flags = qc.qc_flags
+        else:
+            mask, flags = None, image_flags(np.asarray(img))
         out.ok.append(i)
         out.masks.append(mask)
+        out.qc.append(qc_text(flags, seg is not None))
         for key in keys:
             size, interp, view, equalize, margin = key
             seen = img if is_plain(view, equalize) else render_one(img, mask, view, equalize, margin)
@@ -139,6 +168,29 @@ def prediction_frame(
     return preds
 
 
+def ensemble_frame(
+    models: Sequence[Any],
+    infos: Sequence[dict[str, Any]],
+    images: Sequence[Image.Image],
+    meta: pd.DataFrame,
+    device: str = "auto",
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """:func:`prediction_frame` of one model or, for several (a configuration's fold models), ``meta`` plus their
+    ensemble (``evaluation.cv.ensemble_rows``: mean class probability, ``pred`` its arg-max, ``pred_hard`` the
+    folds' vote); ``n_models`` counts the models."""
+    from cxrstudy.evaluation.cv import ensemble_rows
+
+    meta = meta.reset_index(drop=True)
+    frames = [prediction_frame(m, images, info, meta, device, batch_size) for m, info in zip(models, infos, strict=True)]
+    if len(frames) == 1:
+        return frames[0].assign(n_models=1)
+    # ensemble_rows groups by "image": number the rows so that a file listed twice stays two rows
+    own = [f.drop(columns=list(meta.columns)).assign(image=range(len(meta))) for f in frames]
+    ens = ensemble_rows(own, list(infos[0]["classes"])).sort_values("image")
+    return pd.concat([meta, ens.drop(columns="image").reset_index(drop=True)], axis=1)
+
+
 def known_profiles() -> list[str]:
     """Profiles that have a reports folder with saved runs."""
     return sorted(p.parent.name for p in config.REPORTS_DIR.glob("*/runs") if p.is_dir())
@@ -153,16 +205,69 @@ def run_dirs(profile_dir: Path) -> dict[str, Path]:
     return found
 
 
+@dataclass
+class Models:
+    """What predicts: one configuration's fold runs (an ensemble, ``id`` its configuration id) or one run
+    (``id`` its run id); run folders and run.json records in fold order."""
+
+    id: str
+    dirs: list[Path]
+    infos: list[dict[str, Any]]
+
+    @property
+    def n_models(self) -> int:
+        """How many models predict."""
+        return len(self.dirs)
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The member runs' ids."""
+        return [str(i.get("run_id") or d.name) for i, d in zip(self.infos, self.dirs, strict=True)]
+
+    @property
+    def key(self) -> InputKey:
+        """The members' common input (:func:`input_key`); members that differ raise ValueError."""
+        keys = {input_key(i) for i in self.infos}
+        if len(keys) != 1:
+            raise ValueError(f"{self.id}: its runs expect different inputs {sorted(keys)}")
+        return keys.pop()
+
+    def load(self) -> list[Any]:
+        """The members' trained models (eval mode, CPU)."""
+        from cxrstudy.training import load_run_model
+
+        return [load_run_model(d)[0] for d in self.dirs]
+
+
+def configurations(runs: dict[str, Path]) -> dict[str, Models]:
+    """The runs (by run id) grouped into configurations (``evaluation.cv.group_folds``), by configuration id."""
+    from cxrstudy.evaluation.cv import group_folds
+
+    loaded = [{"dir": d, "info": json.loads((d / "run.json").read_text())} for d in runs.values()]
+    return {
+        cid: Models(cid, [m["dir"] for m in members], [m["info"] for m in members])
+        for cid, members in group_folds(loaded).items()
+    }
+
+
+def single_runs(runs: dict[str, Path]) -> dict[str, Models]:
+    """Each run as its own one-model :class:`Models`, by run id."""
+    return {rid: Models(rid, [d], [json.loads((d / "run.json").read_text())]) for rid, d in runs.items()}
+
+
 def headline_run(profile_dir: Path) -> str | None:
-    """The run the evaluation chose on validation (``results.json`` headline), if the profile has one."""
+    """The configuration (or run) the evaluation chose on validation: ``results.json``'s headline ``config_id``
+    or ``run_id``, whichever is present; None without one."""
     path = profile_dir / "results.json"
     if not path.is_file():
         return None
-    return (json.loads(path.read_text()).get("headline") or {}).get("run_id")
+    head = json.loads(path.read_text()).get("headline") or {}
+    return head.get("config_id") or head.get("run_id")
 
 
-def choose_run(profile: str, run: str | None = None, reports_dir: Path | None = None) -> Path:
-    """The folder of ``run`` (default: the profile's headline run); errors name what exists instead."""
+def choose_models(profile: str, run: str | None = None, reports_dir: Path | None = None) -> Models:
+    """What predicts for ``run``: a run id gives that run's model, a configuration id its fold models' ensemble;
+    default: the ensemble of the headline's configuration (``results.json``). Errors name what exists instead."""
     pdir = (reports_dir or config.REPORTS_DIR) / profile
     runs = run_dirs(pdir)
     if not runs:
@@ -171,11 +276,19 @@ def choose_run(profile: str, run: str | None = None, reports_dir: Path | None = 
             f"profile {profile!r} has no saved runs under {pdir / 'runs'} (profiles with runs: {known}); "
             f"run `make reproduce PROFILE={profile}` first"
         )
-    wanted = run or headline_run(pdir)
-    if wanted is None:
-        raise FileNotFoundError(
-            f"profile {profile!r} has no results.json naming a headline run; pick one with --run: {', '.join(runs)}"
-        )
-    if wanted not in runs:
-        raise FileNotFoundError(f"profile {profile!r} has no run {wanted!r}; its runs: {', '.join(runs)}")
-    return runs[wanted]
+    configs = configurations(runs)
+    choices = f"its configurations: {', '.join(configs)}; its runs: {', '.join(runs)}"
+    if run is not None:
+        if run in runs:
+            return single_runs({run: runs[run]})[run]
+        if run in configs:
+            return configs[run]
+        raise FileNotFoundError(f"profile {profile!r} has no run or configuration {run!r}; {choices}")
+    head = headline_run(pdir)
+    if head is None:
+        raise FileNotFoundError(f"profile {profile!r} has no results.json naming a headline; pick one with --run: {choices}")
+    if head in runs:  # a headline named by one fold run: its configuration
+        head = RunSpec.from_record(json.loads((runs[head] / "run.json").read_text())).config_id
+    if head not in configs:
+        raise FileNotFoundError(f"profile {profile!r}: the headline {head!r} of results.json has no saved runs; {choices}")
+    return configs[head]

@@ -1,8 +1,12 @@
-"""``cxrstudy predict``: class probabilities and a Grad-CAM overlay for any X-ray files, from a saved run.
+"""``cxrstudy predict``: class probabilities, a lung QC and a Grad-CAM overlay for any X-ray files, from saved runs.
 
-Same decoding and preprocessing as the study (``cxrstudy.inference``). Writes into ``--out``:
-``predictions.csv`` (columns ``image, run_id, pred, prob_<class>...``), one ``<name>_gradcam.png`` per
-readable image and ``unreadable.csv`` (file and reason) when some could not be read.
+Same decoding and preprocessing as the study (``cxrstudy.inference``). By default a configuration's fold models
+predict as one ensemble (mean class probability); ``run`` names a configuration or one run. Writes into ``--out``:
+``predictions.csv`` (columns ``image, run_id, n_models, pred, prob_<class>..., qc``; ``run_id`` is the
+configuration id for an ensemble, ``qc`` is empty for a film that passes the lung QC, else its flags, and says
+``unchecked: no lung model`` when the profile has none), one ``<name>_gradcam.png`` per readable image (the mean
+of the models' Grad-CAM maps for the ensemble's class) and ``unreadable.csv`` (file and reason) when some could
+not be read.
 """
 
 from __future__ import annotations
@@ -17,17 +21,39 @@ from PIL import Image
 
 from cxrstudy import config
 from cxrstudy.fileio import atomic_write_text
-from cxrstudy.inference import choose_run, decode_for_models, input_key, prediction_frame, view_mask
+from cxrstudy.inference import (
+    Models,
+    choose_models,
+    decode_for_models,
+    ensemble_frame,
+    qc_problems,
+    view_mask,
+)
 
 
 @dataclass
 class PredictResult:
-    """What a predict call wrote: the table, the overlay files, the unreadable files and the run used."""
+    """What a predict call wrote: the table, the overlay files, the unreadable files, the models used and whether
+    a lung model checked the films."""
 
-    run_id: str
+    models: Models
     predictions: pd.DataFrame
     overlays: list[Path]
     unreadable: pd.DataFrame
+    lungs_checked: bool = False
+
+    @property
+    def run_id(self) -> str:
+        """The configuration id of the ensemble (or the one run's id)."""
+        return self.models.id
+
+    @property
+    def flagged(self) -> pd.DataFrame:
+        """The predicted films that failed the lung QC (``image``, ``qc``): not films the models can judge."""
+        if self.predictions.empty:
+            return pd.DataFrame(columns=["image", "qc"])
+        bad = self.predictions["qc"].map(lambda q: bool(qc_problems(q)))
+        return self.predictions.loc[bad, ["image", "qc"]]
 
 
 def overlay_figure(img: Image.Image, cam: np.ndarray, title: str, lungs: np.ndarray | None = None) -> Figure:
@@ -64,40 +90,47 @@ def predict(
     device: str = "auto",
     cam: bool = True,
 ) -> PredictResult:
-    """Predict every readable image with the chosen run and write the outputs into ``out``."""
-    from cxrstudy.training import load_run_model
-
+    """Predict every readable image with the chosen models (:func:`inference.choose_models`: by default the
+    headline configuration's fold models as one ensemble) and write the outputs into ``out``."""
     out, paths = Path(out), [Path(p) for p in images]
-    run_dir = choose_run(profile, run)
-    model, info = load_run_model(run_dir)
-    run_id, key = info.get("run_id") or run_dir.name, input_key(info)
-    lungs_dir = run_dir.parent.parent / "lungs"
+    chosen = choose_models(profile, run)
+    models, key = chosen.load(), chosen.key
+    lungs_dir = chosen.dirs[0].parent.parent / "lungs"
     dec = decode_for_models(paths, {key}, lungs_dir if (lungs_dir / "model.json").is_file() else None, device)
     unreadable = pd.DataFrame([{"image": str(paths[i]), "reason": r} for i, r in dec.bad], columns=["image", "reason"])
     if len(unreadable):
         atomic_write_text(out / "unreadable.csv", unreadable.to_csv(index=False))
     if not dec.ok:
-        return PredictResult(run_id, pd.DataFrame(), [], unreadable)
-    meta = pd.DataFrame({"image": [str(paths[i]) for i in dec.ok], "run_id": run_id})
-    preds = prediction_frame(model, dec.inputs[key], info, meta, device=device)
-    table = preds[["image", "run_id", "pred", *(f"prob_{c}" for c in info["classes"])]]
+        return PredictResult(chosen, pd.DataFrame(), [], unreadable, dec.lungs_checked)
+    meta = pd.DataFrame({"image": [str(paths[i]) for i in dec.ok], "run_id": chosen.id})
+    preds = ensemble_frame(models, chosen.infos, dec.inputs[key], meta, device=device).assign(qc=dec.qc)
+    classes = chosen.infos[0]["classes"]
+    table = preds[["image", "run_id", "n_models", "pred", *(f"prob_{c}" for c in classes), "qc"]]
     atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
-    overlays = _overlays(model, info, dec, key, table, [paths[i] for i in dec.ok], out, device) if cam else []
-    return PredictResult(run_id, table, overlays, unreadable)
+    ok_paths = [paths[i] for i in dec.ok]
+    overlays = _overlays(models, chosen.infos, dec, key, table, ok_paths, out, device) if cam else []
+    return PredictResult(chosen, table, overlays, unreadable, dec.lungs_checked)
 
 
-def _overlays(model, info: dict, dec, key, table: pd.DataFrame, paths: list[Path], out: Path, device: str) -> list[Path]:
-    """One Grad-CAM overlay PNG per predicted image, with the lung outline when masks exist."""
+def _overlays(
+    models: list, infos: list[dict], dec, key, table: pd.DataFrame, paths: list[Path], out: Path, device: str
+) -> list[Path]:
+    """One Grad-CAM overlay PNG per predicted image: the mean of the models' maps for the predicted class, with
+    the lung outline when masks exist."""
     from cxrstudy import plots
     from cxrstudy.evaluation.saliency import gradcam_maps
 
-    inputs = dec.inputs[key]
-    maps = gradcam_maps(model, inputs, info, list(table["pred"]), device=config.resolve_device(device))
+    inputs, targets, dev = dec.inputs[key], list(table["pred"]), config.resolve_device(device)
+    maps = np.mean([gradcam_maps(m, inputs, info, targets, device=dev) for m, info in zip(models, infos, strict=True)], 0)
+    source = "Grad-CAM" if len(models) == 1 else f"Grad-CAM: mean of {len(models)} fold models"
     written = []
     for name, img, m, mask, row in zip(_overlay_names(paths), inputs, maps, dec.masks, table.itertuples(), strict=True):
-        probs = ", ".join(f"{c} {getattr(row, f'prob_{c}'):.2f}" for c in info["classes"])
+        probs = ", ".join(f"{c} {getattr(row, f'prob_{c}'):.2f}" for c in infos[0]["classes"])
         lungs = view_mask(mask, key[2], key[4]) if mask is not None else None
-        fig = overlay_figure(img, m, f"{Path(row.image).name}: {row.pred}\n{probs}", lungs)
+        title = f"{Path(row.image).name}: {row.pred}\n{probs}\n{source}"
+        if qc_problems(row.qc):
+            title += f"\nQC failed: {row.qc}"
+        fig = overlay_figure(img, m, title, lungs)
         plots.save_figure(fig, out / name, close=True)
         written.append(out / name)
     return written

@@ -1,4 +1,5 @@
-"""External evaluation: every saved model of a profile on images listed in a CSV (``make evaluate``).
+"""External evaluation: every configuration of a profile (its fold models' ensemble) on images listed in a CSV
+(``make evaluate``).
 
 The CSV has columns ``path,label`` (optional ``patient_group``); paths are absolute or relative to the
 CSV's folder; labels are the study's class names. Images go through the study's preprocessing: the
@@ -8,9 +9,16 @@ is an error naming the row; rows whose label is not among a model's classes (pne
 COVID-vs-normal model) are left out of that model's metrics and counted. Without a
 ``patient_group`` column every image is its own group (image-level bootstrap).
 
-Writes ``reports/<profile>/external/<csv stem>/``: ``results.json`` (same ``runs`` shape as the
-study's, metrics under ``test``), ``unreadable.csv``, and per run ``<run_id>/predictions.csv`` and
-figures (confusion matrix, ROC/PR curves, reliability diagram).
+By default each configuration's fold models predict as one ensemble (mean class probability,
+``inference.ensemble_frame``), one block per configuration; ``single_runs`` (``--single-runs``) evaluates
+every fold model on its own instead. Every film gets the lung QC of ``inference.decode_for_models`` (the
+profile's lung model when it has one; else only the image-level rules).
+
+Writes ``reports/<profile>/external/<csv stem>/``: ``results.json`` (``runs``: one entry per block, in the
+shape of the study's entries, metrics under ``test``, ``run_id`` the configuration id for an ensemble, plus
+``config_id``, ``n_models`` and the member ``run_ids``; ``unit``: ``configuration`` or ``run``; ``qc``: the
+films that failed the lung QC), ``unreadable.csv``, and per block ``<id>/predictions.csv`` (with ``n_models``
+and ``qc`` columns) and figures (confusion matrix, ROC/PR curves, reliability diagram).
 """
 
 from __future__ import annotations
@@ -27,8 +35,19 @@ from cxrstudy import config
 from cxrstudy.data.manifest import load_manifest
 from cxrstudy.evaluation.metrics import evaluate_predictions, reliability_curve
 from cxrstudy.fileio import atomic_write_text, write_json
-from cxrstudy.inference import InputKey, decode_for_models, input_key, needs_lungs, prediction_frame
-from cxrstudy.reporting.results import load_runs, run_entry
+from cxrstudy.inference import (
+    InputKey,
+    Models,
+    configurations,
+    decode_for_models,
+    ensemble_frame,
+    needs_lungs,
+    qc_problems,
+    run_dirs,
+    single_runs,
+)
+from cxrstudy.reporting.results import run_entry
+from cxrstudy.runspec import RunSpec
 
 
 def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
@@ -66,16 +85,17 @@ def read_labels_csv(csv_path: Path | str) -> pd.DataFrame:
 
 
 def decode_images(
-    rows: pd.DataFrame, keys: set[InputKey], lungs_dir: Path | None = None
-) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
-    """Decode each row once (study preprocessing, input views); returns (readable rows, {key: model-size L
-    images aligned with readable rows}, unreadable rows with reason)."""
-    dec = decode_for_models(list(rows["path"]), keys, lungs_dir)
+    rows: pd.DataFrame, keys: set[InputKey], lungs_dir: Path | None = None, device: str = "cpu"
+) -> tuple[pd.DataFrame, dict, pd.DataFrame, bool]:
+    """Decode each row once (study preprocessing, input views, lung QC); returns (readable rows with their ``qc``,
+    {key: model-size L images aligned with readable rows}, unreadable rows with reason, whether a lung model
+    checked the films)."""
+    dec = decode_for_models(list(rows["path"]), keys, lungs_dir, device)
     unreadable = pd.DataFrame(
         [{**rows.iloc[i][["row", "path", "label"]].to_dict(), "reason": reason} for i, reason in dec.bad],
         columns=["row", "path", "label", "reason"],
     )
-    return rows.iloc[dec.ok].reset_index(drop=True), dec.inputs, unreadable
+    return rows.iloc[dec.ok].reset_index(drop=True).assign(qc=dec.qc), dec.inputs, unreadable, dec.lungs_checked
 
 
 def _figures(out: Path, preds: pd.DataFrame, classes: list[str], metrics: dict, title: str) -> None:
@@ -97,29 +117,29 @@ def _figures(out: Path, preds: pd.DataFrame, classes: list[str], metrics: dict, 
     )
 
 
-def _evaluate_run(
-    run: dict, readable: pd.DataFrame, resized: dict, csv_path: Path, out: Path, opts: dict[str, Any]
+def _evaluate_block(
+    block: Models, ensemble: bool, readable: pd.DataFrame, resized: dict, csv_path: Path, out: Path,
+    opts: dict[str, Any],
 ) -> dict:
-    """One saved run on the readable rows of its classes: predictions, metrics, figures; its results entry."""
-    from cxrstudy.training import load_run_model
-
-    info = run["info"]
+    """One configuration's ensemble (or one run) on the readable rows of its classes: predictions, metrics,
+    figures; its results entry (``run_id``: the block's id)."""
+    first = block.infos[0]
+    info = {**first, "run_id": block.id, "fold": None} if ensemble else {**first, "run_id": block.id}
     classes = list(info["classes"])
     keep = readable["label"].isin(classes).to_numpy()
-    extra = {"n_evaluated": int(keep.sum()), "left_out_labels": readable.loc[~keep, "label"].value_counts().to_dict()}
+    extra = {"config_id": RunSpec.from_record(first).config_id, "n_models": block.n_models, "run_ids": block.run_ids,
+             "n_evaluated": int(keep.sum()), "left_out_labels": readable.loc[~keep, "label"].value_counts().to_dict()}
     if not keep.any():
         return run_entry(info, {}, **extra, note="no image with a label of this model's classes")
-    run_id = info.get("run_id") or run["dir"].name
     sel = readable[keep].reset_index(drop=True)
     meta = pd.DataFrame({"image": sel["path"], "row": sel["row"], "split": "test", "label": sel["label"],
-                         "source": csv_path.name, "patient_group": sel["patient_group"]})
-    images = [im for im, k in zip(resized[input_key(info)], keep, strict=True) if k]
-    model, _ = load_run_model(run["dir"])
-    preds = prediction_frame(model, images, info, meta, opts["device"], opts["batch_size"])
+                         "source": csv_path.name, "patient_group": sel["patient_group"], "qc": sel["qc"]})
+    images = [im for im, k in zip(resized[block.key], keep, strict=True) if k]
+    preds = ensemble_frame(block.load(), block.infos, images, meta, opts["device"], opts["batch_size"])
     metrics = evaluate_predictions(preds, classes, opts["n_bootstrap"], opts["seed"], where=str(csv_path))
-    atomic_write_text(out / run_id / "predictions.csv", preds.to_csv(index=False))
+    atomic_write_text(out / block.id / "predictions.csv", preds.to_csv(index=False))
     if opts["figures"]:
-        _figures(out / run_id, preds, classes, metrics, f"{run_id} on {csv_path.name}")
+        _figures(out / block.id, preds, classes, metrics, f"{block.id} on {csv_path.name}")
     return run_entry(info, metrics, **extra)
 
 
@@ -160,15 +180,17 @@ def evaluate_external(
     figures: bool = True,
     drop_overlap: bool = False,
     processed_dir: Path | str | None = None,
+    single: bool = False,
 ) -> dict:
-    """Evaluate every saved run of ``profile`` on the CSV's images; write and return the results dict.
+    """Evaluate every configuration of ``profile`` (its fold models' ensemble; ``single``: every saved run on its
+    own) on the CSV's images; write and return the results dict.
 
     The CSV's files are first compared with the study's images (``overlap``); ``drop_overlap`` leaves the
     exact and near copies out of the evaluation."""
     csv_path = Path(csv_path)
     rows = read_labels_csv(csv_path)
     pdir = Path(profile_dir) if profile_dir is not None else config.profile_dir(profile)
-    runs = load_runs(pdir)
+    runs = run_dirs(pdir)
     if not runs:
         raise FileNotFoundError(
             f"no saved runs under {pdir / 'runs'}: run `make reproduce PROFILE={pdir.name}` first"
@@ -178,9 +200,12 @@ def evaluate_external(
     if drop_overlap and overlap["images"]:
         rows = rows[~rows["path"].isin({i["path"] for i in overlap["images"]})].reset_index(drop=True)
         overlap["dropped"] = True
-    keys = {input_key(r["info"]) for r in runs}
-    readable, resized, unreadable = decode_images(rows, keys, pdir / "lungs" if needs_lungs(keys) else None)
+    blocks = single_runs(runs) if single else configurations(runs)
+    keys = {b.key for b in blocks.values()}
+    lungs = pdir / "lungs" if needs_lungs(keys) or (pdir / "lungs" / "model.json").is_file() else None
+    readable, resized, unreadable, checked = decode_images(rows, keys, lungs, device)
     atomic_write_text(out / "unreadable.csv", unreadable.to_csv(index=False))
+    flagged = readable.loc[readable["qc"].map(lambda q: bool(qc_problems(q))).astype(bool)]
     opts = {"device": device, "batch_size": batch_size, "n_bootstrap": n_bootstrap, "seed": seed, "figures": figures}
     results = {
         "schema_version": 1,
@@ -191,7 +216,10 @@ def evaluate_external(
         "dataset": _dataset_block(rows, readable, unreadable),
         "unreadable": unreadable.to_dict(orient="records"),
         "overlap": overlap,
-        "runs": [_evaluate_run(run, readable, resized, csv_path, out, opts) for run in runs],
+        "qc": {"lung_model": checked, "n_flagged": int(len(flagged)),
+               "flagged": flagged[["row", "path", "qc"]].to_dict(orient="records")},
+        "unit": "run" if single else "configuration",
+        "runs": [_evaluate_block(b, not single, readable, resized, csv_path, out, opts) for b in blocks.values()],
     }
     write_json(out / "results.json", results)
     return results
@@ -210,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--drop-overlap", action="store_true", help="leave out files that copy the study's images")
+    ap.add_argument(
+        "--single-runs", action="store_true", help="evaluate every fold model on its own, not each configuration's ensemble"
+    )
     args = ap.parse_args(argv)
     from cxrstudy.runlock import RunLocked, profile_lock
 
@@ -217,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         with profile_lock(config.profile_dir(args.profile), f"evaluate --csv {args.csv}"):
             res = evaluate_external(
                 args.csv, args.profile, args.out, args.n_bootstrap, args.seed, args.device, args.batch_size,
-                drop_overlap=args.drop_overlap,
+                drop_overlap=args.drop_overlap, single=args.single_runs,
             )
     except (ValueError, FileNotFoundError, RunLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -230,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{ds['n_readable']} of {ds['n_rows']} images readable ({ds['n_unreadable']} listed in {out / 'unreadable.csv'})"
     )
+    qc = res["qc"]
+    for f in qc["flagged"]:
+        print(f"warning: row {f['row']}: {f['path']} is not a film the models can judge (lung QC: {f['qc']})")
+    if not qc["lung_model"]:
+        print("warning: the profile has no lung model: only the image-level checks ran")
     for r in res["runs"]:
         acc = (r["test"].get("accuracy") or {}).get("value")
         shown = "n/a" if acc is None else f"{100 * acc:.1f}%"
+        models = f" ({r['n_models']} models)" if r["n_models"] > 1 else ""
         print(
-            f"{r['run_id']}: accuracy {shown} on {r['n_evaluated']} images; left out {r['left_out_labels']}"
+            f"{r['run_id']}{models}: accuracy {shown} on {r['n_evaluated']} images; left out {r['left_out_labels']}"
         )
     print(f"results: {out / 'results.json'}")
     return 0

@@ -163,6 +163,17 @@ def neighbour_correlation(image: np.ndarray) -> float:
     return float((x * y).sum() / den) if den > 0 else 0.0
 
 
+def image_flags(image: np.ndarray) -> list[str]:
+    """The QC rules that need only the grey image: ``blank_image`` (std under 8), else ``not_a_film``
+    (neighbouring pixels correlate under 0.5)."""
+    t = QC_THRESHOLDS
+    if float(np.asarray(image, dtype=np.float32).std()) < t["min_image_std"]:
+        return ["blank_image"]
+    if neighbour_correlation(image) < t["min_neighbour_corr"]:
+        return ["not_a_film"]
+    return []
+
+
 def assess(
     mask: np.ndarray,
     prob: np.ndarray | None = None,
@@ -174,12 +185,7 @@ def assess(
     mask = np.asarray(mask, dtype=bool)
     h, w = mask.shape
     t = QC_THRESHOLDS
-    flags: list[str] = []
-    if image is not None:
-        if float(np.asarray(image, dtype=np.float32).std()) < t["min_image_std"]:
-            flags.append("blank_image")
-        elif neighbour_correlation(image) < t["min_neighbour_corr"]:
-            flags.append("not_a_film")
+    flags: list[str] = image_flags(image) if image is not None else []
     box = bounding_box(mask)
     _, n_comp = ndi.label(mask, structure=_EIGHT)
     area = float(mask.mean())
