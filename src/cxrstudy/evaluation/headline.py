@@ -30,8 +30,8 @@ def paper_position(acc: dict) -> str:
 
 
 def _headline_text(task: str, best: dict, position: str, best_scratch: dict | None, over: dict) -> str:
-    """The headline sentence: the chosen configuration's test accuracy over its seeds, its first seed's run
-    with its interval, against the published figures."""
+    """The headline sentence: the chosen configuration's out-of-fold accuracy with its interval and films, the
+    spread of its folds, against the published figures."""
     where = {
         "above": "above the interval",
         "below": "below the interval",
@@ -39,26 +39,25 @@ def _headline_text(task: str, best: dict, position: str, best_scratch: dict | No
         "unknown": "not comparable (no interval)",
     }[position]
     task_name = "Paper's task" if task == "covid_vs_normal" else "Three-class task"
-    acc, val = over["test_accuracy"], over.get("val_accuracy") or {}
-    n = over["n_seeds"]
+    acc = over["test_accuracy"]
     config_txt = (
         f"{best['backbone']}, {best['scenario']}, decomposition {'on' if best['decomposition'] else 'off'}"
     )
-    if val.get("mean") is not None:
-        config_txt += f"; mean validation accuracy {100 * val['mean']:.1f}%"
-    seeds_txt = (
-        f"{100 * acc['mean']:.1f}% test accuracy on average over its {n} seeds (sd {100 * acc['sd']:.1f} points; "
-        f"per-seed 95% intervals from {pct_plain(acc['interval_low'])} to {pct_plain(acc['interval_high'])}); "
-        if n > 1
+    if best.get("val_accuracy") is not None:
+        config_txt += f"; pooled inner-validation accuracy {100 * best['val_accuracy']:.1f}%"
+    test = best["test"]
+    folds_txt = (
+        f" Its {over['n_seeds']} folds, each on its own films, range from {pct_plain(acc['min'])} to "
+        f"{pct_plain(acc['max'])} (sd {100 * acc['sd']:.1f} points)."
+        if over.get("n_seeds", 0) > 1 and acc.get("min") is not None
         else ""
     )
     text = (
-        f"{task_name} ({task}): the best transfer configuration chosen on validation accuracy "
-        f"(mean over seeds, never test) ({config_txt}) reaches {seeds_txt}"
-        f"its seed-{best['seed']} run reaches {fmt_pct(best['test']['accuracy'])} (95% CI, patient-group "
-        f"bootstrap, {best['test']['n']} images of {best['test']['n_groups']} patient groups). "
-        f"The paper's {100 * config.PAPER_ACCURACY:.2f}% is {where} of that run; "
-        f"DeTraC reported {100 * config.DETRAC_ACCURACY:.1f}%."
+        f"{task_name} ({task}): the best transfer configuration chosen on inner-validation accuracy (never on "
+        f"held-out films) ({config_txt}) reaches {fmt_pct(test['accuracy'])} out of fold (95% CI, class-stratified "
+        f"patient bootstrap; {test['n']} films of {test['n_groups']} patients, each scored by the fold model that "
+        f"never saw it).{folds_txt} The paper's {100 * config.PAPER_ACCURACY:.2f}%, from one fixed split, is "
+        f"{where}; DeTraC reported {100 * config.DETRAC_ACCURACY:.1f}%."
     )
     if best_scratch is not None:
         text += f" The scratch control reaches {fmt_pct(best_scratch['test']['accuracy'])}."
@@ -87,7 +86,8 @@ def headline_table(entries: Sequence[dict]) -> list[dict]:
 
 
 def _over_seeds(entries: Sequence[dict], best: dict) -> dict:
-    """Validation and test accuracy of the chosen run's configuration over its seeds (``seed_summary`` fields)."""
+    """Validation and test accuracy of the chosen configuration over its runs (``seed_summary`` fields): its
+    folds when ``entries`` holds fold runs."""
     same = [e for e in entries if config_key(e) == config_key(best)]
     [summary] = seed_summary(same)
     return {k: summary[k] for k in ("n_seeds", "seeds", "val_accuracy", "test_accuracy")}
@@ -108,9 +108,10 @@ def _best_configuration(runs: Sequence[dict]) -> dict:
     return min(by_config[key], key=lambda e: e["seed"])
 
 
-def headline(entries: Sequence[dict], task: str = PAPER_TASK) -> dict:
-    """Best transfer run of ``task`` (chosen on validation accuracy, not test; among baseline runs when
-    there are any: variants are chosen by ``selection``) against the published figures."""
+def headline(entries: Sequence[dict], task: str = PAPER_TASK, fold_entries: Sequence[dict] | None = None) -> dict:
+    """Best transfer configuration of ``task`` (out-of-fold entries; chosen on pooled inner-validation accuracy,
+    never on held-out films; among baseline configurations when there are any: variants are chosen by
+    ``selection``) against the published figures; ``fold_entries`` (its fold runs) give the spread over folds."""
     runs = [e for e in entries if e["task"] == task]
     if any(run_variant(e) == "baseline" for e in runs):
         runs = [e for e in runs if run_variant(e) == "baseline"]
@@ -121,18 +122,20 @@ def headline(entries: Sequence[dict], task: str = PAPER_TASK) -> dict:
     scratch = [e for e in runs if e["scenario"] == "scratch"]
     best_scratch = _best_configuration(scratch) if scratch else None
     position = paper_position(best["test"]["accuracy"])
-    over = _over_seeds(runs, best)
+    over = _over_seeds(fold_entries if fold_entries else runs, best)
     text = _headline_text(task, best, position, best_scratch, over)
     return {
         "task": task,
         "run_id": best["run_id"],
-        "selected_on": "mean validation accuracy over the configuration's seeds (its first seed's run)",
+        "config_id": best.get("config_id", best["run_id"]),
+        "selected_on": "pooled inner-validation accuracy of the configuration's folds",
         "scenario": best["scenario"],
         "decomposition": best["decomposition"],
         "variant": run_variant(best),
         "seed": best["seed"],
         "accuracy": best["test"]["accuracy"],
         "over_seeds": over,
+        "over_folds": over,
         "paper_accuracy": config.PAPER_ACCURACY,
         "paper_citation": config.PAPER_CITATION,
         "detrac_accuracy": config.DETRAC_ACCURACY,
@@ -150,6 +153,7 @@ def dataset_summary(manifest: pd.DataFrame, excluded: pd.DataFrame | None = None
         "n_images": int(len(manifest)),
         "n_patient_groups": int(manifest["patient_group"].nunique()),
         "by_split_label": {s: g["label"].value_counts().to_dict() for s, g in manifest.groupby("split")},
+        "n_patients_by_label": manifest.groupby("label")["patient_group"].nunique().to_dict(),
         "by_source_label": {
             s: g["label"].value_counts().to_dict() for s, g in manifest.groupby("source_name")
         },

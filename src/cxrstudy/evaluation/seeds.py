@@ -79,14 +79,17 @@ def spread(metrics: Sequence[dict | float | None]) -> dict:
 
 
 def seed_summary(entries: Sequence[dict]) -> list[dict]:
-    """results.json ``seed_summary``: per configuration its seeds, run ids and :data:`SEED_METRICS` spreads."""
+    """results.json ``seed_summary``: per configuration its runs (folds, and seeds when repeated), run ids and
+    :data:`SEED_METRICS` spreads over them (``n_seeds`` counts the runs)."""
     out = []
     for key, runs in group_by_config(entries).items():
         out.append(
             {
                 **dict(zip(CONFIG_KEYS, key, strict=True)),
                 "n_seeds": len(runs),
+                "n_runs": len(runs),
                 "seeds": [r.get("seed") for r in runs],
+                "folds": [r.get("fold") for r in runs],
                 "run_ids": [r.get("run_id") for r in runs],
                 **{name: spread([get(r) for r in runs]) for name, get in SEED_METRICS.items()},
             }

@@ -17,14 +17,15 @@ COARSE_GRID = 8
 METRIC_NAMES = {
     "ieee8023_covid_vs_pneumonia_auc": "ieee8023 COVID-19 vs other pneumonia ROC-AUC",
     "actualmed_covid_vs_normal_balanced_accuracy": "Actualmed (held-out hospital) balanced accuracy",
-    "source_id_within_covid_accuracy": "source identification within COVID-19 films",
+    "source_id_within_covid_balanced_accuracy": "source identification within COVID-19 films (balanced accuracy)",
     "nih_pneumonia_vs_normal_auc": "NIH pneumonia vs normal ROC-AUC",
     "paper_task_accuracy": "paper's task accuracy",
 }
 #: The last sentence when results.json says nothing about the design.
 NOT_DIAGNOSTIC = (
     "The numbers are not diagnostic accuracy for patients elsewhere: the data are public, small, multi-source "
-    "collections in which source and label are entangled, and no external test from another hospital is included."
+    "collections in which source and label are entangled, and the one hospital held out of training (Actualmed) "
+    "is small."
 )
 
 
@@ -45,7 +46,7 @@ def interval_width(head: dict) -> list[str]:
     acc = head.get("accuracy") or {}
     if acc.get("ci_low") is not None and acc["ci_high"] - acc["ci_low"] > 0.1:
         return [
-            f"The interval is {100 * (acc['ci_high'] - acc['ci_low']):.0f} points wide: the test split is too small "
+            f"The interval is {100 * (acc['ci_high'] - acc['ci_low']):.0f} points wide: the films are too few "
             "(in patients) to separate models that differ by a few points."
         ]
     return []
@@ -56,13 +57,22 @@ def _goal_part(goal: dict, entry: dict) -> str:
     name = f"{goal['goal']} {METRIC_NAMES.get(goal['metric'], goal['metric'])}"
     if goal.get("value") is None:
         return f"{name} not computed ({entry.get('note') or 'no value'})"
-    how = " (linear probe on the run's features)" if entry.get("method") == "probe" else ""
+    how = " (linear probe on the out-of-fold features)" if entry.get("method") == "probe" else ""
     target = (
         "n/a" if goal.get("target") is None else f"{100 * goal['target']:.2f}".rstrip("0").rstrip(".") + "%"
     )
+    if entry.get("chance") is not None:
+        target += f" (chance {100 * entry['chance']:.0f}% + 5 points)"
+    if entry.get("p_value") is not None:
+        how += f", permutation p = {entry['p_value']:.2f}"
+    films = f", {entry['n']} films of {entry['n_patients']} patients" if entry.get("n_patients") else ""
     verdict = goal.get("status") or "not judged"
     why = f" ({goal['reason']})" if goal.get("reason") else ""
-    return f"{name} {fmt_pct(entry or {'value': goal['value']})}{how}{_reference(entry)}, goal {goal['op']} {target}: {verdict}{why}"
+    note = f" ({entry['note']})" if str(entry.get("note", "")).startswith("not estimable") else ""
+    return (
+        f"{name} {fmt_pct(entry or {'value': goal['value']})}{how}{films}{_reference(entry)}{note}, goal {goal['op']} "
+        f"{target}: {verdict}{why}"
+    )
 
 
 def _reference(entry: dict) -> str:
@@ -81,7 +91,8 @@ def _reference(entry: dict) -> str:
 
 
 def scorecard(results: dict) -> list[str]:
-    """The confound-free scorecard of each headline run (paper's task, other tasks) against its goals."""
+    """The confound-free scorecard of each headline configuration (paper's task, other tasks) against its goals,
+    with the paper's task accuracy beside it (the paper's number, not a confound-free goal)."""
     heads = [results.get("headline") or {}, *(results.get("headline_other_tasks") or {}).values()]
     goals, entries = results.get("goals") or [], results.get("scorecard") or []
     out = []
@@ -94,11 +105,21 @@ def scorecard(results: dict) -> list[str]:
         parts = [_goal_part(g, by_metric.get(g["metric"], {})) for g in mine]
         met = sum(g.get("status") == "met" for g in mine)
         judged = sum(g.get("status") is not None for g in mine)
+        paper = by_metric.get("paper_task_accuracy") or {}
+        beside = (
+            f" Beside it, the paper's task accuracy out of fold is {fmt_pct(paper)}{_reference(paper)}: the paper's "
+            "number, not a confound-free goal (its normal films come almost all from one source)."
+            if paper.get("value") is not None
+            else ""
+        )
         out.append(
-            f"Confound-free scorecard of the headline {head.get('task')} run ({head.get('scenario')}, decomposition "
-            f"{'on' if head.get('decomposition') else 'off'}; held-out films only, 95% CI): "
+            f"Confound-free scorecard of the headline {head.get('task')} configuration ({head.get('scenario')}, "
+            f"decomposition {'on' if head.get('decomposition') else 'off'}; every film scored out of fold, the "
+            "held-out hospital by the folds' ensemble; 95% CI): "
             + "; ".join(parts)
-            + f". Goals met: {met} of the {judged} that could be judged."
+            + f". Goals met: {met} of the {judged} that could be judged (met: the whole interval on the goal's side; "
+            "missed: wholly on the other; else undetermined)."
+            + beside
         )
     return out
 
@@ -172,68 +193,59 @@ def recommendation(results: dict) -> list[str]:
         and not c["decomposition"]
     ]
     text = (
-        f"Recommended variant: {rec['name']}, by a rule fixed before any test number was read. {rec['rule']}"
+        f"Recommended variant: {rec['name']}, chosen by the profile's fixed rule on the folds' pooled inner-validation "
+        f"predictions only. {rec['rule']}"
     )
     if not cfgs or not cfgs[0].get("goals"):
         return [text + " Its scorecard was not computed."]
     cfg = cfgs[0]
     return [
         text
-        + f" On films its runs never trained or validated on, over its {cfg['n_seeds']} seed(s) (met: every "
-        "seed's goal is met, its 95% interval on the goal's side and clear of the confounder-only rules; missed: "
-        "every seed's missed; else undetermined): " + "; ".join(_goal_over_seeds_part(g) for g in cfg["goals"]) + "."
+        + " Out of fold (met: the 95% interval on the goal's side and clear of the confounder-only rules; missed: "
+        "wholly on the other side; else undetermined): " + "; ".join(_goal_over_seeds_part(g) for g in cfg["goals"])
+        + "."
     ]
 
 
 def variants_against_baseline(results: dict) -> list[str]:
-    """Per (task, scenario) with variants, each variant against its baseline: the difference of the seed means
-    of every goal's metric (points), marked where the seed spread covers it."""
-    groups: dict[tuple, dict[str, dict]] = {}
-    for c in results.get("scorecard_summary") or []:
-        if not c["decomposition"]:
-            groups.setdefault((c["task"], c["scenario"]), {})[c["variant"]] = c
+    """Per (task, scenario) with variants, each variant against its baseline on the same films: the paired
+    difference of each goal metric with its interval (patient bootstrap widened by the fold spread), read as
+    better, worse or undetermined."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for d in (results.get("comparisons") or {}).get("variants") or []:
+        groups.setdefault((d["task"], d["scenario"]), {}).setdefault(d["variant"], []).append(d)
     out = []
-    for (task, scenario), cfgs in groups.items():
-        base = cfgs.get("baseline")
-        if base is None or len(cfgs) < 2:
-            continue
-        parts = [
-            f"{name}: " + ", ".join(_goal_differences(cfg, base))
-            for name, cfg in cfgs.items()
-            if name != "baseline"
-        ]
+    for (task, scenario), variants in groups.items():
+        parts = [f"{name}: " + ", ".join(_difference_part(d) for d in diffs) for name, diffs in variants.items()]
         out.append(
-            f"Variants against the baseline ({task}, {scenario}; difference of seed means, points; S3 lower is "
-            "better, the others higher): " + "; ".join(parts) + "."
+            f"Variants against the baseline ({task}, {scenario}; variant minus baseline on the same out-of-fold films, "
+            "points, 95% interval from the class-stratified patient bootstrap widened by the fold spread): "
+            + "; ".join(parts) + "."
         )
     return out
 
 
-def _goal_differences(cfg: dict, base: dict) -> list[str]:
-    """``S1 +12.0`` per goal both configurations have, with "(within the seed sd)" where the larger sd covers it."""
-    goals = {g["goal"]: g for g in base["goals"]}
-    diffs = []
-    for g in cfg["goals"]:
-        b = goals.get(g["goal"]) or {}
-        if g.get("mean") is None or b.get("mean") is None:
-            continue
-        d = 100 * (g["mean"] - b["mean"])
-        noise = 100 * max(g.get("sd") or 0.0, b.get("sd") or 0.0)
-        diffs.append(f"{g['goal']} {d:+.1f}{'' if abs(d) > noise else ' (within the seed sd)'}")
-    return diffs
+def _difference_part(d: dict) -> str:
+    """``S1 +3.2 [-1.0, +7.4] undetermined``."""
+    c = d.get("combined") or {}
+    if c.get("value") is None:
+        return f"{d['goal']} not computed"
+    if c.get("ci_low") is None:
+        return f"{d['goal']} {100 * c['value']:+.1f} (no interval: {(d.get('difference') or {}).get('note', 'too few films')})"
+    return f"{d['goal']} {100 * c['value']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] {d['reading']}"
 
 
 def _within_reading(w: dict) -> str:
-    """The scorecard's reading of a within-label source probe against its majority."""
-    return reading(w["accuracy"], w.get("ci_low"), w.get("majority"))
+    """The scorecard's reading of a within-label source probe against chance (:func:`scorecard.reading`)."""
+    return w.get("reading") or reading(w)
 
 
 def _within_label_part(w: dict) -> str:
     """One label of the within-label source sentence."""
-    iv = {"value": w["accuracy"], "ci_low": w.get("ci_low"), "ci_high": w.get("ci_high")}
+    p = f", permutation p = {w['p_value']:.2f}" if w.get("p_value") is not None else ""
     return (
-        f"{w['label']} films ({', '.join(w.get('sources') or [])}; n={w.get('n')}) {fmt_pct(iv)} against "
-        f"{100 * (w.get('majority') or 0):.1f}% for always naming the largest source: {_within_reading(w)}"
+        f"{w['label']} films ({', '.join(w.get('sources') or [])}; n={w.get('n')}) balanced accuracy {fmt_pct(w)} "
+        f"against a chance of {100 * (w.get('chance') or 0):.0f}%{p}: {_within_reading(w)}"
     )
 
 
@@ -261,12 +273,13 @@ def source_identification(checks: dict) -> list[str]:
         else:
             sentence += "; labels and sources are entangled, so this figure mostly restates the label."
         out.append(sentence)
-    within = [w for w in checks.get("source_id_within_label") or [] if w.get("accuracy") is not None]
+    within = [w for w in checks.get("source_id_within_label") or [] if w.get("value") is not None]
     if within:
         present = [w["label"] for w in within if _within_reading(w) == "source signal present"]
         out.append(
             "Within one label, where the label cannot help, the probe (patient-grouped 5-fold CV, sources with at "
-            "least 10 films) names the source of "
+            "least 10 films, the held-out hospital left out; no source signal: the whole interval within 5 points of "
+            "chance) names the source of "
             + "; ".join(_within_label_part(w) for w in within)
             + "."
             + (
@@ -314,7 +327,7 @@ def masking(checks: dict) -> list[str]:
     if any(v is None for v in values):
         return []
     sentence = (
-        f"A linear head on frozen features reaches {fmt_pct(unmasked['accuracy'])} test accuracy on the whole film, "
+        f"A linear head on frozen features reaches {fmt_pct(unmasked['accuracy'])} out-of-fold accuracy on the whole film, "
         f"{fmt_pct(masked['accuracy'])} with the lungs hidden and {fmt_pct(lungs['accuracy'])} from the lungs alone "
         f"(lung region: {_region(checks)}). "
     )
@@ -383,8 +396,9 @@ def same_hospital(checks: dict) -> list[str]:
     if not probe.get("accuracy"):
         return []
     return [
-        f"Within the one hospital with both COVID-19 and normal films ({sh.get('source')}, n={sh.get('n')}), "
-        f"a cross-validated linear head reaches {fmt_pct(probe['accuracy'])}"
+        f"On the one hospital with both COVID-19 and normal films ({sh.get('source')}, n={sh.get('n')}, held out of "
+        f"every training), a linear head on frozen features trained on every other source reaches "
+        f"{fmt_pct(probe['accuracy'])} accuracy and {fmt_pct(probe.get('balanced_accuracy'))} balanced accuracy"
         + (": too few images for a firm conclusion." if (sh.get("n") or 0) < 100 else ".")
     ]
 
@@ -400,7 +414,8 @@ def saliency(checks: dict) -> list[str]:
     n = sal.get("n_used", sal.get("n_images"))
     flat = uniform.get("ci_low") is not None and uniform["ci_low"] == uniform.get("ci_high")
     sentence = (
-        f"Grad-CAM of the headline model on {n if n is not None else 'a sample of'} test images (a seeded random "
+        f"Grad-CAM of the headline configuration's first fold model on {n if n is not None else 'a sample of'} films "
+        "of its own held-out fold (a seeded random "
         f"sample stratified by true class and outcome) puts {fmt_pct(share)} of the saliency inside the "
         f"{'segmented lungs' if checks.get('lung_region') == 'segmented' else 'central rectangle'}, against "
         f"{fmt_pct({'value': uniform['value']} if flat else uniform)} for a uniform map (the region's area)"
@@ -444,7 +459,7 @@ def comparisons(comps: dict) -> list[str]:
         if (c["mcnemar"].get("p_holm") is not None and c["mcnemar"]["p_holm"] < 0.05)
     ]
     return [
-        f"{mult['n_tests']} paired comparisons on the same test images (scenario pairs and decomposition on vs off) "
+        f"{mult['n_tests']} paired comparisons on the same out-of-fold films (scenario pairs and decomposition on vs off) "
         "use McNemar's test clustered on patient groups (Obuchowski 1998); "
         f"{mult.get('n_below_0_05_raw', 0)} have p < 0.05 before and {mult.get('n_below_0_05_holm', 0)} after Holm's "
         f"adjustment for the {mult['n_tests']} tests" + (f" ({'; '.join(names)})." if names else ".")
@@ -489,7 +504,7 @@ def decomposition(comps: dict) -> list[str]:
         parts.append(f"{name} {100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     unit = "scenario-seed pairs" if several_seeds else "scenarios"
     return [
-        "Class decomposition, test accuracy on minus off (points, 95% CI): " + "; ".join(parts) + ". "
+        "Class decomposition, out-of-fold accuracy on minus off (points, 95% CI): " + "; ".join(parts) + ". "
         f"Its interval lies above zero in {above} of {len(parts)} {unit} and below zero in {below}"
         + (": no evidence here that decomposition helps." if above == 0 else ".")
         + _pooled_decomposition(comps, several_tasks)
@@ -536,31 +551,25 @@ def _budget_text(runs: list[dict], epochs: dict) -> str:
 
 
 def closing(results: dict) -> list[str]:
-    """What the numbers do and do not support, given the seeds per configuration and training budgets."""
+    """What the numbers do and do not support, given the cross-validation and the training budgets."""
     design = (results.get("comparisons") or {}).get("design") or {}
-    seeds = design.get("seeds_per_configuration") or {}
     epochs = design.get("epochs_run_by_scenario") or {}
-    if not seeds.get("max"):
+    proto = results.get("protocol") or {}
+    if not proto.get("folds"):
         return [NOT_DIAGNOSTIC]
-    if seeds["max"] == 1:
-        seed_txt = "Each configuration ran once (one seed), so seed-to-seed variation is not measured"
-    else:
-        n_txt = (
-            f"{seeds['max']} seeds each"
-            if seeds["min"] == seeds["max"]
-            else f"{seeds['min']} to {seeds['max']} seeds"
-        )
-        seed_txt = (
-            f"Configurations ran with {n_txt} (mean, sd and the range of the per-seed intervals under "
-            "seed_summary); seed-to-seed spread is measured, but a few seeds do not pin it down"
-        )
+    repeats = proto.get("repeats") or 1
+    cv_txt = (
+        f"Every configuration was cross-validated in {proto['folds']} patient-grouped folds"
+        + (f", repeated {repeats} times" if repeats > 1 else " once")
+        + " (each film scored once by the fold model that never saw it; the per-fold spread is under seed_summary)"
+    )
     budget = _budget_text(results.get("runs") or [], epochs)
     return [
-        "The intervals cover only the sampling of test patients. "
-        + seed_txt
+        "The intervals cover the sampling of patients, not the variation between trainings. "
+        + cv_txt
         + budget
-        + ": the numbers describe "
-        "these runs on these films; they do not rank the scenarios or settle whether decomposition helps. "
+        + ": the numbers describe these trainings on these films; a difference between configurations counts "
+        "only where its paired interval excludes zero. "
         + NOT_DIAGNOSTIC
     ]
 
@@ -587,4 +596,109 @@ def verdict(results: dict) -> list[str]:
         *decomposition(comps),
         *scratch_decomposition(results),
         *closing(results),
+    ]
+
+
+def findings(results: dict) -> list[str]:
+    """What the numbers say, in a few generated sentences (the README's and the index's summary): the paper's
+    number, the goals over every configuration, projection on the held-out hospital, the lung mask's shape,
+    the variants against the baseline and class decomposition."""
+    return [
+        *_finding_paper(results),
+        *_finding_goals(results),
+        *_finding_projection(results),
+        *mask_shape(results.get("shortcut_checks") or {}),
+        *_finding_variants(results),
+        *_finding_decomposition(results),
+    ]
+
+
+def _finding_paper(results: dict) -> list[str]:
+    """The paper's number against the headline configuration's out-of-fold accuracy."""
+    head = results.get("headline") or {}
+    acc = head.get("accuracy") or {}
+    if acc.get("value") is None:
+        return []
+    where = {"above": "above", "below": "below", "inside": "inside"}.get(head.get("paper_position"), "not comparable to")
+    return [
+        f"The paper's {100 * head['paper_accuracy']:.2f}% on its own task: the headline configuration "
+        f"({head.get('scenario')}, decomposition {'on' if head.get('decomposition') else 'off'}) scores "
+        f"{fmt_pct(acc)} out of fold, so the paper's figure lies {where} that interval. The task is confounded by "
+        "source (its normal films come almost all from NIH), so this is the paper's number, not a confound-free goal."
+    ]
+
+
+def _finding_goals(results: dict) -> list[str]:
+    """How many configuration x goal pairs are met, missed or undetermined, and which goals are met anywhere."""
+    goals = [g for g in results.get("goals") or [] if g.get("status") is not None]
+    if not goals:
+        return []
+    count = {s: sum(g["status"] == s for g in goals) for s in ("met", "missed", "undetermined")}
+    met = sorted({g["goal"] for g in goals if g["status"] == "met"})
+    configs = len({g["run_id"] for g in goals})
+    return [
+        f"Confound-free goals over {configs} configurations, read from their 95% intervals: {count['met']} met, "
+        f"{count['missed']} missed, {count['undetermined']} undetermined"
+        + (f" (met: {', '.join(met)})." if met else "; no configuration meets any confound-free goal.")
+    ]
+
+
+def _finding_projection(results: dict) -> list[str]:
+    """On the held-out hospital, the rule that knows only the projection against the best configuration's S2, and
+    how many view probes name the projection."""
+    s2 = [e for e in results.get("scorecard") or [] if e.get("metric") == "actualmed_covid_vs_normal_balanced_accuracy"
+          and e.get("value") is not None]
+    out = []
+    rule = next(((e.get("confounders") or {}).get("view_only") for e in s2 if (e.get("confounders") or {}).get("view_only")), None)
+    if s2 and rule and rule.get("value") is not None:
+        best = max(s2, key=lambda e: e["value"])
+        out.append(
+            f"On the held-out hospital, the rule that knows only the projection (AP → COVID-19, PA → normal) scores "
+            f"{fmt_pct(rule)} balanced accuracy; the best configuration's ensemble scores {fmt_pct(best)} "
+            f"({best.get('run_id')})."
+        )
+    probes = [e for e in results.get("scorecard") or [] if str(e.get("metric", "")).startswith("view_id_within_")
+              and e.get("value") is not None]
+    if probes:
+        names = sum((e.get("ci_low") or 0) > (e.get("chance") or 0.5) for e in probes)
+        out.append(
+            f"Projection is in the models' own features: a grouped linear probe names AP against PA above chance "
+            f"(interval above 50%) in {names} of {len(probes)} (configuration, label) probes."
+        )
+    return out
+
+
+def _finding_variants(results: dict) -> list[str]:
+    """Per variant: how many of its paired differences from the baseline are better, worse or undetermined."""
+    by: dict[tuple, list[dict]] = {}
+    for d in (results.get("comparisons") or {}).get("variants") or []:
+        if d.get("goal") != "paper":
+            by.setdefault((d["variant"], d["task"]), []).append(d)
+    if not by:
+        return []
+    parts = []
+    for (variant, task), diffs in by.items():
+        read = {r: [d["goal"] for d in diffs if d.get("reading") == r] for r in ("better", "worse", "undetermined")}
+        parts.append(
+            f"{variant} ({task}): "
+            + ", ".join(f"{r} on {'/'.join(g)}" for r, g in read.items() if g)
+        )
+    return [
+        "Variants against the baseline on the same films (paired patient bootstrap widened by the fold spread): "
+        + "; ".join(parts) + "."
+    ]
+
+
+def _finding_decomposition(results: dict) -> list[str]:
+    """Class decomposition on minus off: intervals above, below or around zero."""
+    dec = [d for d in (results.get("comparisons") or {}).get("decomposition_effect") or []
+           if (d.get("accuracy_difference") or {}).get("ci_low") is not None]
+    if not dec:
+        return []
+    above = sum(d["accuracy_difference"]["ci_low"] > 0 for d in dec)
+    below = sum(d["accuracy_difference"]["ci_high"] < 0 for d in dec)
+    return [
+        f"Class decomposition (on minus off, out-of-fold accuracy, paired): its interval lies above zero in {above} "
+        f"and below zero in {below} of {len(dec)} scenarios"
+        + ("; no evidence here that decomposition helps." if above == 0 else ".")
     ]

@@ -45,7 +45,7 @@ def goal_headers() -> list[dict[str, str]]:
     out = []
     for g in GOALS:
         if g.relative_to is not None:
-            rule = f"{g.op} majority + {100 * g.margin:.0f} points"
+            rule = f"{g.op} chance + {100 * g.margin:.0f} points"
         else:
             rule = f"{g.op} {100 * g.target:.2f}".rstrip("0").rstrip(".")
         out.append({"goal": g.goal, "metric": g.metric, "rule": rule})
@@ -72,7 +72,7 @@ def _goal_cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     for h in goal_headers():
         g = mine.get(h["goal"], {})
         met = g.get("status") or "n/a"
-        clear = {True: "all seeds clear", False: "not all seeds clear"}.get(g.get("all_seeds_clear"), "")
+        clear = "" if (g.get("n") or 0) <= 1 else {True: "all clear", False: "not all clear"}.get(g.get("all_seeds_clear"), "")
         cells.append({"goal": h["goal"], "rule": h["rule"], "metric": _spread(g), "met": met, "clears": clear})
     return cells
 
@@ -91,7 +91,7 @@ def scorecard_table_rows(results: dict[str, Any], keep: Any = None) -> list[dict
             {
                 "run": f"{cfg['scenario']} {'decomp' if cfg['decomposition'] else 'nodecomp'} ({cfg['task']})",
                 "variant": str(cfg["variant"]),
-                "seeds": f"{n} seed{'s' if n != 1 else ''}",
+                "seeds": "out of fold" if n == 1 else f"{n} cross-validations",
                 "recommended": rec == (cfg["task"], cfg["scenario"], cfg["variant"]) and not cfg["decomposition"],
                 "goals": cells,
                 "n_met": sum(c["met"] == "met" for c in cells),
@@ -129,25 +129,46 @@ def check_items(value: Any) -> list[dict[str, Any]]:
 
 
 def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per configuration (results.json ``seed_summary``, else computed from ``runs``): seeds and each
-    test metric's seed mean, sd and range of the per-seed intervals (:func:`_spread`)."""
-    from cxrstudy.evaluation.seeds import seed_summary
+    """One row per configuration (results.json ``configurations``, out of fold): films and patients, each metric's
+    value [95% interval], and the accuracy's spread over the folds (``seed_summary``: mean ± sd of the folds,
+    each on its own films)."""
+    from cxrstudy.evaluation.seeds import config_key, config_order
 
-    summary = results.get("seed_summary") or seed_summary(results.get("runs") or [])
-    return [
-        {
-            "task": str(s.get("task")),
-            "backbone": str(s.get("backbone")),
-            "scenario": str(s.get("scenario")),
-            "decomposition": "on" if s.get("decomposition") else "off",
-            "variant": str(s.get("variant") or "baseline"),
-            "seeds": ", ".join(str(x) for x in s.get("seeds") or []),
-            "val_accuracy": _spread(s.get("val_accuracy")),
-            "accuracy": _spread(s.get("test_accuracy")),
-            **{k: _spread(s.get(k)) for k in ("hard_rule_accuracy", "balanced_accuracy", "roc_auc", "ece")},
-        }
-        for s in summary
-    ]
+    folds = {tuple(s.get(k) for k in ("task", "backbone", "scenario", "decomposition", "variant")): s
+             for s in results.get("seed_summary") or []}
+    rows = []
+    for e in sorted(results.get("configurations") or [], key=lambda e: config_order(config_key(e))):
+        test = e.get("test") or {}
+        spread = folds.get(tuple(e.get(k) for k in ("task", "backbone", "scenario", "decomposition", "variant")))
+        fold_acc = _spread({**(spread or {}).get("test_accuracy", {}), "interval_low": None})
+        rows.append({
+            "task": str(e.get("task")),
+            "backbone": str(e.get("backbone")),
+            "scenario": str(e.get("scenario")),
+            "decomposition": "on" if e.get("decomposition") else "off",
+            "variant": str(e.get("variant") or "baseline"),
+            "films": f"{test.get('n')} / {test.get('n_groups')}",
+            "folds": len((spread or {}).get("run_ids") or []),
+            "val_accuracy": _metric(e.get("val_accuracy")),
+            "accuracy": _metric(test.get("accuracy")),
+            "fold_accuracy": fold_acc,
+            "hard_rule_accuracy": _metric((test.get("hard_rule") or {}).get("accuracy")),
+            **{k: _metric(test.get(k)) for k in ("balanced_accuracy", "roc_auc", "ece")},
+        })
+    return rows
+
+
+def budget_line(record: dict[str, Any]) -> str:
+    """The run's wall time and its budget on the reference machine (run.json ``budget``), as a sentence."""
+    b = record.get("budget") or {}
+    if not b:
+        return ""
+    return (
+        f"Wall time {b['wall_seconds'] / 60:.1f} min on this machine, whose bare training step ran at "
+        f"{record.get('reference_train_img_s')} img/s (make bench's figure, measured during the run); scaled to the "
+        f"reference machine ({b['reference_img_s']:.0f} img/s) that is {b['wall_on_reference_s'] / 60:.1f} min against "
+        f"a budget of {b['limit_on_reference_s'] / 60:.0f} min: {'within' if b['within'] else 'over'} budget."
+    )
 
 
 def lung_summary(seg: dict | None) -> dict[str, Any]:
@@ -199,6 +220,8 @@ def index_html(out: Path, record: dict[str, Any]) -> str:
         "index.html.j2",
         record=record,
         headline_text=str((results.get("headline") or {}).get("text", "")),
+        findings=[str(f) for f in results.get("findings") or []],
+        budget=budget_line(record),
         rows=headline_rows(results),
         verdict=[str(v) for v in (verdict if isinstance(verdict, list) else [verdict])],
         checks_level=str(checks.get("level", "")),
@@ -252,6 +275,9 @@ def readme_results(results: dict[str, Any], record: dict[str, Any]) -> str:
         ver=record.get("versions", {}),
         minutes=f"{sum(s.get('seconds') or 0 for s in record.get('steps', [])) / 60:.1f}",
         rows=headline_rows(results),
+        findings=[str(f) for f in results.get("findings") or []],
+        budget=budget_line(record),
+        protocol=results.get("protocol") or {},
         headline=headline,
         verdict=verdict,
         goal_headers=goal_headers(),
@@ -318,7 +344,7 @@ def _sources(results: dict) -> list[str]:
 def model_card(results: dict) -> str:
     """A short Markdown model card filled from results.json (template ``model_card.md.j2``)."""
     head = results.get("headline") or {}
-    best = next((r for r in results.get("runs", []) if r.get("run_id") == head.get("run_id")), None)
+    best = next((r for r in results.get("configurations", []) if r.get("run_id") == head.get("run_id")), None)
     entries = {e["metric"]: e for e in results.get("scorecard") or [] if e.get("run_id") == head.get("run_id")}
     goals = [
         {**g, "method": entries.get(g["metric"], {}).get("method"), "note": entries.get(g["metric"], {}).get("note")}

@@ -19,7 +19,8 @@ from cxrstudy.evaluation.headline import PAPER_TASK, dataset_summary, headline
 from cxrstudy.evaluation.metrics import evaluate_predictions, split_accuracy, split_rows
 from cxrstudy.evaluation.scorecard import check_goals
 from cxrstudy.evaluation.seeds import scorecard_summary, seed_summary
-from cxrstudy.evaluation.verdict import verdict
+from cxrstudy.evaluation.variants import variant_differences
+from cxrstudy.evaluation.verdict import findings, verdict
 from cxrstudy.fileio import to_jsonable, write_json
 from cxrstudy.runspec import RunSpec
 
@@ -206,11 +207,13 @@ def build_results(
         "lung_segmentation": lung_segmentation(profile_dir),
         "reference": reference(),
     }
+    results["comparisons"]["variants"] = variant_differences(runs, manifest, n_bootstrap, seed)
     results["scorecard_summary"] = scorecard_summary(entries, results["scorecard"], results["goals"])
-    results["headline"] = headline(entries)
+    results["headline"] = headline(entries, fold_entries=fold_entries)
     other = [t for t in config.TASKS if t != PAPER_TASK and any(e["task"] == t for e in entries)]
-    results["headline_other_tasks"] = {t: headline(entries, t) for t in other}
+    results["headline_other_tasks"] = {t: headline(entries, t, fold_entries) for t in other}
     results["verdict"] = verdict(results)
+    results["findings"] = findings(results)
     results = to_jsonable(results)
     if write:
         write_json(profile_dir / "results.json", results)
