@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxrstudy import config
 from cxrstudy.data.build import BuildResult, build_dataset, default_base, main
 from cxrstudy.data.download import LockFile
 from cxrstudy.data.sources import SOURCES, holdout_sources
@@ -126,16 +127,18 @@ def test_counts_match_mirror_table(built: Built):
     assert {"lateral", "hannover copy", "label rule"} <= set(ex["reason"].str.split(":").str[0])
 
 
-def test_manifest_images_exist_and_splits_are_patient_disjoint(built: Built):
+def test_manifest_images_exist_and_folds_are_patient_disjoint(built: Built):
     m = built.resumed.manifest
     out = built.root / "processed"
     for r in m.itertuples():
         with Image.open(out / r.image) as im:
             assert im.mode == "L" and im.size == (r.width, r.height) and min(im.size) <= 256
     assert not m["image"].duplicated().any() and not m[["source", "upstream_path"]].duplicated().any()
-    assert {"train", "val", "test"} <= set(m["split"]) <= {"train", "val", "test", "holdout"}
+    assert set(m["split"]) == {"cv", "holdout"}
     assert set(m.loc[m["split"] == "holdout", "source_name"]) <= set(holdout_sources())
-    assert (m.groupby("patient_group")["split"].nunique() == 1).all()
+    assert (m.loc[m["split"] == "holdout", "fold"] == -1).all()
+    assert set(m.loc[m["split"] == "cv", "fold"]) == set(range(config.CV_FOLDS))
+    assert (m.groupby("patient_group")["fold"].nunique() == 1).all()
     assert m["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     info = json.loads((out / "build_info.json").read_text())
     assert info["commits"]["cxnet"]["commit"] == SOURCES["cxnet"].commit

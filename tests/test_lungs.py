@@ -28,7 +28,7 @@ from cxrstudy.lungs import (
     postprocess,
     run_lungs,
 )
-from cxrstudy.lungs.masks import load_pair, mask_members
+from cxrstudy.lungs.masks import load_pair, lung_split, mask_members
 
 pytest.importorskip("torchxrayvision", reason="the lung masks ship in torchxrayvision")
 
@@ -62,11 +62,11 @@ def test_pairing_on_the_real_manifest(manifest):
     assert 250 <= len(pairs) <= 400, counts
     assert counts["pairs"] == len(pairs)
     assert set(counts["by_split"]) == {"train", "val", "test"} and all(counts["by_split"].values())
-    rows = manifest.set_index("image")
+    rows = manifest.assign(lung_split=lung_split(manifest)).set_index("image")
     for p in pairs:
         assert rows.loc[p.image, "source_name"] == "ieee8023"
         assert _stem(p.member) == _stem(rows.loc[p.image, "upstream_path"])
-        assert p.split == rows.loc[p.image, "split"]
+        assert p.split == rows.loc[p.image, "lung_split"]  # the lung stage's own patient-disjoint split
     # patient groups never straddle splits, so training masks are patient-disjoint from test masks
     split_of = {}
     for p in pairs:
@@ -84,7 +84,8 @@ def test_pairing_matches_across_extension_case(manifest):
         "image": "images/ieee8023/images/x.png",
         "source_name": "ieee8023",
         "upstream_path": "images/" + name.rsplit(".", 1)[0] + ".JPEG",
-        "split": "train",
+        "label": "covid",
+        "patient_id_is_image_level": False,
         "patient_group": "g",
         "width": 256,
         "height": 256,

@@ -92,19 +92,19 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap():
     assert again["accuracy"] == patient["accuracy"]
 
 
-def test_bootstrap_skips_replicates_where_a_class_is_missing():
-    # covid only in group g0 (1 of 3 groups): it is missing from a replicate with prob (2/3)^3 = 8/27
-    groups = ["g0", "g0", "g1", "g1", "g2", "g2"]
-    y = ["covid", "covid", "normal", "normal", "normal", "normal"]
-    p = _probs(np.array([0.9, 0.4, 0.2, 0.3, 0.6, 0.1]))
-    res = M.compute_metrics(y, p, CLASSES, groups, n_bootstrap=2000, seed=3)
-    assert res["accuracy"]["n_boot"] == 2000
-    used = res["per_class"]["covid"]["sensitivity"]["n_boot"]
-    assert abs(used / 2000 - 19 / 27) < 0.04
-    # ROC-AUC and balanced accuracy also need normal images: g0 drawn 3 times (1/27) is skipped too
-    both = res["roc_auc"]["n_boot"]
-    assert both == res["balanced_accuracy"]["n_boot"] < used
-    assert abs(both / 2000 - 18 / 27) < 0.04
+def test_the_bootstrap_resamples_patients_within_each_class():
+    """Every replicate holds both classes (each class's patients drawn as often as it has patients), so no
+    replicate is skipped; a class with fewer than 10 patients leaves every interval out."""
+    groups = [f"c{i}" for i in range(10) for _ in range(2)] + [f"n{i}" for i in range(30)]
+    y = ["covid"] * 20 + ["normal"] * 30
+    p = _probs(np.linspace(0.05, 0.95, 50))
+    res = M.compute_metrics(y, p, CLASSES, groups, n_bootstrap=500, seed=3)
+    assert res["bootstrap"]["stratified_by"] == "label" and "not_estimable" not in res
+    assert res["per_class"]["covid"]["sensitivity"]["n_boot"] == res["roc_auc"]["n_boot"] == 500
+    assert res["patients_per_class"] == {"covid": 10, "normal": 30} and res["n_patients"] == 40
+    thin = M.compute_metrics(y[2:], p[2:], CLASSES, groups[2:], n_bootstrap=100, seed=3)
+    assert "covid: 9" in thin["not_estimable"] and thin["accuracy"]["ci_low"] is None
+    assert thin["accuracy"]["value"] is not None and thin["accuracy"]["note"].startswith("not estimable")
 
 
 def test_reliability_curve_and_ece_agree():
@@ -160,17 +160,17 @@ def test_clustered_mcnemar_by_hand():
 
 
 def test_paired_difference_uses_one_shared_bootstrap():
-    groups = np.repeat([f"p{i}" for i in range(8)], 3)
-    y = np.array(["covid", "normal", "covid"] * 8)
+    groups = np.repeat([f"p{i}" for i in range(12)], 3)
+    y = np.array(["covid", "normal", "covid"] * 12)
     right = np.where(y == "covid", 0.8, 0.2)
     wrong_on_p0 = right.copy()
-    wrong_on_p0[:3] = 1 - wrong_on_p0[:3]
+    wrong_on_p0[:3] = 1 - wrong_on_p0[:3]  # 36 films of 12 patients, each with both classes
     same = M.paired_difference_ci(y, _probs(right), _probs(right), CLASSES, groups, n_bootstrap=200)
     assert (same["value"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
     diff = M.paired_difference_ci(y, _probs(right), _probs(wrong_on_p0), CLASSES, groups, n_bootstrap=500)
-    assert diff["value"] == pytest.approx(3 / 24)
+    assert diff["value"] == pytest.approx(3 / 36)
     # each replicate: share of images from p0 (0 when p0 is not drawn), never negative
-    assert diff["ci_low"] == pytest.approx(0.0) and 0.125 < diff["ci_high"] <= 0.5
+    assert diff["ci_low"] == pytest.approx(0.0) and 3 / 36 < diff["ci_high"] <= 0.5
     with pytest.raises(ValueError, match="unknown metric"):
         M.paired_difference_ci(y, _probs(right), _probs(right), CLASSES, groups, metric="kappa")
 
@@ -229,50 +229,57 @@ def test_metrics_of_composed_subclass_probabilities_by_hand():
 # --------------------------------------------------------------------------- results.json from saved runs
 
 
-def _synthetic_profile(root, scenarios=("shallow", "deep", "finetune", "scratch"), n_groups=12):
-    """Saved runs in the contract layout with hand-made predictions: run quality set per scenario."""
+def _synthetic_profile(root, scenarios=("shallow", "deep", "finetune", "scratch"), n_groups=12, folds=2):
+    """Saved fold runs in the contract layout with hand-made predictions: run quality set per scenario; fold f
+    tests the films of the patient groups g_i with i % folds == f, and validates on its own inner films."""
     import json
 
     rng = np.random.default_rng(0)
     groups = np.repeat([f"g{i}" for i in range(n_groups)], 2)
     labels = np.array(["covid", "normal"] * n_groups)
+    fold_of = np.repeat(np.arange(n_groups) % folds, 2)
     skill = {"shallow": 0.9, "deep": 0.8, "finetune": 0.7, "scratch": 0.6}
     for sc in scenarios:
         for dec in (False, True):
-            run_id = f"covid_vs_normal__efficientnet_lite0__{sc}__{'decomp' if dec else 'nodecomp'}__seed0"
-            d = root / "runs" / run_id
-            d.mkdir(parents=True)
-            rows = []
-            for split in ("val", "test"):
-                right = rng.random(len(labels)) < skill[sc] + (0.05 if dec else 0)
-                p = np.where((labels == "covid") == right, 0.8, 0.2)
-                for i in range(len(labels)):
-                    rows.append(
-                        {
-                            "image": f"{split}{i}.png",
-                            "split": split,
-                            "label": labels[i],
-                            "source": "s/x",
-                            "patient_group": f"{split}{groups[i]}",
-                            "prob_covid": p[i],
-                            "prob_normal": 1 - p[i],
-                            "pred": "covid" if p[i] > 0.5 else "normal",
-                        }
-                    )
-            pd.DataFrame(rows).to_csv(d / "predictions.csv", index=False)
-            info = {
-                "run_id": run_id,
-                "task": "covid_vs_normal",
-                "backbone": "efficientnet_lite0",
-                "scenario": sc,
-                "decomposition": dec,
-                "seed": 0,
-                "classes": ["covid", "normal"],
-                "subclasses": ["covid", "normal"],
-                "image_size": 64,
-                "train_seconds": 2.0,
-            }
-            (d / "run.json").write_text(json.dumps(info))
+            for fold in range(folds):
+                run_id = f"covid_vs_normal__efficientnet_lite0__{sc}__{'decomp' if dec else 'nodecomp'}__seed0__fold{fold}"
+                d = root / "runs" / run_id
+                d.mkdir(parents=True)
+                rows = []
+                for split in ("val", "test"):
+                    right = rng.random(len(labels)) < skill[sc] + (0.05 if dec else 0)
+                    p = np.where((labels == "covid") == right, 0.8, 0.2)
+                    for i in range(len(labels)):
+                        if split == "test" and fold_of[i] != fold:
+                            continue
+                        rows.append(
+                            {
+                                "image": f"{split}{fold if split == 'val' else ''}_{i}.png",
+                                "split": split,
+                                "label": labels[i],
+                                "source": "s/x",
+                                "patient_group": f"{split}{fold if split == 'val' else ''}{groups[i]}",
+                                "prob_covid": p[i],
+                                "prob_normal": 1 - p[i],
+                                "pred": "covid" if p[i] > 0.5 else "normal",
+                            }
+                        )
+                pd.DataFrame(rows).to_csv(d / "predictions.csv", index=False)
+                info = {
+                    "run_id": run_id,
+                    "task": "covid_vs_normal",
+                    "backbone": "efficientnet_lite0",
+                    "scenario": sc,
+                    "decomposition": dec,
+                    "seed": 0,
+                    "fold": fold,
+                    "folds": folds,
+                    "classes": ["covid", "normal"],
+                    "subclasses": ["covid", "normal"],
+                    "image_size": 64,
+                    "train_seconds": 2.0,
+                }
+                (d / "run.json").write_text(json.dumps(info))
     return root
 
 
@@ -312,8 +319,13 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     )
     res = R.build_results(pdir, manifest, shortcut_checks=checks, n_bootstrap=100)
     assert json.loads((pdir / "results.json").read_text()) == res
-    assert len(res["runs"]) == 8 and res["dataset"]["n_images"] == 3
-    r0 = res["runs"][0]
+    assert len(res["runs"]) == 16 and len(res["configurations"]) == 8 and res["dataset"]["n_images"] == 3
+    assert {r["fold"] for r in res["runs"]} == {0, 1} and all(c["fold"] is None for c in res["configurations"])
+    assert res["protocol"] == {**res["protocol"], "kind": "cv", "folds": 2, "repeats": 1, "group": "patient_group",
+                               "stratify": ["label", "source_name"]}
+    assert all(c["test"]["n"] == 24 and c["scope"] == "out_of_fold" for c in res["configurations"])
+    assert all(r["test"]["n"] == 12 and r["config_id"] == r["run_id"].rsplit("__fold", 1)[0] for r in res["runs"])
+    r0 = res["configurations"][0]
     assert {"task", "backbone", "scenario", "decomposition", "seed", "train_seconds", "test"} <= set(r0)
     assert {"accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "ece", "brier", "per_class"} <= set(
         r0["test"]
@@ -321,7 +333,7 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     assert isinstance(r0["test"]["ece"], float)
     head = res["headline"]
     # chosen on validation accuracy among transfer scenarios: never scratch
-    transfer = [r for r in res["runs"] if r["scenario"] != "scratch"]
+    transfer = [r for r in res["configurations"] if r["scenario"] != "scratch"]
     assert head["run_id"] == max(transfer, key=lambda r: r["val_accuracy"])["run_id"]
     assert head["paper_accuracy"] == config.PAPER_ACCURACY and head["scratch_accuracy"] is not None
     assert head["paper_position"] in {"above", "below", "inside"} and "94.17%" in head["text"]
@@ -331,13 +343,14 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
     assert mc["unit"] == "patient_group" and mc["n_clusters"] == 12 and "p_holm" in mc
     assert cmp["multiplicity"]["n_tests"] == 16
     assert cmp["design"]["seeds_per_configuration"] == {"min": 1, "max": 1}
-    assert res["runs"][0]["variant"] == "baseline" and res["scorecard"] == [] and res["goals"] == []
+    assert res["configurations"][0]["variant"] == "baseline" and res["scorecard"] == [] and res["goals"] == []
     assert res["shortcut_checks"]["source_identification_accuracy"] == 0.97
     assert res["shortcut_checks"]["saliency_in_lung_share"] == pytest.approx(0.5)
     assert res["shortcut_checks"]["lung_region"] == "fixed rectangle"
     text = " ".join(res["verdict"])
     assert "mostly restates the label" in text and "signal is everywhere" in text
-    assert "Each configuration ran once (one seed)" in text and "Trust the numbers" not in text
+    assert "cross-validated in 2 patient-grouped folds once" in text and "Trust the numbers" not in text
+    assert res["findings"] and "94.17%" in res["findings"][0]
     card = pages.write_model_card(res, pdir / "model_card.md").read_text()
     assert head["run_id"] in card and "Not for clinical use" in card
     checklist = pages.write_claim_checklist(res, pdir / "claim_checklist.md").read_text()
@@ -350,6 +363,7 @@ def test_build_results_schema_headline_and_comparisons(tmp_path):
 
 def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
     """An evaluation-only source (split "holdout") never enters test metrics, comparisons or figures' tables."""
+    from cxrstudy.evaluation import cv
     from cxrstudy.evaluation.comparisons import compare_runs
     from cxrstudy.evaluation.frames import per_source_table
     from cxrstudy.reporting import results as R
@@ -362,9 +376,10 @@ def test_holdout_rows_stay_out_of_test_metrics(tmp_path):
             patient_group=lambda d: "h" + d["patient_group"], prob_covid=0.0, prob_normal=1.0, pred="normal",
         )
         pd.concat([df, extra]).to_csv(path, index=False)
-    runs = R.load_runs(pdir)
+    runs = cv.oof_runs(R.load_runs(pdir))
     entries = R.evaluate_runs(runs, n_bootstrap=20)
     assert all(e["test"]["n"] == 24 for e in entries)
+    assert all(r["predictions"].loc[r["predictions"]["split"] == "holdout", "image"].is_unique for r in runs)
     cmp = compare_runs(runs, n_bootstrap=20)
     assert all(c["n"] == 24 for c in cmp["scenarios_mcnemar"] + cmp["decomposition_effect"])
     assert "actualmed" not in " ".join(per_source_table(runs).columns)

@@ -148,14 +148,16 @@ def test_the_study_profiles_name_their_variants_and_seeds():
         assert "variants" not in yaml.safe_load((pipeline.config.PARAMS_DIR / f"{name}.yaml").read_text())
     default = pipeline.load_profile("default")
     variants = {s.params.get("variant", "baseline") for s in default.steps if s.notebook == "04_transfer"}
-    assert variants == {"baseline", "lung", "lung_adversary", "lung_adversary_weak"}
-    assert all(s.params.get("n_seeds") == 3 for s in default.steps if s.notebook == "04_transfer")
-    adv = next(s.params for s in default.steps if s.params.get("variant") == "lung_adversary")
+    assert variants == {"baseline", "lung"}  # the measured negatives (the adversaries) run in full
+    assert default.common["folds"] == 5 and default.common["repeats"] == 1
+    assert not any("n_seeds" in s.params for s in default.steps)
+    full = pipeline.load_profile("full")
+    adv = next(s.params for s in full.steps if s.params.get("variant") == "lung_adversary")
     assert adv["input_view"] == "lung_mask" and adv["equalize"] is True and adv["adversary_weight"] > 0
-    weak = [s.params for s in default.steps if s.params.get("variant") == "lung_adversary_weak"]
-    assert [(w["task"], w["adversary_weight"], w["input_view"]) for w in weak] == [
+    weak = [s.params for s in full.steps if s.params.get("variant") == "lung_adversary_weak"]
+    assert {(w["task"], w["adversary_weight"], w["input_view"]) for w in weak} == {
         ("covid_normal_pneumonia", 0.3, "lung_mask")
-    ]
+    }
     full = pipeline.load_profile("full")
     bal = [s.params for s in full.steps if s.params.get("variant") == "lung_balanced"]
     assert [(b["task"], b["scenario"], b["sampling"]) for b in bal] == [
@@ -164,13 +166,13 @@ def test_the_study_profiles_name_their_variants_and_seeds():
     for name in ("smoke", "default", "full"):
         pipeline.resolve_parameters(pipeline.load_profile(name))  # every parameter declared
 
-    ids = pipeline.expected_run_ids(default)  # what notebook 05 evaluates: 11 configurations x 3 seeds
-    assert len(ids) == len(set(ids)) == 33
-    assert "covid_vs_normal__efficientnet_lite0__shallow__decomp__seed2" in ids
-    assert "covid_normal_pneumonia__efficientnet_lite0__deep__nodecomp__seed1__lung_adversary_weak" in ids
-    assert not any(i.endswith("lung_balanced") for i in ids)
+    ids = pipeline.expected_run_ids(default)  # what notebook 05 evaluates: 8 configurations x 5 folds
+    assert len(ids) == len(set(ids)) == 40
+    assert "covid_vs_normal__efficientnet_lite0__shallow__decomp__seed0__fold4" in ids
+    assert "covid_normal_pneumonia__efficientnet_lite0__deep__nodecomp__seed0__fold2__lung" in ids
+    assert not any(i.endswith(("lung_balanced", "lung_adversary")) for i in ids)
     smoke = pipeline.expected_run_ids(pipeline.load_profile("smoke"))  # notebook defaults fill the gaps
-    assert "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0" in smoke
+    assert "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0__fold1" in smoke
 
 
 def test_common_parameters_reach_only_declaring_notebooks(project):
@@ -410,7 +412,7 @@ def test_the_evaluation_gets_the_run_ids_of_the_transfer_steps(project):
     steps = pipeline.step_parameters(smoke)
     with_ids = [(s.notebook, p["run_ids"]) for s, p in steps if "run_ids" in p]
     assert with_ids == [("05_evaluation", pipeline.expected_run_ids(smoke))]
-    assert len(with_ids[0][1]) == 10  # 4 scenarios x 2 decomposition settings, and 2 three-class runs
+    assert len(with_ids[0][1]) == 16  # (shallow, deep x 2 decomposition settings, finetune, scratch, 2 three-class) x 2 folds
     evaluation = pipeline.config.NOTEBOOKS_DIR / "05_evaluation.ipynb"
     assert "pipeline.py" not in {p.name for p in pipeline.package_dependencies(evaluation)}
     write_profile(project, "p", "steps:\n  - {notebook: 05_evaluation, params: {run_ids: [x]}}\n")

@@ -101,12 +101,21 @@ def test_source_identification_beats_majority(manifest, features):
 
 def test_masking_experiment_uses_each_variant(manifest, features):
     assert not np.allclose(features["unmasked"].to_numpy(), features["masked_lungs"].to_numpy())
+    manifest = manifest.assign(split=np.where(manifest["source_name"] == "actualmed", "holdout", manifest["split"]))
     res = SC.masking_experiment(features, manifest, ["covid", "normal"], seed=0, n_bootstrap=50)
     assert set(res) == {"unmasked", "masked_lungs", "lungs_only"}
-    n_test = int((manifest["split"] == "test").sum())
+    n = int((manifest["split"] != "holdout").sum())  # out of fold over every film outside the held-out hospital
     for v in res.values():
-        assert v["n_test"] == n_test and 0 <= v["accuracy"]["value"] <= 1
-        assert v["accuracy"]["ci_low"] <= v["accuracy"]["value"] <= v["accuracy"]["ci_high"]
+        assert v["n"] == n and v["n_splits"] == 5 and 0 <= v["accuracy"]["value"] <= 1
+        acc = v["accuracy"]
+        assert acc["ci_low"] <= acc["value"] <= acc["ci_high"] if acc["ci_low"] is not None else "not estimable" in acc["note"]
+    held = manifest.loc[manifest["split"] == "holdout", "image"]
+    assert len(held) and n < len(manifest)
+    if len(held):  # the held-out hospital's features never enter: scrambling them changes nothing
+        scrambled = {k: f.assign(**{c: f[c].where(~f.index.isin(held), 99.0) for c in f.columns})
+                     for k, f in features.items()}
+        again = SC.masking_experiment(scrambled, manifest, ["covid", "normal"], seed=0, n_bootstrap=50)
+        assert again == res
 
 
 def test_leave_one_source_out_and_skips(manifest, features):
@@ -159,8 +168,9 @@ def test_same_hospital_probe_and_run_predictions(manifest, features):
     }
     trained = preds.assign(split=["train", "val", "holdout", "holdout"])  # films a run saw never count
     assert SC.same_hospital(features["unmasked"], manifest, {"r": trained}, seed=0, n_bootstrap=50)["runs_test"]["r"]["n"] == 1
-    probe = res["probe"]
-    assert probe["n_splits"] == 5 and 0 <= probe["accuracy"]["value"] <= 1
+    probe = res["probe"]  # trained on every other source's films, tested on Actualmed's
+    assert probe["n_train"] == int((manifest["source_name"] != "actualmed").sum())
+    assert 0 <= probe["accuracy"]["value"] <= 1 and probe["trained_on"].startswith("every task film")
 
 
 def test_loso_names_the_training_composition(manifest, features):

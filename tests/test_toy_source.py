@@ -95,9 +95,9 @@ def test_a_registered_source_builds_into_a_manifest(toy_mirror, toy_source, tmp_
     assert m.groupby(m["upstream_path"].str[7])["sex"].agg(set).to_dict() == {"p": {"M", "F", ""}, "n": {""}}
     assert (m["patient_id"] == "toy:" + m["upstream_path"].str.extract(r"images/(\w\d\d)", expand=False)).all()
     assert all((out / p).is_file() for p in m["image"])
-    # the split: patient-disjoint, every split used, the two films of p01 together
-    assert set(m["split"]) == {"train", "val", "test"}
-    assert m.groupby("patient_group")["split"].nunique().max() == 1
+    # the folds: patient-disjoint, the two films of p01 together
+    assert set(m["split"]) == {"cv"}
+    assert m.groupby("patient_group")["fold"].nunique().max() == 1
     p01 = m[m["patient_id"] == "toy:p01"]
     assert len(p01) == 2 and p01["patient_group"].nunique() == 1
     # de-duplication: of the byte copy and p03's film the later upstream path is dropped; the only other

@@ -203,7 +203,7 @@ def test_finetune_unfreezes_group_by_group_and_frozen_groups_stay_frozen(tiny, t
 def test_outputs_follow_the_contract_and_reload(deep_run, tiny):
     manifest, root = tiny
     d = deep_run.run_dir
-    assert d.name == "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0"
+    assert d.name == "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed0__fold0"
     assert {p.name for p in d.iterdir()} == {
         "run.json",
         "model.pth",
@@ -278,7 +278,7 @@ def test_decomposition_on_predicts_subclasses_that_compose_to_classes(
         profile_dir=decomp_profile,
         feature_cache_dir=cache_dir,
     )
-    assert r.run_dir.name.endswith("__shallow__decomp__seed0")
+    assert r.run_dir.name.endswith("__shallow__decomp__seed0__fold0")
     assert r.info["subclasses"] == ["covid_1", "covid_2", "normal_1", "normal_2"]
     p = pd.read_csv(r.run_dir / "predictions.csv")
     sub_cols = [f"prob_sub_{s}" for s in r.info["subclasses"]]
@@ -298,7 +298,7 @@ def test_same_seed_same_predictions_and_scratch_starts_random(tiny, tmp_path):
     assert (a.run_dir / "predictions.csv").read_bytes() == (b.run_dir / "predictions.csv").read_bytes()
     assert a.history[["train_loss", "valid_loss"]].equals(b.history[["train_loss", "valid_loss"]])
     c = _run(tiny, tmp_path / "c", "scratch", epochs=1, seed=1)  # the seed reaches weights and shuffling
-    assert c.run_id.endswith("__seed1") and not np.array_equal(
+    assert c.run_id.endswith("__seed1__fold0") and not np.array_equal(
         a.predictions[cols].to_numpy(), c.predictions[cols].to_numpy()
     )
     state = torch.load(a.run_dir / "model.pth", weights_only=True)
@@ -454,7 +454,7 @@ def test_source_adversary_trains_from_training_sources_only_and_logs(tiny, tmp_p
     b = training.train_run(
         _two_sources(manifest, True), training.TrainConfig(**kw), root, out_root=tmp_path / "b"
     )
-    assert a.run_id.endswith("__seed0__adv") and a.info["variant"] == "adv"
+    assert a.run_id.endswith("__seed0__fold0__adv") and a.info["variant"] == "adv"
     assert a.info["adversary"] == {"weight": 1.0, "schedule": "constant", "lr": 1e-3, "hidden": 256}
     assert a.info["params"]["adversary_sources"] == {
         "covid": ["site_a", "site_b"],
@@ -541,3 +541,23 @@ def test_source_balanced_run_records_its_weights_and_changes_only_the_order(tiny
     wp = torch.load(plain.run_dir / "model.pth", weights_only=True)
     wb = torch.load(bal.run_dir / "model.pth", weights_only=True)
     assert any(not torch.equal(wp[k], wb[k]) for k in wp)
+
+
+def test_a_cross_validated_run_tests_its_own_fold_and_predicts_the_held_out_hospital(tiny, tmp_path):
+    """With the manifest's ``split`` = cv / holdout, fold i of 2 trains on the other fold less an inner validation
+    part, predicts its own fold once, and the held-out rows; the weights are seeded by seed + fold."""
+    manifest, root = tiny
+    two = manifest[manifest["label"] != "pneumonia"].assign(split="cv")
+    two.loc[two.index[-2:], ["split", "source_name"]] = ["holdout", "actualmed"]
+    runs = [
+        training.train_run(two, training.TrainConfig(scenario="deep", epochs=1, fold=f, folds=2, **COMMON), root,
+                           out_root=tmp_path)
+        for f in (0, 1)
+    ]
+    tested = [set(r.predictions.loc[r.predictions["split"] == "test", "image"]) for r in runs]
+    assert not tested[0] & tested[1] and len(tested[0] | tested[1]) == len(two) - 2
+    for r, f in zip(runs, (0, 1), strict=True):
+        assert r.info["fold"] == f and r.info["train_seed"] == f and r.run_id.endswith(f"__seed0__fold{f}")
+        assert r.info["config_id"] == r.run_id.removesuffix(f"__fold{f}")
+        assert (r.predictions["split"] == "holdout").sum() == 2
+        assert r.info["n_train"] + r.info["n_val"] + r.info["n_test"] == len(two) - 2

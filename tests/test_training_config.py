@@ -115,10 +115,10 @@ def test_a_variant_must_be_named_and_shallow_has_no_adversary():
         and TrainConfig(variant="lung", input_view="lung_crop").adversary is None
     )
     assert TrainConfig(scenario="deep", seed=2, variant="lung", input_view="lung_crop").run_id == (
-        "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed2__lung"
+        "covid_vs_normal__efficientnet_lite0__deep__nodecomp__seed2__fold0__lung"
     )
     assert TrainConfig(scenario="deep", decomposition=True).run_id == (
-        "covid_vs_normal__efficientnet_lite0__deep__decomp__seed0"
+        "covid_vs_normal__efficientnet_lite0__deep__decomp__seed0__fold0"
     )
 
 
@@ -137,7 +137,7 @@ def test_train_run_takes_the_manifest_a_config_and_paths_only():
 def test_the_transfer_notebook_parameters_are_config_fields_or_its_own():
     declared = set(pipeline.declared_parameters(config.NOTEBOOKS_DIR / "04_transfer.ipynb"))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert declared - fields == {"profile", "max_per_class", "n_seeds"}
+    assert declared - fields == {"profile", "max_per_class", "repeats"}
 
 
 def test_finetune_epochs_are_the_total_over_its_stages():

@@ -70,13 +70,15 @@ def test_smoke_profile_end_to_end():
 
 
 def test_smoke_profile_runs_and_evaluates_under_another_run_id_format(tmp_path):
-    """A run id is spelled in one place (``runspec.RUN_ID_FORMAT``): with another spelling, set in every process
+    """A run id is spelled in one place (``runspec.CONFIG_ID_FORMAT``, ``FOLD_SUFFIX``, ``VARIANT_SUFFIX``): with
+    another spelling, set in every process
     (kernels included) by a ``sitecustomize`` on PYTHONPATH, the whole smoke profile still runs and evaluates."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import cxrstudy.runspec as spec\n"
-        "spec.RUN_ID_FORMAT = '{task}-{scenario}-{decomposition}-s{seed}-{backbone}'\n"
+        "spec.CONFIG_ID_FORMAT = '{task}-{scenario}-{decomposition}-s{seed}-{backbone}'\n"
+        "spec.FOLD_SUFFIX = '-f{fold}'\n"
         "spec.VARIANT_SUFFIX = '+{variant}'\n"
     )
     reports = tmp_path / "reports"
@@ -94,8 +96,12 @@ def test_smoke_profile_runs_and_evaluates_under_another_run_id_format(tmp_path):
     results = json.loads((out / "results.json").read_text())
     ids = {r["run_id"] for r in results["runs"]}
     assert ids == {p.name for p in (out / "runs").iterdir() if (p / "run.json").is_file()}
-    assert "covid_vs_normal-shallow-nodecomp-s0-efficientnet_lite0" in ids
-    assert "covid_normal_pneumonia-deep-nodecomp-s0-efficientnet_lite0+lung_adversary" in ids
+    assert "covid_vs_normal-shallow-nodecomp-s0-efficientnet_lite0-f1" in ids
+    assert "covid_normal_pneumonia-deep-nodecomp-s0-efficientnet_lite0-f0+lung_adversary" in ids
     assert not any("__" in i for i in ids)
-    assert {e["run_id"] for e in results["scorecard"]} <= ids and results["recommended_variant"]["name"]
+    configs = {c["run_id"] for c in results["configurations"]}
+    assert "covid_normal_pneumonia-deep-nodecomp-s0-efficientnet_lite0+lung_adversary" in configs
+    assert {e["run_id"] for e in results["scorecard"]} <= configs and results["recommended_variant"]["name"]
+    assert results["protocol"]["kind"] == "cv" and results["protocol"]["folds"] == 2
+    assert {r["fold"] for r in results["runs"]} == {0, 1}
     assert (out / "index.html").is_file()

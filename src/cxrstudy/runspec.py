@@ -16,10 +16,10 @@ from typing import Any
 
 from cxrstudy.config import BASELINE_VARIANT
 
-#: How a run id is spelled (the run's folder name): the configuration id, then the fold; the variant suffix follows
-#: for any variant but the baseline.
+#: How a run id is spelled (the run's folder name): the configuration's part, then the fold suffix; the variant
+#: suffix follows for any variant but the baseline. A configuration id is the run id without the fold suffix.
 CONFIG_ID_FORMAT = "{task}__{backbone}__{scenario}__{decomposition}__seed{seed}"
-RUN_ID_FORMAT = CONFIG_ID_FORMAT + "__fold{fold}"
+FOLD_SUFFIX = "__fold{fold}"
 VARIANT_SUFFIX = "__{variant}"
 #: Fields that identify a run, in the order of run.json and results.json.
 IDENTITY: tuple[str, ...] = ("task", "backbone", "scenario", "decomposition", "seed", "variant", "fold")
@@ -47,16 +47,17 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        """The run's folder name, :data:`RUN_ID_FORMAT` (decomposition spelled ``decomp`` or ``nodecomp``) plus
-        :data:`VARIANT_SUFFIX` for any variant but the baseline; with ``fold=None`` the :attr:`config_id`."""
+        """The run's folder name: :data:`CONFIG_ID_FORMAT` (decomposition spelled ``decomp`` or ``nodecomp``), then
+        :data:`FOLD_SUFFIX` (none with ``fold=None``: the :attr:`config_id`) and :data:`VARIANT_SUFFIX` for any variant
+        but the baseline."""
         fields = {**self.to_record(), "decomposition": self.decomposition_name}
-        base = (CONFIG_ID_FORMAT if self.fold is None else RUN_ID_FORMAT).format(**fields)
+        base = CONFIG_ID_FORMAT.format(**fields) + ("" if self.fold is None else FOLD_SUFFIX.format(**fields))
         return base if self.variant == BASELINE_VARIANT else base + VARIANT_SUFFIX.format(**fields)
 
     @property
     def config_id(self) -> str:
-        """The run id without its fold (:data:`CONFIG_ID_FORMAT` plus the variant suffix): names the configuration's
-        cross-validation (one per seed when it is repeated)."""
+        """The run id without its fold suffix: names the configuration's cross-validation (one per seed when it is
+        repeated)."""
         return RunSpec(**{**self.__dict__, "fold": None}).run_id
 
     @property

@@ -205,7 +205,7 @@ def plot_scorecard(panels: dict[str, pd.DataFrame], xlabel: str = "value (95% CI
         if len(known) and np.allclose(known, known[0]):
             ax.axvline(known[0], color="C3", ls="--", lw=1.2)  # the goal itself is in the panel title
         elif len(known):
-            ax.plot(targets, y, "|", color="C3", ms=12, mew=2)  # a goal per row (S3: each run's majority + 5)
+            ax.plot(targets, y, "|", color="C3", ms=12, mew=2)  # a goal per row (S3: each configuration's chance + 5)
         for col, style in REFERENCE_MARKS.items():
             if col in t.columns:
                 ref = t[col].to_numpy(dtype=float)
@@ -440,7 +440,7 @@ def scorecard_panels(summary: Sequence[dict]) -> dict[str, pd.DataFrame]:
                 }
             )
         title = f"{goal.goal} {goal.metric} ({goal.op} " + (
-            f"majority + {100 * goal.margin:.0f} points)" if goal.relative_to else f"{goal.target:.4g})"
+            f"chance + {100 * goal.margin:.0f} points)" if goal.relative_to else f"{goal.target:.4g})"
         )
         columns = ["label", "value", "ci_low", "ci_high", "target", "op", *REFERENCE_MARKS]
         panels[title] = pd.DataFrame(rows, columns=columns)

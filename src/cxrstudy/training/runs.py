@@ -117,17 +117,27 @@ def _labelled_rows(
     manifest: pd.DataFrame, cfg: TrainConfig, profile_dir: Path | str | None
 ) -> tuple[pd.DataFrame, LabelSpace, np.ndarray]:
     """The task's rows, the label space (decomposition on or off) and the ``[subclass, parent]`` targets."""
-    from cxrstudy.data.splits import cv_roles
-    from cxrstudy.decomposition import part_name
-
     classes = config.task_classes(cfg.task)
-    rows = task_rows(cv_roles(manifest, cfg.folds, cfg.fold, cfg.seed, cfg.inner_val), cfg.task)
+    rows, part = fold_rows(manifest, cfg)
+    rows = task_rows(rows, cfg.task)
     space, subclass_of = (
-        decomposition_labels(Path(profile_dir), classes, part_name(cfg.seed, cfg.fold))  # type: ignore[arg-type]
+        decomposition_labels(Path(profile_dir), classes, part)  # type: ignore[arg-type]
         if cfg.decomposition
         else (identity_labels(classes), None)
     )
     return rows, space, make_targets(rows, space, subclass_of)
+
+
+def fold_rows(manifest: pd.DataFrame, cfg: TrainConfig) -> tuple[pd.DataFrame, str]:
+    """The manifest as the run's fold sees it (``data.splits.cv_roles``) and the folder of that fold's
+    decomposition; a manifest whose ``split`` already names roles (train, val, test, holdout) is trained as given,
+    with the decomposition at the top of ``decomposition/``."""
+    from cxrstudy.data.splits import HOLDOUT, SPLITS, cv_roles
+    from cxrstudy.decomposition import part_name
+
+    if "split" in manifest.columns and set(manifest["split"]) <= {*SPLITS, HOLDOUT}:
+        return manifest, ""
+    return cv_roles(manifest, cfg.folds, cfg.fold, cfg.seed, cfg.inner_val), part_name(cfg.seed, cfg.fold)
 
 
 def _task_images(
