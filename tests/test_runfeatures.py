@@ -152,21 +152,21 @@ def test_scorecard_entries_for_a_run(study, monkeypatch):
     monkeypatch.setattr(RF, "run_features", lambda d, rows, *a: asked.append(rows) or real(d, rows, *a))
     # the probe reads only COVID-19 films the run never saw: 4 test films per source, below the 10 needed
     entries = RF.scorecard_entries([{"dir": run_dir, "info": info, "predictions": _preds(m)}], m, root, "cpu",
-                                   n_bootstrap=50)
+                                   n_bootstrap=50, n_permutations=3)
     got = {e["metric"]: e for e in entries}
-    sid = got["source_id_within_covid_accuracy"]
+    sid = got["source_id_within_covid_balanced_accuracy"]
     assert sid["method"] == "probe" and sid["n"] == 0 and sid["value"] is None and "fewer than two" in sid["note"]
     seen = asked[0]["split"].isin(["train", "val"]) & asked[0]["label"].isin(info["classes"])
     assert len(asked[0]) and not seen.any()  # features only of films the run never trained or validated on
     # the same films held out: the probe names their source
     unseen = m.assign(split=np.where(m["label"] == "covid", "test", m["split"]))
     entries = RF.scorecard_entries([{"dir": run_dir, "info": info, "predictions": _preds(unseen)}], unseen, root,
-                                   "cpu", n_bootstrap=50)
+                                   "cpu", n_bootstrap=50, n_permutations=3)
     got = {e["metric"]: e for e in entries}
     assert {e["run_id"] for e in entries} == {run_dir.name} and {e["variant"] for e in entries} == {"baseline"}
-    sid = got["source_id_within_covid_accuracy"]
+    sid = got["source_id_within_covid_balanced_accuracy"]
     assert sid["method"] == "probe" and sid["n"] == 20 and sid["value"] is not None
-    assert got["source_id_within_covid_majority"]["value"] == pytest.approx(0.5)
+    assert sid["majority"] == pytest.approx(0.5) and sid["chance"] == 0.5 and sid["n_permutations"] == 3
     assert got["paper_task_accuracy"]["value"] == 1.0
     assert got["nih_pneumonia_vs_normal_auc"]["value"] is None  # a binary run has no pneumonia class
 

@@ -44,34 +44,27 @@ def test_headline_first_then_interval_warning_then_closing():
     assert "above zero in 0 of 2 scenarios and below zero in 1: no evidence" in out[-2]
 
 
-def test_closing_states_what_one_seed_and_unequal_budgets_support():
-    design = {
-        "seeds_per_configuration": {"min": 1, "max": 1},
-        "epochs_run_by_scenario": {"shallow": [14], "deep": [3], "finetune": [3], "scratch": [3]},
-    }
+def test_closing_states_the_cross_validation_and_unequal_budgets():
+    design = {"epochs_run_by_scenario": {"shallow": [14], "deep": [3], "finetune": [3], "scratch": [3]}}
     runs = [
         {"scenario": "shallow", "epochs": 30},
         {"scenario": "deep", "epochs": 3},
         {"scenario": "finetune", "epochs": 9},
         {"scenario": "scratch", "epochs": 3},
     ]
-    (text,) = V.closing({"comparisons": {"design": design}, "runs": runs})
+    protocol = {"kind": "cv", "folds": 5, "repeats": 1}
+    (text,) = V.closing({"comparisons": {"design": design}, "runs": runs, "protocol": protocol})
     assert "Trust the numbers" not in text
-    assert "Each configuration ran once (one seed), so seed-to-seed variation is not measured" in text
+    assert "cross-validated in 5 patient-grouped folds once" in text and "per-fold spread" in text
     assert "the image scenarios trained for unequal numbers of epochs (deep 3, finetune 9, scratch 3)" in text
     assert "shallow trains only a linear head on cached features (14 epochs run)" in text
-    assert "do not rank the scenarios" in text and text.endswith(V.NOT_DIAGNOSTIC)
-    design = {
-        "seeds_per_configuration": {"min": 3, "max": 3},
-        "epochs_run_by_scenario": {"deep": [3], "scratch": [3]},
-    }
+    assert "paired interval excludes zero" in text and text.endswith(V.NOT_DIAGNOSTIC)
     runs = [{"scenario": "deep", "epochs": 3}, {"scenario": "scratch", "epochs": 3}]
-    (text,) = V.closing({"comparisons": {"design": design}, "runs": runs})
-    assert (
-        "3 seeds each" in text
-        and "deep, scratch had equal budgets (3 epochs, the same optimizer steps)" in text
-    )
+    (text,) = V.closing({"comparisons": {"design": {"epochs_run_by_scenario": {"deep": [3]}}}, "runs": runs,
+                         "protocol": {**protocol, "repeats": 2}})
+    assert "repeated 2 times" in text and "deep, scratch had equal budgets (3 epochs, the same optimizer steps)" in text
     assert "unequal" not in text
+    assert V.closing({}) == [V.NOT_DIAGNOSTIC] and "Actualmed" in V.NOT_DIAGNOSTIC
 
 
 def test_source_identification_across_labels_is_read_against_the_label_only_rule():
@@ -86,47 +79,30 @@ def test_source_identification_across_labels_is_read_against_the_label_only_rule
     assert V.source_identification({}) == []
 
 
-def test_source_identification_within_label_reads_against_the_majority():
+def test_source_identification_within_label_reads_against_chance():
     within = [
-        # at its majority: no source signal, whatever the across-label figure says
-        {
-            "label": "normal",
-            "n": 457,
-            "sources": ["actualmed", "nih"],
-            "accuracy": 0.97,
-            "ci_low": 0.95,
-            "ci_high": 0.99,
-            "majority": 0.969,
-        },
-        {
-            "label": "covid",
-            "n": 963,
-            "sources": ["cxnet", "ieee8023"],
-            "accuracy": 0.62,
-            "ci_low": 0.58,
-            "ci_high": 0.65,
-            "majority": 0.43,
-        },
-        {"label": "pneumonia", "n": 3, "sources": [], "accuracy": None, "majority": None, "note": "too few"},
+        {"label": "normal", "n": 457, "sources": ["actualmed", "nih"], "value": 0.52, "ci_low": 0.48,
+         "ci_high": 0.54, "chance": 0.5, "p_value": 0.4, "reading": "no source signal"},
+        {"label": "covid", "n": 963, "sources": ["cxnet", "ieee8023"], "value": 0.62, "ci_low": 0.58,
+         "ci_high": 0.65, "chance": 0.5, "p_value": 0.05, "reading": "source signal present"},
+        {"label": "pneumonia", "n": 3, "sources": [], "value": None, "note": "too few"},
     ]
-    checks = {
-        "source_identification": {"accuracy": 0.71, "majority_baseline": 0.46},
-        "source_id_within_label": within,
-    }
+    checks = {"source_identification": {"accuracy": 0.71, "majority_baseline": 0.46}, "source_id_within_label": within}
     text = V.source_identification(checks)[1]
     assert (
-        "normal films (actualmed, nih; n=457) 97.0% [95.0, 99.0] against 96.9% for always naming the largest "
-        "source: no source signal" in text
+        "normal films (actualmed, nih; n=457) balanced accuracy 52.0% [48.0, 54.0] against a chance of 50%, "
+        "permutation p = 0.40: no source signal" in text
     )
-    assert "covid films (cxnet, ieee8023; n=963) 62.0% [58.0, 65.0] against 43.0%" in text
-    assert "source signal present" in text and "pneumonia" not in text
-    assert "easy to see" not in text
+    assert "covid films (cxnet, ieee8023; n=963) balanced accuracy 62.0% [58.0, 65.0]" in text
+    assert "source signal present" in text and "pneumonia films" not in text
     assert text.endswith(
         "Among covid films the repositories look different beyond the label: a model can tell "
         "sources apart there, which becomes a shortcut wherever label and source go together."
     )
     only_normal = V.source_identification({"source_id_within_label": within[:1]})[0]
     assert only_normal.endswith("no source signal.")
+    # without a stored reading the entry is read from its interval against chance + 5 points
+    assert V._within_reading({**within[1], "reading": None}) == "source signal present"
 
 
 def test_masking_claims_only_what_the_three_views_support():
@@ -138,7 +114,7 @@ def test_masking_claims_only_what_the_three_views_support():
     }
     (sentence,) = V.masking(checks)
     assert (
-        "93.6% [90.4, 96.5] test accuracy on the whole film, 91.6% [88.0, 95.1] with the lungs hidden"
+        "93.6% [90.4, 96.5] out-of-fold accuracy on the whole film, 91.6% [88.0, 95.1] with the lungs hidden"
         in sentence
     )
     assert "central rectangle" in sentence and "signal is everywhere" in sentence
@@ -201,8 +177,9 @@ def test_same_hospital_and_saliency():
         {"same_hospital": {"source": "actualmed", "n": 40, "probe": {"accuracy": m(0.875, 0.76, 0.97)}}}
     )
     assert sh == [
-        "Within the one hospital with both COVID-19 and normal films (actualmed, n=40), a cross-validated linear "
-        "head reaches 87.5% [76.0, 97.0]: too few images for a firm conclusion."
+        "On the one hospital with both COVID-19 and normal films (actualmed, n=40, held out of every training), a "
+        "linear head on frozen features trained on every other source reaches 87.5% [76.0, 97.0] accuracy and n/a "
+        "balanced accuracy: too few images for a firm conclusion."
     ]
     sal = {
         "n_used": 16,
@@ -213,7 +190,7 @@ def test_same_hospital_and_saliency():
         "excess_over_uniform": m(0.24, 0.2, 0.28),
     }
     coarse = V.saliency({"saliency_in_lung_share": 0.73, "saliency": sal})[0]
-    assert "on 16 test images" in coarse and "stratified by true class and outcome" in coarse
+    assert "on 16 films of its own held-out fold" in coarse and "stratified by true class and outcome" in coarse
     assert (
         "73.0% [69.0, 77.0] of the saliency inside the central rectangle, against 49.0% for a uniform"
         in coarse
@@ -296,15 +273,15 @@ def test_scorecard_sentence_names_each_goal_of_the_headline_run():
     }
     (text,) = V.scorecard(res)
     assert text.startswith(
-        "Confound-free scorecard of the headline covid_vs_normal run (deep, decomposition off"
+        "Confound-free scorecard of the headline covid_vs_normal configuration (deep, decomposition off"
     )
     assert (
-        "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 78.0] (linear probe on the run's "
+        "S1 ieee8023 COVID-19 vs other pneumonia ROC-AUC 70.0% [60.0, 78.0] (linear probe on the out-of-fold "
         "features) (best confounder-only rule confounders only 64.0%; view-matched 66.0% [50.0, 80.0]), "
         "goal >= 80%: missed" in text
     )
     assert "S4 NIH pneumonia vs normal ROC-AUC not computed (no pneumonia class)" in text
-    assert text.endswith("Goals met: 0 of the 1 that could be judged.")
+    assert "Goals met: 0 of the 1 that could be judged (met: the whole interval" in text
     assert V.scorecard({"headline": {"run_id": "r"}}) == []
 
 
@@ -416,21 +393,21 @@ def test_decomposition_and_comparisons_name_seeds_and_variants_and_pool_over_see
     )
 
 
-def test_variants_are_read_against_the_baseline_with_the_seed_spread():
-    def cfg(variant, s1, s3, sd=0.01):
-        goals = [{"goal": "S1", "mean": s1, "sd": sd}, {"goal": "S3", "mean": s3, "sd": sd}]
-        return {"task": "t", "scenario": "deep", "decomposition": False, "variant": variant, "goals": goals}
+def test_variants_are_read_from_their_paired_intervals():
+    def diff(variant, goal, value, lo, hi, reading):
+        return {"task": "t", "scenario": "deep", "variant": variant, "goal": goal,
+                "combined": {"value": value, "ci_low": lo, "ci_high": hi}, "reading": reading}
 
-    results = {
-        "recommended_variant": {"task": "t", "scenario": "deep", "name": "baseline"},
-        "scorecard_summary": [cfg("baseline", 0.65, 0.51), cfg("lung", 0.77, 0.50)],
-    }
+    results = {"comparisons": {"variants": [
+        diff("lung", "S1", 0.12, 0.03, 0.2, "better"), diff("lung", "S2", -0.01, -0.1, 0.08, "undetermined"),
+        diff("adv", "S1", -0.15, -0.25, -0.05, "worse"),
+    ]}}
     (text,) = V.variants_against_baseline(results)
-    assert "lung: S1 +12.0, S3 -1.0" in text
-    results["scorecard_summary"][1] = cfg("lung", 0.77, 0.50, sd=0.2)
-    (text,) = V.variants_against_baseline(results)
-    assert "S1 +12.0 (within the seed sd)" in text
-    assert V.variants_against_baseline({"scorecard_summary": []}) == []
+    assert "lung: S1 +12.0 [+3.0, +20.0] better, S2 -1.0 [-10.0, +8.0] undetermined" in text
+    assert "adv: S1 -15.0 [-25.0, -5.0] worse" in text and "widened by the fold spread" in text
+    assert V.variants_against_baseline({}) == []
+    finding = V._finding_variants(results)[0]
+    assert "lung (t): better on S1, undetermined on S2" in finding and "adv (t): worse on S1" in finding
 
 
 def test_the_view_probe_sentence_reads_the_interval_against_chance():
