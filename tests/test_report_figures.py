@@ -48,7 +48,7 @@ def test_figures_are_written_where_index_html_shows_them(tmp_path):
     for path in (head, checks):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 150
-    (tmp_path / "results.json").write_text(json.dumps({"runs": ENTRIES, "shortcut_checks": CHECKS}))
+    (tmp_path / "results.json").write_text(json.dumps({"configurations": ENTRIES, "shortcut_checks": CHECKS}))
     page = pages.write_index(tmp_path, {"profile": "t", "status": "ok", "steps": []}).read_text()
     assert f"<img src='{F.FIGURE_DIR}/{F.HEADLINE_FIGURE}'" in page
     assert f"<img src='{F.FIGURE_DIR}/{F.SHORTCUT_FIGURE}'" in page
@@ -77,27 +77,26 @@ def test_scorecard_panels_and_figure(tmp_path):
     runs.append({**runs[0], "run_id": b, "scenario": "shallow", "variant": "lung_crop"})
     entries = [
         _entry(a.format(0), "ieee8023_covid_vs_pneumonia_auc", 0.82, method="probe"),
-        _entry(a.format(0), "source_id_within_covid_accuracy", 0.62, method="probe"),
-        _entry(a.format(0), "source_id_within_covid_majority", 0.43, method="probe"),
+        {**_entry(a.format(0), "source_id_within_covid_balanced_accuracy", 0.62, method="probe"), "chance": 0.43},
         {**_entry(a.format(0), "paper_task_accuracy", 0.95),
          "confounders": {"view_only": {"value": 0.71}, "demographics_only": {"value": 0.6},
                          "confounders_only": {"value": 0.74}, "view_matched": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95}}},
         _entry(a.format(0), "nih_pneumonia_vs_normal_auc", None),
-        _entry(a.format(1), "source_id_within_covid_accuracy", 0.58, method="probe"),
-        _entry(a.format(1), "source_id_within_covid_majority", 0.45, method="probe"),
+        {**_entry(a.format(1), "source_id_within_covid_balanced_accuracy", 0.58, method="probe"), "chance": 0.45},
         _entry(a.format(1), "paper_task_accuracy", 0.91),
         _entry(b, "paper_task_accuracy", 0.93, variant="lung_crop"),
-        _entry(b, "source_id_within_covid_accuracy", 0.5, variant="lung_crop", method="probe"),
-        _entry(b, "source_id_within_covid_majority", 0.40, variant="lung_crop", method="probe"),
+        {**_entry(b, "source_id_within_covid_balanced_accuracy", 0.5, variant="lung_crop", method="probe"),
+         "chance": 0.40},
     ]
     summary = scorecard_summary(runs, entries, check_goals(entries))
     panels = F.scorecard_panels(summary)
     names = list(panels)
     assert len(names) == 5 and names[0].startswith("S1 ieee8023_covid_vs_pneumonia_auc (>= 0.8)")
-    assert names[2] == "S3 source_id_within_covid_accuracy (<= majority + 5 points)"
+    assert names[2] == "S3 source_id_within_covid_balanced_accuracy (<= chance + 5 points)"
+    assert names[4] == "paper_task_accuracy (the paper's 94.17%; not a confound-free goal)"
     s3 = panels[names[2]]  # one row per configuration: the seeds pooled
-    assert list(s3["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, 1 seed, probe)",
-                                 "deep nodecomp (covid_vs_normal, 2 seeds, probe)"]
+    assert list(s3["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, out of fold, probe)",
+                                 "deep nodecomp (covid_vs_normal, 2 cross-validations, probe)"]
     # each configuration's target is the mean of its seeds' majority + 5 points
     assert list(s3["target"]) == [pytest.approx(0.45), pytest.approx(0.49)]
     s5 = panels[names[4]]
@@ -108,8 +107,8 @@ def test_scorecard_panels_and_figure(tmp_path):
     assert s5["view_only"].iloc[1] == 0.71 and s5["confounders_only"].iloc[1] == 0.74
     assert s5["view_matched"].iloc[1] == pytest.approx(0.9) and s5["view_only"].isna().iloc[0]
     s1 = panels[names[0]]  # a seed without the metric does not count; a configuration without it reads n/a
-    assert list(s1["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, 1 seed)",
-                                 "deep nodecomp (covid_vs_normal, 2 seeds, probe)"]
+    assert list(s1["label"]) == ["shallow nodecomp [lung_crop] (covid_vs_normal, out of fold)",
+                                 "deep nodecomp (covid_vs_normal, 2 cross-validations, probe)"]
     assert s1["value"].iloc[1] == pytest.approx(0.82) and s1["value"].isna().iloc[0]
     assert panels[names[3]]["value"].isna().all()  # not computed: kept as a row, shown as n/a
     path = F.scorecard_figure(summary, tmp_path / F.FIGURE_DIR / F.SCORECARD_FIGURE)

@@ -11,7 +11,7 @@ from cxrstudy import config
 from cxrstudy.reporting import pages, record
 
 RESULTS = {
-    "runs": [
+    "configurations": [
         {
             "task": "covid_vs_normal",
             "backbone": "efficientnet_lite0",
@@ -19,6 +19,8 @@ RESULTS = {
             "decomposition": True,
             "seed": 0,
             "test": {
+                "n": 197,
+                "n_groups": 118,
                 "accuracy": {"value": 0.9, "ci_low": 0.85, "ci_high": 0.95},
                 "balanced_accuracy": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9},
                 "ece": 0.05,
@@ -30,9 +32,11 @@ RESULTS = {
             "scenario": "shallow",
             "decomposition": False,
             "seed": 0,
-            "test": {"accuracy": {"value": 0.95, "ci_low": 0.9, "ci_high": 0.99}},
+            "test": {"n": 197, "n_groups": 118, "accuracy": {"value": 0.95, "ci_low": 0.9, "ci_high": 0.99}},
         },
     ],
+    "protocol": {"kind": "cv", "folds": 5, "repeats": 1, "stratify": ["label", "source_name"]},
+    "findings": ["A finding <i>generated</i>."],
     "headline": {"text": "Best transfer scenario: shallow."},
     "verdict": ["Source identification is easy <b>here</b>."],
     "shortcut_checks": {"source_identification_accuracy": 0.97},
@@ -87,55 +91,62 @@ def test_update_readme_replaces_only_its_section(tmp_path, monkeypatch):
     out = tmp_path / "reports" / "default"
     out.mkdir(parents=True)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{pages.README_START}\nold\n{pages.README_END}\nrest\n")
+    readme.write_text(f"intro\n{pages.README_START}\nOLD-BLOCK\n{pages.README_END}\nrest\n")
     with pytest.raises(FileNotFoundError, match="make reproduce PROFILE=default"):
         pages.update_readme("default", readme)
     (out / "results.json").write_text(json.dumps(RESULTS))
     (out / "run.json").write_text(json.dumps(RECORD))
     pages.update_readme("default", readme)
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
-    assert "| covid_vs_normal | shallow | off | baseline | 0 | – | 95.0 [90.0, 99.0] |" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "OLD-BLOCK" not in text
+    assert "| covid_vs_normal | shallow | off | baseline | 197 / 118 | – | 95.0 [90.0, 99.0] |" in text
     assert "2026-11-26" in text and "abcdef1234" in text and "Verdict" in text
-    assert "0.1 min for all steps" in text
+    assert "0.1 min for all steps" in text and "5 patient-grouped folds, stratified by label × source_name" in text
+    assert "**What the numbers say** (generated from `results.json`):\n\n- A finding <i>generated</i>." in text
 
 
 def test_readme_table_is_markdown_from_data(tmp_path, monkeypatch):
     results = json.loads(json.dumps(RESULTS))
-    results["runs"][1]["task"] = "a|b"
-    results["runs"][0]["val_accuracy"] = 0.96
-    results["runs"][0]["test"]["hard_rule"] = {"accuracy": {"value": 0.88, "ci_low": 0.83, "ci_high": 0.93}}
+    results["configurations"][1]["task"] = "a|b"
+    results["configurations"][0]["val_accuracy"] = 0.96
+    results["configurations"][0]["test"]["hard_rule"] = {"accuracy": {"value": 0.88, "ci_low": 0.83, "ci_high": 0.93}}
     text = pages.readme_results(results, RECORD)
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| task | scenario | decomposition | variant | seeds | validation accuracy % | accuracy % "
-                               "(summed probabilities) | accuracy % (DeTraC hard rule) |")
+    assert table[0].startswith("| task | scenario | decomposition | variant | films / patients | inner-validation "
+                               "accuracy % | accuracy % (summed probabilities) | folds: accuracy % |")
     assert table[2:4] == [
-        "| a\\|b | shallow | off | baseline | 0 | – | 95.0 [90.0, 99.0] | – | – | – | – |",
-        "| covid_vs_normal | deep | on | baseline | 0 | 96.0 | 90.0 [85.0, 95.0] | 88.0 [83.0, 93.0] | 80.0 [70.0, 90.0] "
-        "| – | 5.0 |",
+        "| a\\|b | shallow | off | baseline | 197 / 118 | – | 95.0 [90.0, 99.0] | – | – | – | – | – |",
+        "| covid_vs_normal | deep | on | baseline | 197 / 118 | 96.0 | 90.0 [85.0, 95.0] | – | 88.0 [83.0, 93.0] "
+        "| 80.0 [70.0, 90.0] | – | 5.0 |",
     ]
-    assert table[4:] == [
-        f"| {config.PAPER_CITATION} | reported | | | | | 94.17 | | | | |",
-        f"| {config.DETRAC_CITATION} | reported | on | | | | | 93.1 | | | |",
+    assert table[4:6] == [
+        f"| {config.PAPER_CITATION} | reported (one split) | | | | | 94.17 | | | | | |",
+        f"| {config.DETRAC_CITATION} | reported | on | | | | | | 93.1 | | | |",
     ]
     assert not any("<" in line or ">" in line for line in table)
 
 
-def test_run_tables_pool_seeds_per_configuration():
-    def run(seed, acc, lo, hi, variant="baseline"):
-        return {"run_id": f"r{seed}{variant}", "task": "covid_normal_pneumonia", "backbone": "b", "scenario": "deep",
-                "decomposition": False, "seed": seed, "variant": variant, "val_accuracy": acc,
-                "test": {"accuracy": {"value": acc, "ci_low": lo, "ci_high": hi}}}
+def test_run_tables_give_the_out_of_fold_value_and_the_fold_spread():
+    def conf(acc, lo, hi, variant="baseline"):
+        return {"run_id": f"c{variant}", "task": "covid_normal_pneumonia", "backbone": "b", "scenario": "deep",
+                "decomposition": False, "seed": 0, "variant": variant, "val_accuracy": acc,
+                "test": {"n": 300, "n_groups": 200, "accuracy": {"value": acc, "ci_low": lo, "ci_high": hi}}}
 
-    results = {"runs": [run(0, 0.80, 0.75, 0.85), run(2, 0.84, 0.79, 0.90), run(1, 0.82, 0.76, 0.87),
-                        run(0, 0.70, 0.60, 0.80, "lung")]}
+    def folds(variant, accs):
+        from cxrstudy.evaluation.seeds import spread
+
+        return {"task": "covid_normal_pneumonia", "backbone": "b", "scenario": "deep", "decomposition": False,
+                "variant": variant, "run_ids": [f"f{i}" for i in range(len(accs))],
+                "test_accuracy": spread([{"value": a, "ci_low": a - 0.1, "ci_high": a + 0.1} for a in accs])}
+
+    results = {"configurations": [conf(0.70, 0.60, 0.80, "lung"), conf(0.82, 0.76, 0.87)],
+               "seed_summary": [folds("baseline", [0.80, 0.82, 0.84]), folds("lung", [0.7])]}
     rows = pages.headline_rows(results)
-    assert [(r["variant"], r["seeds"]) for r in rows] == [("baseline", "0, 1, 2"), ("lung", "0")]
-    assert rows[0]["accuracy"] == {"value": "82.0", "sd": "2.0", "interval": "75.0, 90.0"}
-    assert rows[1]["accuracy"] == {"value": "70.0", "sd": "", "interval": "60.0, 80.0"}
+    assert [(r["variant"], r["folds"]) for r in rows] == [("baseline", 3), ("lung", 1)]
+    assert rows[0]["accuracy"] == {"value": "82.0", "sd": "", "interval": "76.0, 87.0"}
+    assert rows[0]["fold_accuracy"] == {"value": "82.0", "sd": "2.0", "interval": ""}
     md = pages.readme_results(results, RECORD)
-    assert "| covid_normal_pneumonia | deep | off | baseline | 0, 1, 2 | 82.0 ± 2.0 | 82.0 ± 2.0 " \
-        "[75.0, 90.0] |" in md
+    assert "| covid_normal_pneumonia | deep | off | baseline | 300 / 200 | 82.0 | 82.0 [76.0, 87.0] | 82.0 ± 2.0 |" in md
 
 
 def _figure_files(out):
@@ -150,7 +161,7 @@ def _figure_files(out):
 def test_index_shows_the_figures_that_exist(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(RESULTS))
     page = pages.write_index(tmp_path, RECORD).read_text()
-    assert "<img" not in page and "appears here once the evaluation notebook (05) has run" in page
+    assert "<img" not in page
     srcs = _figure_files(tmp_path)
     page = pages.write_index(tmp_path, RECORD).read_text()
     found = re.findall(r"<img src='([^']+)'", page)
@@ -169,7 +180,7 @@ def test_index_without_results_has_no_broken_images(tmp_path):
 def test_index_escapes_run_fields_and_record(tmp_path):
     evil = "<script>alert(1)</script>"
     results = json.loads(json.dumps(RESULTS))
-    results["runs"][0]["task"] = evil
+    results["configurations"][0]["task"] = evil
     results["headline"]["text"] = f"best {evil}"
     results["shortcut_checks"]["leave_one_source_out"] = [{"held_out": evil, "accuracy": {"value": 0.5}}]
     (tmp_path / "results.json").write_text(json.dumps(results))
@@ -209,30 +220,27 @@ def _scorecard_results() -> dict:
 
 def test_scorecard_rows_per_configuration_over_seeds():
     headers = pages.goal_headers()
-    assert [h["goal"] for h in headers] == ["S1", "S2", "S3", "S4", "S5"]
-    assert headers[0]["rule"] == ">= 80" and headers[2]["rule"] == "<= majority + 5 points"
-    assert headers[4]["rule"] == ">= 94.17"
+    assert [h["goal"] for h in headers] == ["S1", "S2", "S3", "S4"]
+    assert headers[0]["rule"] == ">= 80" and headers[2]["rule"] == "<= chance + 5 points"
     results = _scorecard_results()
     rows = pages.scorecard_table_rows(results)
     assert [(r["run"], r["variant"], r["seeds"], r["recommended"]) for r in rows] == [
-        ("deep nodecomp (covid_normal_pneumonia)", "baseline", "2 seeds", False),
-        ("deep nodecomp (covid_normal_pneumonia)", "lung", "2 seeds", True),
-        ("deep nodecomp (covid_vs_normal)", "baseline", "1 seed", False),
+        ("deep nodecomp (covid_normal_pneumonia)", "baseline", "2 cross-validations", False),
+        ("deep nodecomp (covid_normal_pneumonia)", "lung", "2 cross-validations", True),
+        ("deep nodecomp (covid_vs_normal)", "baseline", "out of fold", False),
     ]
     base, lung, head = rows
     # S1 of the baseline: seed mean 72.0, sd over the two seeds, intervals 67.0 to 77.0: missed
     assert base["goals"][0]["metric"] == {"value": "72.0", "sd": "2.8", "interval": "67.0, 77.0"}
-    assert base["goals"][0]["met"] == "missed" and base["goals"][0]["clears"] == "not all seeds clear"
-    # S1 of lung: seed mean 88 meets 80 and both intervals (83-89, 87-93) clear it
-    assert lung["goals"][0]["met"] == "met" and lung["goals"][0]["clears"] == "all seeds clear"
-    # S5 of lung: mean 94.0 < 94.17, but the seeds' intervals straddle the goal: undetermined, not missed
-    assert lung["goals"][4]["met"] == "undetermined" and lung["goals"][4]["metric"]["value"] == "94.0"
-    assert [c["met"] for c in head["goals"]] == ["missed", "n/a", "n/a", "n/a", "undetermined"]  # 93-99 straddles 94.17
+    assert base["goals"][0]["met"] == "missed" and base["goals"][0]["clears"] == "not all clear"
+    # S1 of lung: mean 88 meets 80 and both intervals (83-89, 87-93) clear it
+    assert lung["goals"][0]["met"] == "met" and lung["goals"][0]["clears"] == "all clear"
+    assert [c["met"] for c in head["goals"]] == ["missed", "n/a", "n/a", "n/a"]  # the paper's task is no goal
     assert head["goals"][0]["metric"] == {"value": "60.0", "sd": "", "interval": "57.0, 63.0"}
-    assert lung["n_met"] == 1 and lung["n_judged"] == 2
+    assert lung["n_met"] == 1 and lung["n_judged"] == 1
     readme = pages.readme_scorecard_rows(results)  # the headline's configuration, baseline beside variants
-    assert [(r["variant"], r["seeds"]) for r in readme] == [("baseline", "2 seeds"), ("lung", "2 seeds"),
-                                                            ("baseline", "1 seed")]
+    assert [(r["variant"], r["seeds"]) for r in readme] == [
+        ("baseline", "2 cross-validations"), ("lung", "2 cross-validations"), ("baseline", "out of fold")]
     block = pages.recommended_block(results)
     assert block["name"] == "lung" and block["goals"] == lung["goals"]
 
@@ -244,13 +252,14 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     page = pages.write_index(tmp_path, RECORD).read_text()
     assert "<h2>Confound-free scorecard: the paper's number beside" in page and "<img" not in page
-    assert "<th>S3 &lt;= majority + 5 points</th>" in page
-    assert "<td>deep nodecomp (covid_normal_pneumonia)</td><td><b>lung (recommended)</b></td><td>2 seeds</td>" \
-        "<td>88.0 <small>± 2.8</small> <small>[83.0, 93.0]</small> <b>met</b> <small>all seeds clear</small></td>" in page
+    assert "<th>S3 &lt;= chance + 5 points</th>" in page
+    assert "<td>deep nodecomp (covid_normal_pneumonia)</td><td><b>lung (recommended)</b></td><td>2 cross-validations</td>" \
+        "<td>88.0 <small>± 2.8</small> <small>[83.0, 93.0]</small> <b>met</b> <small>all clear</small></td>" in page
     assert "<b>Recommended variant: lung</b> (covid_normal_pneumonia, deep). Keep validation accuracy &gt;= 0.9" in page
-    assert "S1 <b>met</b> (all seeds clear); S2 <b>n/a</b>" in page
-    assert "(reported)</td><td>–</td><td>–</td><td>–</td><td>–</td><td>94.17</td>" in page  # the paper beside S5
-    assert page.index("<h2>Confound-free scorecard") < page.index("<h2>Verdict</h2>")
+    assert "S1 <b>met</b> (all clear); S2 <b>n/a</b>" in page
+    assert page.index("<h2>What the numbers say</h2>") < page.index("<h2>Confound-free scorecard")
+    assert page.index("<h2>Confound-free scorecard") < page.index("<h2>Every configuration, out of fold</h2>")
+    assert page.index("<h2>Every configuration, out of fold</h2>") < page.index("<h2>Verdict</h2>")
     (tmp_path / FIGURE_DIR).mkdir()
     (tmp_path / FIGURE_DIR / SCORECARD_FIGURE).write_bytes(b"\x89PNG\r\n")
     page = pages.write_index(tmp_path, RECORD).read_text()
@@ -258,10 +267,9 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
     md = pages.readme_results(results, RECORD)
     assert "**Confound-free scorecard**" in md and "**Recommended variant: lung**" in md
     rows = [line for line in md.splitlines() if line.startswith("| deep nodecomp")]
-    assert rows[1] == "| deep nodecomp (covid_normal_pneumonia) | **lung** (recommended) | 2 seeds | 88.0 ± 2.8 " \
-        "[83.0, 93.0] met (all seeds clear) | – n/a | – n/a | – n/a | 94.0 ± 1.4 [90.0, 98.0] undetermined (not all seeds " \
-        "clear) | 1 of 2 |"
-    assert len(rows) == 3 and f"| {config.PAPER_CITATION} (reported) | | | – | – | – | – | 94.17 | – |" in md
+    assert rows[1] == "| deep nodecomp (covid_normal_pneumonia) | **lung** (recommended) | 2 cross-validations | " \
+        "88.0 ± 2.8 [83.0, 93.0] met (all clear) | – n/a | – n/a | – n/a | 1 of 1 |"
+    assert len(rows) == 3
 
 
 def test_index_shows_the_lung_stage(tmp_path):

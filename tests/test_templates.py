@@ -26,29 +26,32 @@ def _metric(value, lo, hi):
 
 
 def _profile(root):
-    """Four saved runs (shallow/deep, decomposition off/on) of the paper's task with 20 test patient groups."""
+    """Four configurations (shallow/deep, decomposition off/on) of the paper's task in two folds, 20 patient groups
+    scored out of fold."""
     rng = np.random.default_rng(0)
     labels = np.array(["covid", "normal"] * 20)
     for sc in ("shallow", "deep"):
         for dec in (False, True):
-            run_id = f"covid_vs_normal__efficientnet_lite0__{sc}__{'decomp' if dec else 'nodecomp'}__seed0"
-            d = root / "runs" / run_id
-            d.mkdir(parents=True)
-            rows = []
-            for split in ("val", "test"):
-                right = rng.random(len(labels)) < (0.9 if sc == "shallow" else 0.8)
-                p = np.where((labels == "covid") == right, 0.8, 0.3)
-                rows += [
-                    {"image": f"{split}{i}.png", "split": split, "label": labels[i], "source": "s/x",
-                     "patient_group": f"{split}g{i // 2}", "prob_covid": p[i], "prob_normal": 1 - p[i],
-                     "pred": "covid" if p[i] > 0.5 else "normal"}
-                    for i in range(len(labels))
-                ]
-            pd.DataFrame(rows).to_csv(d / "predictions.csv", index=False)
-            info = {"run_id": run_id, "task": "covid_vs_normal", "backbone": "efficientnet_lite0", "scenario": sc,
-                    "decomposition": dec, "seed": 0, "classes": ["covid", "normal"], "image_size": 160,
-                    "train_seconds": 12.5}
-            (d / "run.json").write_text(json.dumps(info))
+            for fold in (0, 1):
+                run_id = f"covid_vs_normal__efficientnet_lite0__{sc}__{'decomp' if dec else 'nodecomp'}__seed0__fold{fold}"
+                d = root / "runs" / run_id
+                d.mkdir(parents=True)
+                rows = []
+                for split in ("val", "test"):
+                    right = rng.random(len(labels)) < (0.9 if sc == "shallow" else 0.8)
+                    p = np.where((labels == "covid") == right, 0.8, 0.3)
+                    rows += [
+                        {"image": f"{split}{fold if split == 'val' else ''}_{i}.png", "split": split, "label": labels[i],
+                         "source": "s/x", "patient_group": f"{split}{fold if split == 'val' else ''}g{i // 2}",
+                         "prob_covid": p[i], "prob_normal": 1 - p[i], "pred": "covid" if p[i] > 0.5 else "normal"}
+                        for i in range(len(labels))
+                        if split == "val" or (i // 2) % 2 == fold
+                    ]
+                pd.DataFrame(rows).to_csv(d / "predictions.csv", index=False)
+                info = {"run_id": run_id, "task": "covid_vs_normal", "backbone": "efficientnet_lite0", "scenario": sc,
+                        "decomposition": dec, "seed": 0, "fold": fold, "folds": 2, "classes": ["covid", "normal"],
+                        "image_size": 160, "train_seconds": 12.5}
+                (d / "run.json").write_text(json.dumps(info))
     return root
 
 
@@ -73,12 +76,13 @@ def results(tmp_path_factory):
         ],
         same_hospital={"source": "actualmed", "n": 40, "probe": {"accuracy": _metric(0.875, 0.757, 0.974)}},
     )
-    head = "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0"
+    head = "covid_vs_normal__efficientnet_lite0__shallow__nodecomp__seed0"  # a configuration id
     card = [
         {"run_id": run, "variant": "baseline", "task": "covid_vs_normal", "metric": metric, "value": value,
          "ci_low": None if value is None else value - 0.1, "ci_high": None if value is None else value + 0.05,
          "n": 40, "method": method, **({"note": "no pneumonia class"} if value is None else {})}
-        for run in (head, head.replace("shallow", "deep"))
+        for run in (head, head.replace("shallow", "deep"), head.replace("nodecomp", "decomp"),
+                    head.replace("shallow__nodecomp", "deep__decomp"))
         for metric, value, method in (("ieee8023_covid_vs_pneumonia_auc", 0.75, "probe"),
                                       ("nih_pneumonia_vs_normal_auc", None, "model"),
                                       ("paper_task_accuracy", 0.95, "model"))
@@ -106,24 +110,26 @@ def test_only_html_templates_autoescape():
 
 def test_model_card(results):
     card = pages.model_card(results)
-    head, best = results["headline"], next(r for r in results["runs"] if r["run_id"] == results["headline"]["run_id"])
+    head = results["headline"]
+    best = next(r for r in results["configurations"] if r["run_id"] == head["run_id"])
     assert card.startswith(f"# Model card: {head['run_id']}\n\n## Model\n- Task: covid_vs_normal; classes: covid, normal.\n")
-    assert f"scenario {best['scenario']}, class decomposition" in card and "input 160 px, seed 0, training 12.5 s." in card
+    assert f"scenario {best['scenario']}, class decomposition" in card and "2 fold models" in card
+    assert "used together as an ensemble (mean probability), training 25.0 s in all." in card
     assert f"- Accuracy {fmt_pct(best['test']['accuracy'])}; balanced accuracy" in card
     assert f"Calibration: ECE {best['test']['ece']:.3f}, Brier {best['test']['brier']:.3f}." in card
     assert "(actualmed, mhh, nih)" in card and "**Not for clinical use.**" in card
     assert f"{config.PAPER_CITATION}: 94.17%; {config.DETRAC_CITATION}: 93.1%." in card
     bullets = card.split("## Limitations and shortcut checks\n")[1].splitlines()
     assert bullets == [f"- {s}" for s in results["verdict"][1:]] and card.endswith(".\n")
-    assert f"on validation accuracy ({100 * best['val_accuracy']:.1f}%), never on test." in card
-    goals = card.split("## Confound-free scorecard (films the run never trained on, 95% CI)\n")[1].split("\n\n")[0]
+    assert f"on pooled inner-validation accuracy ({100 * best['val_accuracy']:.1f}%), never on held-out films." in card
+    goals = card.split("## Confound-free scorecard (out of fold, the held-out hospital by the ensemble; 95% CI)\n")[1]
+    goals = goals.split("\n\n")[0]
     assert goals.splitlines()[0] == (
-        "- S1 ieee8023_covid_vs_pneumonia_auc: 75.0% [65.0, 80.0] (linear probe on the run's features), goal >= 80.0%: "
-        "undetermined."
+        "- S1 ieee8023_covid_vs_pneumonia_auc: 75.0% [65.0, 80.0] (linear probe on the out-of-fold features), goal >= "
+        "80.0%: undetermined."
     )
     assert "- S4 nih_pneumonia_vs_normal_auc: n/a, goal >= 85.0%: not judged (no pneumonia class)." in goals
-    assert "- S5 paper_task_accuracy: 95.0% [85.0, 100.0], goal >= 94.2%: undetermined." in goals
-    assert len(goals.splitlines()) == 5 and "not free of ImageNet" not in card
+    assert len(goals.splitlines()) == 4 and "not free of ImageNet" not in card and "S5" not in card
 
 
 def test_model_card_without_a_headline_run():
@@ -148,23 +154,26 @@ def test_index_and_readme_from_results(tmp_path, results):
     page = pages.write_index(tmp_path, record).read_text()
     assert page.count("<tr><td>covid_vs_normal</td>") == 4 and "Verdict" in page and "<h2>Shortcut checks</h2>" in page
     assert "nih: 3.4 <small>[1.6, 5.5]</small>" in page and "<td>unmasked</td><td>93.6 <small>[90.4, 96.5]</small>" in page
-    assert "&amp; Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010 (reported)</td><td>94.17</td>" in page
+    assert "&amp; Mikhelev 2021, J. Phys.: Conf. Ser. 1801 012010 (reported, one split)</td><td>94.17</td>" in page
+    assert "<td>40 / 20</td>" in page  # every film out of fold: 40 films of 20 patients
     md = pages.readme_results(results, record)
     table = [line for line in md.splitlines() if line.startswith("|")]
-    # run table (2 + 4 configurations + 2 reported), scorecard (2 + the headline's configuration + the paper)
-    assert len(table) == 2 + 4 + 2 + 2 + 1 + 1 and not any(TAG.search(line) for line in table)
-    assert table[6] == f"| {config.PAPER_CITATION} | reported | | | | | 94.17 | | | | |"
+    # run table (2 + 4 configurations + 2 reported), scorecard (2 + the headline's configuration)
+    assert len(table) == 2 + 4 + 2 + 2 + 1 and not any(TAG.search(line) for line in table)
+    assert table[6] == f"| {config.PAPER_CITATION} | reported (one split) | | | | | 94.17 | | | | | |"
     assert "**Confound-free scorecard**" in md and "<h2>Confound-free scorecard" in page
     head = results["headline"]["run_id"]
-    assert "accuracy % (DeTraC hard rule)</th>" in page and "validation accuracy %</th>" in page
+    assert "accuracy % (DeTraC hard rule)</th>" in page and "inner-validation accuracy %</th>" in page
     [row] = pages.readme_scorecard_rows(results)
-    assert (row["run"], row["seeds"]) == ("shallow nodecomp (covid_vs_normal)", "1 seed")
-    assert [s["run_ids"] for s in results["scorecard_summary"] if s["scenario"] == "shallow"] == [[head]]
+    best = results["headline"]
+    name = f"{best['scenario']} {'decomp' if best['decomposition'] else 'nodecomp'} (covid_vs_normal)"
+    assert (row["run"], row["seeds"]) == (name, "out of fold")
+    assert [s["run_ids"] for s in results["scorecard_summary"] if s["run_ids"] == [head]] == [[head]]
     assert md.startswith("Latest `default` run: 2026-11-30, commit `0123456789`, cpu (2 CPU cores; ), 0.0 min")
     assert "**Verdict.**" in md and results["headline"]["text"] in md
 
 
 def test_model_card_names_imagenet_subclasses_of_the_scratch_control(results):
-    runs = [*results["runs"], {**results["runs"][0], "scenario": "scratch", "decomposition": True}]
-    card = pages.model_card({**results, "runs": runs})
+    configs = [*results["configurations"], {**results["configurations"][0], "scenario": "scratch", "decomposition": True}]
+    card = pages.model_card({**results, "configurations": configs})
     assert "The scratch control with class decomposition (covid_vs_normal) is not free of ImageNet" in card

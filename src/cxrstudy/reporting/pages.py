@@ -352,7 +352,7 @@ def model_card(results: dict) -> str:
         if g.get("run_id") == head.get("run_id")
     ]
     scratch = [
-        r["task"] for r in results.get("runs", []) if r.get("scenario") == "scratch" and r.get("decomposition")
+        r["task"] for r in results.get("configurations", []) if r.get("scenario") == "scratch" and r.get("decomposition")
     ]
     return render(
         "model_card.md.j2",
@@ -361,6 +361,7 @@ def model_card(results: dict) -> str:
         ds=results.get("dataset") or {},
         sources=_sources(results),
         best=best,
+        protocol=results.get("protocol") or {},
         goals=goals,
         scratch_decomp=sorted(set(scratch)),
         limitations=(results.get("verdict") or [])[1:],
