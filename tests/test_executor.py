@@ -19,6 +19,8 @@ from cxrstudy.executor import ClusterError, DaskPool, local_cluster, task_resour
 from cxrstudy.pipeline import StepFailed
 
 KERNEL = "python3"
+#: This process's environment before any cluster started (a nanny adds its worker settings to its own process's).
+ENV_BEFORE = dict(os.environ)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +75,18 @@ def make_notebook(path: Path, params: str, body: str) -> None:
 
 @pytest.fixture()
 def toy(tmp_path: Path) -> dict[str, Path]:
-    """A profile of two independent steps: ``quick`` writes a marker; ``slow`` writes its kernel's and its worker's
+    """A profile of two independent steps: ``quick`` writes its kernel's thread and allocator settings; ``slow`` writes its kernel's and its worker's
     pids, then waits until a release file exists."""
     d = {k: tmp_path / k for k in ("notebooks", "params", "reports")}
     for p in d.values():
         p.mkdir()
-    d["release"], d["pids"] = tmp_path / "release", tmp_path / "pids.json"
-    make_notebook(d["notebooks"] / "quick.ipynb", 'out = ""', "open(out, 'w').write('done')")
+    d["release"], d["pids"], d["quick"] = tmp_path / "release", tmp_path / "pids.json", tmp_path / "quick.txt"
+    make_notebook(
+        d["notebooks"] / "quick.ipynb",
+        'out = ""',
+        "import json, os\nopen(out, 'w').write(json.dumps({k: os.environ.get(k) for k in "
+        "('OMP_NUM_THREADS', 'MALLOC_TRIM_THRESHOLD_', 'CXR_MIRROR')}))",
+    )
     make_notebook(
         d["notebooks"] / "slow.ipynb",
         'pids = ""\nrelease = ""',
@@ -156,8 +163,13 @@ def test_without_a_scheduler_the_run_starts_a_loopback_cluster_of_this_machine(t
     assert ex["task_resources"] == {"CPU": 1}
     for step in record["steps"]:
         assert step["status"] == "ran" and step["worker"] in ex["workers"] and step["seconds"] > 0
-        assert step["node"] == ex["workers"][step["worker"]]["host"] or step["node"]
+        assert step["node"]
     assert (toy["reports"] / "toy" / "html" / "slow.html").is_file()
+    # the kernel runs as in the local run: not with the one BLAS thread and malloc trim a Dask nanny sets
+    local = pipeline.kernel_env(ENV_BEFORE)
+    assert json.loads(toy["quick"].read_text()) == {
+        k: local.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "CXR_MIRROR")
+    }
 
 
 def test_a_worker_that_does_not_see_the_project_fails_before_any_step(cluster, tmp_path):
@@ -176,3 +188,18 @@ def test_a_worker_that_does_not_see_the_project_fails_before_any_step(cluster, t
         with pytest.raises(ClusterError, match=r"manifest .* differs from the driver's"):
             pool.check_workers(pipeline.worker_problems, str(token), "token", *args)
         pool.check_workers(pipeline.worker_problems, str(token), "token", *args[:1], None, *args[2:])
+
+
+def test_a_step_that_raises_on_a_worker_fails_the_run_with_its_cell_error_and_node(cluster, tmp_path):
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir(), params.mkdir()
+    make_notebook(nbs / "boom.ipynb", "fail = True", "if fail:\n    raise ValueError('boom on the worker')")
+    (params / "bad.yaml").write_text("steps:\n  - boom\n")
+    with pytest.raises(StepFailed, match=r"(?s)step 'boom'.*ValueError: boom on the worker.*it ran on node .* worker tcp://127"):
+        pipeline.run_profile(
+            "bad", kernel=KERNEL, params_dir=params, notebooks_dir=nbs, reports_dir=tmp_path / "reports",
+            executor="dask", scheduler=cluster.scheduler_address,
+        )
+    record = json.loads((tmp_path / "reports" / "bad" / "run.json").read_text())
+    assert record["status"] == "failed" and record["steps"][0]["status"] == "failed"
+    assert (tmp_path / "reports" / "bad" / "notebooks" / "boom.ipynb").is_file()  # the partial notebook is kept

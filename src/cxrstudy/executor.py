@@ -18,6 +18,8 @@ from typing import Any
 
 #: The loopback address every process of a local cluster listens on.
 LOOPBACK = "127.0.0.1"
+#: The hash seed a Dask nanny gives its workers when none is set (distributed.nanny.Nanny).
+NANNY_HASH_SEED = "6640"
 #: How long the driver waits for a first worker to join an existing scheduler.
 WORKER_WAIT_S = 60
 
@@ -42,13 +44,20 @@ def local_cluster(n_workers: int | None = None, cpus_per_task: int = 1) -> Any:
 
     With CUDA GPUs and dask-cuda installed: dask-cuda's ``LocalCUDACluster``, one worker per GPU, each with the
     resource ``GPU=1``. Otherwise ``n_workers`` one-thread worker processes (default: CPU count // ``cpus_per_task``),
-    each with the resource ``CPU=cpus_per_task``.
+    each with the resource ``CPU=cpus_per_task``. The workers get this process's environment as it is (no
+    one-thread BLAS settings of Dask's nanny), as the local run's kernels do.
     """
     import dask
     from distributed import LocalCluster
 
     common = {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0", "threads_per_worker": 1}
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    settings = {
+        "distributed.scheduler.allowed-failures": 0,
+        # A nanny puts these into its own process's environment too: none of its BLAS/malloc settings; the hash
+        # seed as this process has it ("random" is Python's default).
+        "distributed.nanny.pre-spawn-environ": {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "random")},
+    }
+    with dask.config.set(settings):
         gpus = gpu_count()
         if gpus:
             try:
@@ -80,6 +89,18 @@ def task_resources(workers: dict[str, dict], cpus_per_task: int) -> dict[str, fl
             "(start them with `dask worker ... --resources CPU=N`)"
         )
     return {"CPU": cpus_per_task}
+
+
+def worker_environ() -> dict[str, str]:
+    """This process's environment without what a Dask nanny sets in its workers before they start
+    (``distributed.nanny.pre-spawn-environ``: one BLAS/OpenMP thread, a small malloc trim threshold; a fixed hash
+    seed), so that a
+    step's kernel runs as it would in the local run (the same thread count gives the same numbers)."""
+    import dask
+
+    nanny = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items()}
+    nanny.setdefault("PYTHONHASHSEED", NANNY_HASH_SEED)
+    return {k: v for k, v in os.environ.items() if nanny.get(k) != v}
 
 
 def task_location() -> dict[str, str]:

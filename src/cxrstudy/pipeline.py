@@ -435,10 +435,10 @@ def check_kernel(kernel: str = KERNEL_NAME) -> None:
         ) from exc
 
 
-def kernel_env() -> dict[str, str]:
-    """The environment of the notebooks' kernels: this process's, with the runtime variables
+def kernel_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the notebooks' kernels: ``base`` (default: this process's), with the runtime variables
     (``config.RUNTIME_ENV``) it lacks (a value the user set wins)."""
-    return {**config.RUNTIME_ENV, **os.environ}
+    return {**config.RUNTIME_ENV, **(os.environ if base is None else base)}
 
 
 def _ipc_kernel_manager(runtime_dir: Path, env: dict[str, str]) -> type:
@@ -621,16 +621,17 @@ def project_env() -> dict[str, str]:
 
 
 def run_task(nb_in: str, nb_out: str, params: dict, kernel: str, step: Step, env: dict[str, str]) -> dict[str, Any]:
-    """One step's papermill run as a cluster task: the kernel gets the node's environment (``kernel_env``) with
-    ``env`` over it; returns its seconds and where it ran (StepFailed naming the node when the notebook raised)."""
-    from cxrstudy.executor import task_location
+    """One step's papermill run as a cluster task: the kernel gets the worker's environment without the nanny's
+    additions (``executor.worker_environ``, ``kernel_env``) with ``env`` over it; returns its seconds and where it ran (StepFailed naming the node when the notebook raised)."""
+    from cxrstudy.executor import task_location, worker_environ
 
     where = task_location()
     t0 = time.perf_counter()
     try:
-        _execute(Path(nb_in), Path(nb_out), params, kernel, step, {**kernel_env(), **env})
+        _execute(Path(nb_in), Path(nb_out), params, kernel, step, {**kernel_env(worker_environ()), **env})
     except StepFailed as exc:
-        raise StepFailed(f"{exc}\n  it ran on {where}") from exc
+        on = " ".join(f"{k} {v}" for k, v in where.items())
+        raise StepFailed(f"{exc}\n  it ran on {on}") from exc
     return {"seconds": round(time.perf_counter() - t0, 2), **where}
 
 
