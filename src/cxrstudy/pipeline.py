@@ -7,7 +7,9 @@ Each notebook declares what it reads and writes (``STEP_IO``). A step is skipped
 stamp of its last successful run and what it writes exists; a step that ends without writing it fails. The
 key covers the notebook, its parameters, the package modules it imports and the current content of what it
 reads (the outputs of earlier steps), not the previous step's key: changing one training run's epochs
-re-runs that run and the evaluation, not the other trainings.
+re-runs that run and the evaluation, not the other trainings. The steps run in order in this process
+(``--executor local``) or as tasks on a Dask cluster (``--executor dask``), each as soon as the earlier steps that
+write what it reads have finished (``step_dependencies``).
 """
 
 from __future__ import annotations
