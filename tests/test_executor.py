@@ -203,3 +203,12 @@ def test_a_step_that_raises_on_a_worker_fails_the_run_with_its_cell_error_and_no
     record = json.loads((tmp_path / "reports" / "bad" / "run.json").read_text())
     assert record["status"] == "failed" and record["steps"][0]["status"] == "failed"
     assert (tmp_path / "reports" / "bad" / "notebooks" / "boom.ipynb").is_file()  # the partial notebook is kept
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(toy):
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        with pytest.raises(ClusterError, match="cannot reach the Dask scheduler tcp://127.0.0.1:9"):
+            run_toy(toy, scheduler="tcp://127.0.0.1:9")
+    assert not (toy["reports"] / "toy" / ".lock").exists()

@@ -142,10 +142,10 @@ class DaskPool:
         cluster = None if scheduler else local_cluster(n_workers, cpus_per_task)
         try:
             client = Client(scheduler or cluster)
-        except Exception:
+        except OSError as exc:
             if cluster is not None:
                 cluster.close()
-            raise
+            raise ClusterError(f"cannot reach the Dask scheduler {scheduler or cluster}: {exc}") from exc
         try:
             yield cls(client, cluster, cpus_per_task)
         finally:
