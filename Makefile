@@ -11,11 +11,16 @@ FORCE   ?=
 ifneq ($(strip $(FORCE)),)
 FORCE_FLAG := --force
 endif
+# How the steps run: local (in order, in one process) or dask (independent steps in parallel on a Dask cluster:
+# SCHEDULER=tcp://host:8786 for a running one, else a cluster of this machine bound to 127.0.0.1).
+EXECUTOR ?= local
+SCHEDULER ?=
+EXECUTOR_FLAGS := --executor $(EXECUTOR) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 # Remote locations pass through to every step (empty = the default, see README).
 export CXR_MIRROR CXR_GITHUB_API
 
-.PHONY: help setup reproduce data test unit html readme lab bench evaluate predict lint clean clean-data
+.PHONY: help setup reproduce data test unit html readme lab bench bench-executor evaluate predict lint clean clean-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,8 +31,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 	@touch $@
 
-reproduce: $(STAMP) ## run every notebook with papermill: make reproduce [PROFILE=smoke|default|full] [FORCE=1]
-	$(PY) -m cxrstudy.pipeline reproduce --profile $(PROFILE) $(FORCE_FLAG)
+reproduce: $(STAMP) ## run every notebook with papermill: make reproduce [PROFILE=smoke|default|full] [FORCE=1] [EXECUTOR=dask [SCHEDULER=tcp://host:8786]]
+	$(PY) -m cxrstudy.pipeline reproduce --profile $(PROFILE) $(FORCE_FLAG) $(EXECUTOR_FLAGS)
 
 data: $(STAMP) ## build data/processed from the upstream sources (CXR_MIRROR=path to read a local mirror)
 	$(PY) -m cxrstudy.data.build
@@ -49,6 +54,9 @@ lab: $(STAMP) ## open JupyterLab on the notebooks
 
 bench: $(STAMP) ## throughput benchmark -> reports/bench.json
 	$(PY) scripts/bench.py
+
+bench-executor: $(STAMP) ## PROFILE's wall time, local vs Dask on this machine -> reports/bench_executor.json
+	$(PY) scripts/bench_executor.py --profile $(PROFILE)
 
 evaluate: $(STAMP) ## evaluate every configuration (fold ensemble; SINGLE=1: every run) of PROFILE on EXTERNAL=labels.csv
 	@test -n "$(EXTERNAL)" || { echo "usage: make evaluate EXTERNAL=path/to/labels.csv [PROFILE=default] [SINGLE=1]" >&2; exit 2; }

@@ -7,7 +7,9 @@ Each notebook declares what it reads and writes (``STEP_IO``). A step is skipped
 stamp of its last successful run and what it writes exists; a step that ends without writing it fails. The
 key covers the notebook, its parameters, the package modules it imports and the current content of what it
 reads (the outputs of earlier steps), not the previous step's key: changing one training run's epochs
-re-runs that run and the evaluation, not the other trainings.
+re-runs that run and the evaluation, not the other trainings. The steps run in order in this process
+(``--executor local``) or as tasks on a Dask cluster (``--executor dask``), each as soon as the earlier steps that
+write what it reads have finished (``step_dependencies``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +38,8 @@ from cxrstudy.runspec import RunSpec
 KERNEL_NAME = "cxrstudy"
 PROFILE_KEYS = {"description", "common", "variants", "steps"}
 STEP_KEYS = {"notebook", "name", "params"}
+#: How steps run: ``local`` in order in this process, ``dask`` as tasks on a Dask cluster (``cxrstudy.executor``).
+EXECUTORS = ("local", "dask")
 #: The variants every profile shares (beside the profiles); a profile's own ``variants:`` add to or override them.
 VARIANTS_FILE = "variants.yaml"
 
@@ -432,10 +437,10 @@ def check_kernel(kernel: str = KERNEL_NAME) -> None:
         ) from exc
 
 
-def kernel_env() -> dict[str, str]:
-    """The environment of the notebooks' kernels: this process's, with the runtime variables
+def kernel_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the notebooks' kernels: ``base`` (default: this process's), with the runtime variables
     (``config.RUNTIME_ENV``) it lacks (a value the user set wins)."""
-    return {**config.RUNTIME_ENV, **os.environ}
+    return {**config.RUNTIME_ENV, **(os.environ if base is None else base)}
 
 
 def _ipc_kernel_manager(runtime_dir: Path, env: dict[str, str]) -> type:
@@ -509,8 +514,23 @@ def _new_record(profile: Profile, steps: list[tuple[Step, dict]], env: dict[str,
     }
 
 
-def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Run one step unless its key matches its stamp (or it is not selected); returns its record entry."""
+@dataclass
+class _Pending:
+    """A step that has to run: where its notebook, HTML and stamp go, its key and its record entry so far."""
+
+    step: Step
+    params: dict
+    nb_in: Path
+    nb_out: Path
+    html: Path
+    stamp_path: Path
+    key: str
+    entry: dict[str, Any]
+
+
+def _plan_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[str, Any] | _Pending:
+    """The record entry of a step whose key matches its stamp while its outputs exist (or that is not selected),
+    else what running it needs."""
     nb_in = notebook_path(step, ctx["notebooks_dir"])
     nb_out, html = out / "notebooks" / f"{step.name}.ipynb", out / "html" / f"{step.name}.html"
     stamp_path = out / ".stamps" / f"{step.name}.json"
@@ -533,27 +553,187 @@ def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[
             "seconds": stamp.get("seconds"),
             "finished": stamp.get("finished"),
         }
-    print(f"  {step.name}: running {nb_in.name} ...", flush=True)
-    stamp_path.unlink(missing_ok=True)
+    return _Pending(step, params, nb_in, nb_out, html, stamp_path, key, entry)
+
+
+def _begin(run: _Pending) -> None:
+    """Announce a step and remove its stamp (a step that does not finish has none)."""
+    print(f"  {run.step.name}: running {run.nb_in.name} ...", flush=True)
+    run.stamp_path.unlink(missing_ok=True)
+
+
+def _finish(run: _Pending, out: Path, seconds: float, where: dict[str, str]) -> dict[str, Any]:
+    """A step whose notebook ran: check its declared outputs (StepFailed without them), render its HTML, write its
+    stamp; returns its record entry."""
+    if missing := [str(p) for p in output_paths(run.step, out) if not p.exists()]:
+        raise StepFailed(
+            f"step {run.step.name!r} ({run.nb_in.name}) finished without writing {missing}, which "
+            f"pipeline.STEP_IO declares it writes"
+        )
+    render_html(run.nb_out, run.html)
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    write_json(run.stamp_path, {"key": run.key, "seconds": seconds, "finished": finished})
+    print(f"  {run.step.name}: done in {seconds:.1f} s", flush=True)
+    return {**run.entry, "status": "ran", "seconds": seconds, "finished": finished, **where}
+
+
+def _failed(run: _Pending, seconds: float, where: dict[str, str]) -> dict[str, Any]:
+    """The record entry of a step that failed."""
+    return {**run.entry, "status": "failed", "seconds": round(seconds, 2), **where}
+
+
+def _run_step(step: Step, params: dict, out: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Run one step in this process unless it is up to date (or not selected); returns its record entry."""
+    from cxrstudy.executor import task_location
+
+    run = _plan_step(step, params, out, ctx)
+    if isinstance(run, dict):
+        return run
+    _begin(run)
+    where = task_location()
     t0 = time.perf_counter()
     try:
-        _execute(nb_in, nb_out, params, ctx["kernel"], step, ctx["env"])
-        if missing := [str(p) for p in output_paths(step, out) if not p.exists()]:
-            raise StepFailed(
-                f"step {step.name!r} ({nb_in.name}) finished without writing {missing}, which "
-                f"pipeline.STEP_IO declares it writes"
-            )
+        _execute(run.nb_in, run.nb_out, params, ctx["kernel"], step, ctx["env"])
+        return _finish(run, out, round(time.perf_counter() - t0, 2), where)
     except StepFailed:
-        ctx["record"]["steps"].append(
-            {**entry, "status": "failed", "seconds": round(time.perf_counter() - t0, 2)}
-        )
+        ctx["record"]["steps"].append(_failed(run, time.perf_counter() - t0, where))
         raise
-    seconds = round(time.perf_counter() - t0, 2)
-    render_html(nb_out, html)
-    finished = datetime.now(UTC).isoformat(timespec="seconds")
-    write_json(stamp_path, {"key": key, "seconds": seconds, "finished": finished})
-    print(f"  {step.name}: done in {seconds:.1f} s", flush=True)
-    return {**entry, "status": "ran", "seconds": seconds, "finished": finished}
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether two paths are the same or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def step_dependencies(steps: list[Step], profile_dir: Path) -> dict[str, list[str]]:
+    """Each step's dependencies: the earlier steps that write what it reads (``STEP_IO``; a path read and a path
+    written depend when one is the other or lies inside it)."""
+    deps: dict[str, list[str]] = {}
+    for i, step in enumerate(steps):
+        reads = input_paths(step, profile_dir)
+        deps[step.name] = [
+            e.name for e in steps[:i] if any(_overlap(r, w) for r in reads for w in output_paths(e, profile_dir))
+        ]
+    return deps
+
+
+def project_env() -> dict[str, str]:
+    """The study's own settings (``CXR_*`` variables) of this process, which every kernel of the run gets."""
+    return {k: v for k, v in os.environ.items() if k.startswith("CXR_")}
+
+
+def run_task(nb_in: str, nb_out: str, params: dict, kernel: str, step: Step, env: dict[str, str]) -> dict[str, Any]:
+    """One step's papermill run as a cluster task: the kernel gets the worker's environment without the nanny's
+    additions (``executor.worker_environ``, ``kernel_env``) with ``env`` over it; returns its seconds and where it ran (StepFailed naming the node when the notebook raised)."""
+    from cxrstudy.executor import task_location, worker_environ
+
+    where = task_location()
+    t0 = time.perf_counter()
+    try:
+        _execute(Path(nb_in), Path(nb_out), params, kernel, step, {**kernel_env(worker_environ()), **env})
+    except StepFailed as exc:
+        on = " ".join(f"{k} {v}" for k, v in where.items())
+        raise StepFailed(f"{exc}\n  it ran on {on}") from exc
+    return {"seconds": round(time.perf_counter() - t0, 2), **where}
+
+
+def worker_problems(token_path: str, token: str, manifest: str, manifest_sha: str | None, package: str, kernel: str) -> list[str]:
+    """What keeps a worker from running the study's steps: the driver's token file in the profile's folder not
+    readable with its content (no shared project folder), another manifest, another copy of the package, no kernel."""
+    import cxrstudy
+
+    problems = []
+    try:
+        if Path(token_path).read_text() != token:
+            problems.append(f"{token_path} has other content than the driver wrote (not the same folder)")
+    except OSError as exc:
+        problems.append(f"cannot read {token_path}, which the driver just wrote ({exc}): the project folder is not shared")
+    if manifest_sha is not None:
+        if not Path(manifest).is_file():
+            problems.append(f"the manifest {manifest} does not exist here")
+        elif sha256_file(Path(manifest)) != manifest_sha:
+            problems.append(f"the manifest {manifest} differs from the driver's")
+    if str(Path(cxrstudy.__file__).resolve()) != package:
+        problems.append(f"imports cxrstudy from {Path(cxrstudy.__file__).resolve()}, the driver from {package}")
+    try:
+        check_kernel(kernel)
+    except RuntimeError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def _check_cluster(pool: Any, out: Path, kernel: str) -> None:
+    """Fail before any step when a worker cannot see the project folder or the manifest (``worker_problems``)."""
+    import cxrstudy
+
+    token = uuid.uuid4().hex
+    token_path = out / f".cluster-check-{token[:12]}"
+    atomic_write_text(token_path, token)
+    manifest = config.MANIFEST_PATH
+    try:
+        pool.check_workers(
+            worker_problems,
+            str(token_path),
+            token,
+            str(manifest),
+            sha256_file(manifest) if manifest.is_file() else None,
+            str(Path(cxrstudy.__file__).resolve()),
+            kernel,
+        )
+    finally:
+        token_path.unlink(missing_ok=True)
+
+
+def _run_on_cluster(steps: list[tuple[Step, dict]], out: Path, ctx: dict[str, Any], pool: Any) -> None:
+    """Run the steps as tasks of ``pool`` (``executor.DaskPool``): every step whose dependencies
+    (``step_dependencies``) have finished is planned here (cache, key) and submitted; the driver checks each
+    finished task's outputs and writes its stamp. After a failure nothing more is submitted; the running tasks
+    are awaited (their stamps kept), then the first failure is raised. Record entries stay in profile order."""
+    from cxrstudy.executor import TaskLost
+
+    deps = step_dependencies([s for s, _ in steps], out)
+    order = {s.name: i for i, (s, _) in enumerate(steps)}
+    entries = ctx["record"]["steps"]
+    todo, done = list(steps), set()
+    running: dict[Any, tuple[_Pending, float]] = {}
+    failure: StepFailed | None = None
+    env = project_env()
+    try:
+        while todo or running:
+            ready = [] if failure else [(s, p) for s, p in todo if set(deps[s.name]) <= done]
+            if ready:
+                for step, params in ready:
+                    todo = [(s, p) for s, p in todo if s.name != step.name]
+                    run = _plan_step(step, params, out, ctx)
+                    if isinstance(run, dict):
+                        entries.append(run)
+                        done.add(step.name)
+                        continue
+                    _begin(run)
+                    args = (str(run.nb_in), str(run.nb_out), params, ctx["kernel"], step, env)
+                    running[pool.submit(step.name, run_task, *args)] = (run, time.perf_counter())
+                continue  # a cached step may have made others ready
+            if not running:
+                break
+            for future in pool.wait_first(list(running)):
+                run, t0 = running.pop(future)
+                try:
+                    try:
+                        result = pool.result(future)
+                    except TaskLost as exc:
+                        raise StepFailed(f"step {run.step.name!r} ({run.nb_in.name}) did not finish: {exc}") from exc
+                    where = {k: v for k, v in result.items() if k != "seconds"}
+                    entries.append(_finish(run, out, result["seconds"], where))
+                    done.add(run.step.name)
+                except StepFailed as exc:
+                    entries.append(_failed(run, time.perf_counter() - t0, {}))
+                    failure = failure or exc
+                    if running:
+                        print(f"  {run.step.name}: failed; waiting for {len(running)} running step(s)", flush=True)
+        if failure:
+            raise failure
+    finally:
+        entries.sort(key=lambda e: order[e["name"]])
 
 
 def run_profile(
@@ -564,8 +744,16 @@ def run_profile(
     params_dir: Path = config.PARAMS_DIR,
     notebooks_dir: Path = config.NOTEBOOKS_DIR,
     reports_dir: Path = config.REPORTS_DIR,
+    executor: str = "local",
+    scheduler: str | None = None,
+    workers: int | None = None,
+    cpus_per_task: int = 1,
 ) -> dict[str, Any]:
-    """Run a profile's steps in order (skipping unchanged ones) under the profile's lock; write run.json and index.html."""
+    """Run a profile's steps (skipping unchanged ones) under the profile's lock; write run.json and index.html.
+
+    ``executor="local"`` runs them in order in this process; ``"dask"`` runs them as tasks on the Dask scheduler at
+    ``scheduler``, else on a cluster of this machine (``workers`` workers; ``executor.local_cluster``)."""
+    from cxrstudy.executor import DaskPool, task_location
     from cxrstudy.reporting.pages import write_index
     from cxrstudy.runlock import profile_lock
 
@@ -574,6 +762,8 @@ def run_profile(
     missing = sorted(set(only or ()) - {s.name for s, _ in steps})
     if missing:
         raise ProfileError(f"--only: no step(s) {missing} in profile {profile.name!r}")
+    if executor not in EXECUTORS:
+        raise ProfileError(f"executor {executor!r}: expected one of {EXECUTORS}")
     check_kernel(kernel)
     out = reports_dir / profile.name
     with profile_lock(out, f"reproduce --profile {profile.name}"):
@@ -590,8 +780,16 @@ def run_profile(
         t_start = time.perf_counter()
         print(f"reproduce: profile {profile.name!r} ({len(steps)} steps) -> {out}", flush=True)
         try:
-            for step, params in steps:
-                record["steps"].append(_run_step(step, params, out, ctx))
+            if executor == "local":
+                record["executor"] = {"name": "local", **task_location()}
+                for step, params in steps:
+                    record["steps"].append(_run_step(step, params, out, ctx))
+            else:
+                with DaskPool.open(scheduler, workers, cpus_per_task) as pool:
+                    record["executor"] = pool.describe()
+                    print(f"reproduce: on the Dask scheduler {record['executor']['scheduler']}", flush=True)
+                    _check_cluster(pool, out, kernel)
+                    _run_on_cluster(steps, out, ctx, pool)
             record["status"] = "ok"
             if any(s["status"] == "ran" for s in record["steps"]):
                 record.update(reference_rate(profile, time.perf_counter() - t_start))
@@ -662,6 +860,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--force", action="store_true", help="re-run every step even if unchanged")
     rep.add_argument("--only", nargs="*", help="run only these step names (others count as cached)")
     rep.add_argument("--kernel", default=KERNEL_NAME)
+    rep.add_argument("--executor", choices=EXECUTORS, default="local", help="local: in order here; dask: on a cluster")
+    rep.add_argument("--scheduler", help="address of a running Dask scheduler (default: a cluster of this machine)")
+    rep.add_argument("--workers", type=int, help="workers of this machine's cluster (default: sized to the machine)")
+    rep.add_argument("--cpus-per-task", type=int, default=1, help="CPUs each step asks of a CPU worker")
     html = sub.add_parser("html", help="re-render HTML and index.html")
     html.add_argument("--profile", default="default")
     prm = sub.add_parser("params", help="print the parameters each step gets")
@@ -669,7 +871,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "reproduce":
-            record = run_profile(args.profile, force=args.force, kernel=args.kernel, only=args.only)
+            if args.executor == "local" and (args.scheduler or args.workers):
+                parser.error("--scheduler and --workers need --executor dask")
+            record = run_profile(
+                args.profile,
+                force=args.force,
+                kernel=args.kernel,
+                only=args.only,
+                executor=args.executor,
+                scheduler=args.scheduler,
+                workers=args.workers,
+                cpus_per_task=args.cpus_per_task,
+            )
             out = config.profile_dir(args.profile)
             print(f"reproduce: done in {record['wall_seconds']:.1f} s; open {out / 'index.html'}")
         elif args.command == "html":

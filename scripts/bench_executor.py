@@ -1,0 +1,91 @@
+"""A profile's wall time with the local executor and with Dask on this machine, side by side.
+
+Each executor runs ``python -m cxrstudy.pipeline reproduce --profile P --force`` in a fresh process with its own
+reports folder (``CXR_REPORTS_DIR``), local first; the data caches under ``data/cache`` are shared, so the second
+run may find features the first one computed. Dask runs on a cluster of this machine (``--workers`` one-thread
+workers, 127.0.0.1). Beside the wall times: each step's seconds, the node each ran on, and the critical path (the
+longest chain of dependent steps, ``pipeline.step_dependencies``, timed with the local run's seconds: no number of
+workers finishes sooner). Writes ``reports/bench_executor.json`` and prints it. Usage:
+    python scripts/bench_executor.py [--profile smoke] [--workers 2] [--local-reports DIR] [--dask-reports DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cxrstudy import config, pipeline
+from cxrstudy.fileio import write_json
+
+
+def reproduce(profile: str, reports: Path, extra: list[str]) -> dict[str, Any]:
+    """One forced run of ``profile`` into ``reports``: its wall time and run.json."""
+    cmd = [sys.executable, "-m", "cxrstudy.pipeline", "reproduce", "--profile", profile, "--force", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=config.ROOT, env={**os.environ, "CXR_REPORTS_DIR": str(reports)})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"bench_executor: `{' '.join(cmd)}` failed ({proc.returncode})")
+    record = json.loads((reports / profile / "run.json").read_text())
+    return {"command": " ".join(cmd[2:]), "wall_s": round(wall, 1), "pipeline_wall_s": record["wall_seconds"], "record": record}
+
+
+def critical_path(profile: str, seconds: dict[str, float]) -> dict[str, Any]:
+    """The longest chain of dependent steps, weighted by ``seconds``."""
+    steps = pipeline.load_profile(profile).steps
+    deps = pipeline.step_dependencies(steps, config.profile_dir(profile))
+    best: dict[str, tuple[float, list[str]]] = {}
+    for s in steps:  # dependencies come earlier in the profile
+        before = max((best[d] for d in deps[s.name]), default=(0.0, []))
+        best[s.name] = (before[0] + seconds[s.name], [*before[1], s.name])
+    total, chain = max(best.values())
+    return {"steps": chain, "seconds": round(total, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--local-reports", type=Path, help="reports folder of the local run (default: a temporary one)")
+    parser.add_argument("--dask-reports", type=Path, help="reports folder of the Dask run (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=config.REPORTS_DIR / "bench_executor.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-executor-") as tmp:
+        local = reproduce(args.profile, args.local_reports or Path(tmp) / "local", [])
+        dask = reproduce(
+            args.profile, args.dask_reports or Path(tmp) / "dask", ["--executor", "dask", "--workers", str(args.workers)]
+        )
+    local_s = {s["name"]: s["seconds"] for s in local["record"]["steps"]}
+    result = {
+        "profile": args.profile,
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "local": {
+            "wall_s": local["wall_s"],
+            "pipeline_wall_s": local["pipeline_wall_s"],
+            "steps_s": local_s,
+        },
+        "dask": {
+            "wall_s": dask["wall_s"],
+            "pipeline_wall_s": dask["pipeline_wall_s"],
+            "workers": args.workers,
+            "executor": dask["record"]["executor"],
+            "steps": {s["name"]: {"seconds": s["seconds"], "worker": s.get("worker")} for s in dask["record"]["steps"]},
+        },
+        "speedup": round(local["wall_s"] / dask["wall_s"], 2),
+        "critical_path_local_s": critical_path(args.profile, local_s),
+        "sum_of_steps_local_s": round(sum(local_s.values()), 1),
+    }
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
