@@ -144,7 +144,8 @@ def test_claim_checklist(results):
     assert "| Headline | a / b |" in rows
     assert "Source identification accuracy 71.0%" in text and "in-lung saliency share n/a" in text
     assert "scenarios ['deep', 'shallow']" in text and "1 candidate files excluded (reasons: {'lateral': 1})" in text
-    assert "from 50 patient-group bootstrap resamples" in text
+    assert "from 50 class-stratified patient-group bootstrap resamples" in text and "Patient-grouped cross-validation (2 folds" in text
+    assert "Not part of the study" not in text and "Actualmed" in text
 
 
 def test_index_and_readme_from_results(tmp_path, results):

@@ -401,12 +401,14 @@ def _ranking(
             else f"few films: {why}; the run scores both classes and a probe would see the same films, so the model's own ranking is kept (read the interval)"
         )
         return _result(res["per_class"][positive]["roc_auc"], len(rows), "model", note), rows, score
+    scores = f"prob_{negative}" in held.columns and f"prob_{positive}" in held.columns
+    why = why if scores else f"the run does not score {negative if f'prob_{positive}' in held.columns else positive}"
     if features is None:
         return _none(f"{why}; no features for the probe fallback", len(rows), "probe"), None, None
     every = _pair_rows(probe_films, source, positive, negative)
     out, used, score = _probe(features, every, positive, negative, n_bootstrap, seed)
     out["note"] = "; ".join(
-        x for x in (f"probe fallback: {why} (probe on unseen films)", out.get("note")) if x
+        x for x in (f"probe fallback: {why} (a linear probe on its out-of-fold features)", out.get("note")) if x
     )
     return out, used, score
 

@@ -383,9 +383,10 @@ def claim_checklist(results: dict) -> str:
         ds=results.get("dataset") or {},
         checks=results.get("shortcut_checks") or {},
         head=results.get("headline") or {},
+        protocol=results.get("protocol") or {},
         params=results.get("params") or {},
         sources=_sources(results),
-        scenarios=sorted({r["scenario"] for r in results.get("runs", [])}),
+        scenarios=sorted({r["scenario"] for r in results.get("configurations") or results.get("runs", [])}),
     )
 
 
