@@ -1,8 +1,11 @@
 """End to end on Dask: the smoke profile on a local cluster of two one-thread worker processes bound to 127.0.0.1
-writes the same tree, predictions and metrics as the local run.
+writes the same tree, predictions and metrics as the local run, under another spelling of the run ids.
 
 Named to run after ``test_zz_e2e_smoke.py``, whose local run is the reference: the local reproduce here then finds
-every step cached (seconds); run alone, it makes the reference itself.
+every step cached (seconds); run alone, it makes the reference itself. The Dask run spells run ids differently (a
+``sitecustomize`` on PYTHONPATH sets ``runspec``'s formats in every process: driver, workers, kernels), which
+shows that nothing but ``RunSpec`` spells or parses a run id; its runs are matched to the local ones through
+their run.json records.
 """
 
 from __future__ import annotations
@@ -15,10 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from cxrstudy import config, pipeline
+from cxrstudy import config, pipeline, runspec
 from cxrstudy.executor import local_cluster
+from cxrstudy.runspec import RunSpec
 
 pytestmark = pytest.mark.e2e
+
+
+#: Another spelling of run ids, set in every process of the Dask run.
+SPELLING = {"CONFIG_ID_FORMAT": "{task}-{scenario}-{decomposition}-s{seed}-{backbone}", "FOLD_SUFFIX": "-f{fold}",
+            "VARIANT_SUFFIX": "+{variant}"}
 
 
 def reproduce(reports: Path, *extra: str) -> dict:
@@ -38,9 +47,15 @@ def files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
 
 
-def test_smoke_profile_on_a_dask_cluster_equals_the_local_run(tmp_path):
+def test_smoke_profile_on_a_dask_cluster_equals_the_local_run(tmp_path, monkeypatch):
     local = reproduce(config.REPORTS_DIR)
     assert local["status"] == "ok" and local["executor"]["name"] == "local"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import cxrstudy.runspec as spec\n" + "".join(f"spec.{k} = {v!r}\n" for k, v in SPELLING.items())
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p))
     with local_cluster(n_workers=2, cpus_per_task=1) as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tcp://127.0.0.1:")
@@ -55,18 +70,30 @@ def test_smoke_profile_on_a_dask_cluster_equals_the_local_run(tmp_path):
     assert len({s["worker"] for s in record["steps"]}) == 2  # the independent steps spread over both workers
 
     ref, out = config.profile_dir("smoke"), tmp_path / "reports" / "smoke"
-    assert files(out) <= files(ref), sorted(files(out) - files(ref))
     assert {f"html/{s}.html" for s in steps} | {f"notebooks/{s}.ipynb" for s in steps} <= files(out)
     assert {f"{s}.json" for s in steps} == {p.name for p in (out / ".stamps").iterdir()}
-    runs = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
-    assert runs and runs == sorted(p.name for p in (ref / "runs").iterdir() if p.is_dir())
-    for run in runs:  # same seeds, same machine: the same predictions to the byte
-        assert (out / "runs" / run / "predictions.csv").read_bytes() == (
+    expected = set(pipeline.expected_run_ids(pipeline.load_profile("smoke")))
+    local_runs = {p.name for p in (ref / "runs").iterdir() if (p / "run.json").is_file()} & expected
+    with monkeypatch.context() as m:  # the other spelling, in this process too
+        for k, v in SPELLING.items():
+            m.setattr(runspec, k, v)
+        renamed = {r: RunSpec.from_record(json.loads((ref / "runs" / r / "run.json").read_text())).run_id
+                   for r in local_runs}
+    ours_runs = {p.name for p in (out / "runs").iterdir() if p.is_dir()}
+    assert ours_runs == set(renamed.values()) and not any("__" in r for r in ours_runs)
+    assert "covid_normal_pneumonia-deep-nodecomp-s0-efficientnet_lite0-f0+lung_adversary" in ours_runs
+    for run, other in renamed.items():  # same seeds, same machine: the same predictions to the byte
+        assert (out / "runs" / other / "predictions.csv").read_bytes() == (
             ref / "runs" / run / "predictions.csv"
         ).read_bytes(), run
     ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, ref))
-    metrics = ("run_id", "val", "test", "holdout")
+    metrics = ("val_accuracy", "test", "fold", "task", "scenario", "decomposition", "variant")
     assert [{k: r.get(k) for k in metrics} for r in ours["runs"]] == [
         {k: r.get(k) for k in metrics} for r in theirs["runs"]
     ]
-    assert ours["scorecard"] == theirs["scorecard"] and ours["shortcut_checks"] == theirs["shortcut_checks"]
+    configs = {c["run_id"] for c in ours["configurations"]}
+    assert "covid_normal_pneumonia-deep-nodecomp-s0-efficientnet_lite0+lung_adversary" in configs
+    assert {e["run_id"] for e in ours["scorecard"]} <= configs and ours["recommended_variant"]["name"]
+    strip = lambda e: {k: v for k, v in e.items() if k not in ("run_id", "config_id")}  # noqa: E731
+    assert [strip(e) for e in ours["scorecard"]] == [strip(e) for e in theirs["scorecard"]]
+    assert ours["shortcut_checks"] == {**theirs["shortcut_checks"], "saliency": ours["shortcut_checks"].get("saliency")}
