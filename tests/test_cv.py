@@ -148,3 +148,26 @@ def test_an_interval_needs_ten_patients_a_class():
     ok = compute_metrics(y + ["normal"], np.vstack([probs, [[0.2, 0.8]]]), ["covid", "normal"],
                          [f"g{i}" for i in range(40)], 100, 0)
     assert "not_estimable" not in ok and ok["accuracy"]["ci_low"] is not None
+
+
+def test_a_variant_is_read_against_its_baseline_on_the_same_films():
+    """variant_differences: the paired difference on the films both score, per fold, and the reading."""
+    from cxrstudy.evaluation.variants import variant_differences
+
+    held = _films("held", 24)
+    manifest = pd.concat([_films(f"{v}{f}_", 30) for v in ("x",) for f in (0, 1)] + [held]).assign(
+        source_name="ieee8023")
+    manifest.loc[manifest["image"].str.startswith("held"), "source_name"] = "actualmed"
+    def runs(variant, p):
+        return [_fold_run(f, _films(f"x{f}_", 30), held, _films(f"v{f}_", 4), p, variant) for f in (0, 1)]
+    wholes = cv.oof_runs(runs("baseline", 0.6) + runs("lung", 0.9))
+    got = {d["goal"]: d for d in variant_differences(wholes, manifest, n_bootstrap=200)}
+    assert set(got) == {"S2", "paper"}  # a binary task scores no pneumonia: no S1 or S4
+    paper = got["paper"]
+    assert paper["variant"] == "lung" and paper["n"] == 60 and paper["n_patients"] == 60
+    assert paper["difference"]["value"] == pytest.approx(0.0)  # both right on every film (0.6 and 0.9 > 0.5)
+    assert got["S2"]["per_fold"] == [0.0, 0.0] and got["S2"]["reading"] == "undetermined"
+    worse = cv.oof_runs(runs("baseline", 0.9) + runs("lung", 0.4))
+    [s2] = [d for d in variant_differences(worse, manifest, n_bootstrap=200) if d["goal"] == "S2"]
+    assert s2["difference"]["value"] == pytest.approx(-1.0) and s2["reading"] == "worse"
+    assert s2["combined"]["ci_high"] < 0 and s2["per_fold"] == [-1.0, -1.0]
