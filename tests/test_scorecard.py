@@ -384,6 +384,10 @@ def test_check_goals_read_the_interval():
     assert b["S3"]["status"] == "met" and b["S1"]["status"] is None and b["S1"]["met"] is None
     assert a["S4"]["status"] is None and a["S4"]["met"] is None
     assert b["S4"]["status"] == "missed" and "S5" not in a and "paper_task_accuracy" not in {g["metric"] for g in goals}
+    thin = {**e("nih_pneumonia_vs_normal_auc", 0.2, None, None, run="c"), "note": "not estimable: ...",
+            "confounders": {"view_matched": {"value": 0.1, "ci_low": 0.0, "ci_high": 0.3}}}
+    [s4] = [g for g in SC.check_goals([thin]) if g["goal"] == "S4"]
+    assert s4["status"] == "undetermined" and s4["reason"].startswith("not estimable")  # no interval, no verdict
     assert set(goals[0]) >= {"goal", "metric", "target", "value", "ci_low", "ci_high", "status", "met"}
     assert SC.interval_status(0.5, 0.9, ">=", 0.8) == "undetermined" and SC.interval_status(None, None, ">=", 0.8) == "undetermined"
 

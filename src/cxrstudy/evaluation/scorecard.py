@@ -616,11 +616,14 @@ def interval_status(ci_low: float | None, ci_high: float | None, op: str, target
 def goal_status(entry: dict, op: str, target: float | None) -> tuple[str | None, str | None]:
     """A goal's status and, when the confounders keep it from ``met``, why. Met only when the interval is met,
     the view-matched interval is met too, and the interval's lower bound is above the best confounder-only
-    rule; missed when the interval or the view-matched interval is missed; else undetermined."""
+    rule; missed when the interval or the view-matched interval is missed; else undetermined (always, when the
+    metric has no interval: not estimable)."""
     status = interval_status(entry.get("ci_low"), entry.get("ci_high"), op, target)
     block = entry.get("confounders")
     if status is None or not block:
         return status, None
+    if entry.get("ci_low") is None:
+        return "undetermined", entry.get("note") or "no interval"
     from cxrstudy.evaluation.confounders import best_rule
 
     vm = block.get("view_matched") or {}
