@@ -191,3 +191,15 @@ def test_run_ids_list_the_dfr_runs_of_decomposition_off_runs_only():
     assert ids[1] == ids[0] + "_dfr"
     assert len(training.TrainConfig.from_params({**params, "input_view": "lung_mask", "equalize": True})) == 4
     assert [s.variant for s in RunSpec.from_params({**params, "variant": "baseline"})][:2] == ["baseline", "dfr"]
+
+
+def test_adversary_logs_the_kept_epoch_and_the_last(tiny, tmp_path):
+    manifest, root = tiny
+    cfg = training.TrainConfig(**{**COMMON, "epochs": 3, "patience": 5}, variant="adv", adversary_weight=1.0,
+                               adversary_schedule="constant")
+    run = training.train_run(manifest, cfg, root, out_root=tmp_path)
+    log = pd.read_csv(run.run_dir / "adversary.csv")
+    kept, last = run.info["params"]["adversary_kept_epoch"], run.info["params"]["adversary_last_epoch"]
+    assert kept["epoch"] == run.info["best_epoch"] and last["epoch"] == 3 == len(log)
+    assert kept["adv_accuracy"] == log.loc[log["epoch"] == kept["epoch"], "adv_accuracy"].item()
+    assert last["adv_accuracy"] == log["adv_accuracy"].iloc[-1]
