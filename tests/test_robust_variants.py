@@ -162,14 +162,14 @@ def test_dfr_retrains_the_head_on_inner_validation_only(tiny, tmp_path, fixed_ro
     assert info["variant"] == "dfr" and model.head.weight.shape == (2, w0["head.weight"].shape[1])
     # scrambling the held-out films' sources and views leaves the retrained head bit-identical ...
     wb = torch.load(tmp_path / "b" / a["run_id"] / "model.pth", weights_only=True)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and b["dfr"]["c_grid"] == a["dfr"]["c_grid"]
     # ... while the inner-validation films' groups are what it reads
     c = training.train_dfr(base.run_dir, _scrambled(manifest, fixed_roles, ("val",)), root, out_root=tmp_path / "c")
     assert c["dfr"]["grouping"] != ["label"] and {g["group"].split("|")[1] for g in c["dfr"]["groups"]} == {"site_z"}
     assert c["dfr"]["groups"] != a["dfr"]["groups"]
     # decomposition-on runs have no DFR
     with pytest.raises(ValueError, match="decomposition-off runs only"):
-        RunSpec.from_record({**base.info, "decomposition": True}).dfr
+        _ = RunSpec.from_record({**base.info, "decomposition": True}).dfr
 
 
 def test_balanced_sample_and_grouping():

@@ -9,7 +9,7 @@ from cxrstudy.runspec import RunSpec
 from cxrstudy.training import TrainConfig
 
 #: Notebook 04 parameters that are not TrainConfig fields: where reports go, how many seeds, the subsample.
-NOTEBOOK_ONLY = {"profile", "n_seeds", "max_per_class"}
+NOTEBOOK_ONLY = {"profile", "n_seeds", "repeats", "dfr", "max_per_class"}
 
 
 def test_record_round_trip_and_defaults():
