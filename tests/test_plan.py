@@ -116,12 +116,12 @@ def test_variant_sentences_read_intervals_and_say_undetermined_on_overlap():
 
 
 def _fold_runs(root: Path) -> Path:
-    """Two configurations (deep baseline and its DFR variant), one fold run each, with hand-made predictions."""
+    """Three configurations (deep baseline, DFR, group DRO), one fold run each, with hand-made predictions."""
     import json
 
     rng = np.random.default_rng(0)
     labels = np.array(["covid", "normal"] * 24)
-    for variant in ("baseline", "dfr"):
+    for variant in ("baseline", "dfr", "group_dro"):
         spec = RunSpec("covid_vs_normal", "efficientnet_lite0", "deep", False, 0, variant, 64, fold=0)
         d = root / "runs" / spec.run_id
         d.mkdir(parents=True)
@@ -156,9 +156,19 @@ def test_results_json_records_the_plan_and_each_configurations_worst_group(tmp_p
     assert res["plan"]["path"] == "params/plan.yaml"
     assert res["plan"]["sha256"] == hashlib.sha256((config.PARAMS_DIR / "plan.yaml").read_bytes()).hexdigest()
     assert res["plan"]["matches_head"] in (True, False)  # this checkout is a git repository
-    assert [c["variant"] for c in res["configurations"]] == ["baseline", "dfr"]
+    assert [c["variant"] for c in res["configurations"]] == ["baseline", "dfr", "group_dro"]
     for c in res["configurations"]:
         wga = c["worst_group_accuracy"]
         assert wga["group"] in {"covid|ieee8023", "covid|nih", "normal|ieee8023", "normal|nih"} and wga["n"] == 12
     assert any(s.startswith("dfr (covid_vs_normal, deep)") for s in res["verdict"])
     assert any("analysis plan params/plan.yaml" in s for s in res["verdict"])
+
+
+def test_dfr_and_group_dro_runs_are_selection_candidates(tmp_path):
+    from cxrstudy.evaluation import cv, selection
+    from cxrstudy.reporting.results import load_runs
+
+    runs = cv.oof_runs(load_runs(_fold_runs(tmp_path / "prof")))
+    cands = selection.candidates(runs, "covid_vs_normal", "deep", floor=0.0)
+    assert [c["variant"] for c in cands] == ["baseline", "dfr", "group_dro"]
+    assert selection.select_variant(runs, "covid_vs_normal", "deep", max_drop=1.0)["name"] in {c["variant"] for c in cands}
