@@ -15,14 +15,14 @@ from cxrstudy import tensorcache, training
 from cxrstudy.data import splits
 from cxrstudy.images import load_xray, resize_short_side
 from cxrstudy.runspec import RunSpec
-from cxrstudy.training.dfr import balanced_sample, choose_grouping
+from cxrstudy.training.dfr import balanced_sample, choose_c, choose_grouping
 from cxrstudy.training.groupdro import group_losses
 
 DARKCOVID = ("muhammedtalo/COVID-19", "ee3e2cffc0824711bed675275506b26f19be7198", "X-Ray Image DataSet")
 FOLDERS = {"covid": "Covid-19", "normal": "No_findings"}
-PER_CLASS = 16
+PER_CLASS = 24
 COMMON = dict(task="covid_vs_normal", backbone="efficientnet_lite0", image_size=32, batch_size=8, seed=0,
-              device="cpu", scenario="deep", epochs=1, wd=0.0, folds=2, fold=0, inner_val=0.4)
+              device="cpu", scenario="deep", epochs=1, wd=0.0, folds=2, fold=0, inner_val=0.45)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +38,7 @@ def tensor_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, mirror_root: Path) -> tuple[pd.DataFrame, Path]:
-    """16 covid + 16 normal real films (32 px PNGs), two sites and two views alternating, four films of the
+    """24 covid + 24 normal real films (32 px PNGs), two sites and two views alternating, four films of the
     held-out hospital (actualmed)."""
     repo, commit, top = DARKCOVID
     root = tmp_path_factory.mktemp("processed")
@@ -153,6 +153,7 @@ def test_dfr_retrains_the_head_on_inner_validation_only(tiny, tmp_path, fixed_ro
     assert sorted(preds["split"].unique()) == ["holdout", "test", "val"]
     assert set(preds["image"]) == set(roles.loc[roles["split"] != "train", "image"])
     assert a["dfr"]["c"] in training.dfr.C_GRID and a["dfr"]["n_val_films"] == (roles["split"] == "val").sum()
+    assert a["dfr"]["val_predictions"].startswith("cross-fitted") and any(t["splits"] for t in a["dfr"]["c_grid"])
     # the head changed, the backbone did not
     w0 = torch.load(base.run_dir / "model.pth", weights_only=True)
     wa = torch.load(run_dir / "model.pth", weights_only=True)
@@ -181,6 +182,9 @@ def test_balanced_sample_and_grouping():
                          "view": ["PA", "PA", "AP", "PA"]})
     cols, g = choose_grouping(rows)  # covid has no (label, source[, view]) group of two: label only
     assert cols == ("label",) and g.tolist() == ["covid", "covid", "normal", "normal"]
+    # four films cannot be cross-fitted (every split's training part lacks a class): the grid's first C, no CV
+    c, table, probs = choose_c(np.eye(4), np.array([0, 0, 1, 1]), rows.assign(patient_group=list("abcd")), 2, 0)
+    assert c == training.dfr.C_GRID[0] and probs is None and all(t["splits"] == 0 for t in table)
 
 
 def test_run_ids_list_the_dfr_runs_of_decomposition_off_runs_only():

@@ -59,14 +59,18 @@ def dfr_groups(rows: pd.DataFrame, columns: tuple[str, ...] = GROUP_COLUMNS) -> 
     return frame.agg("|".join, axis=1).reset_index(drop=True)
 
 
-def choose_grouping(rows: pd.DataFrame) -> tuple[tuple[str, ...], pd.Series]:
-    """The finest of label x source x view, label x source, label under which every label of ``rows`` has a group of
-    at least :data:`MIN_GROUP` films (so a balanced sample holds every class), and its groups; ValueError if none."""
+def choose_grouping(
+    rows: pd.DataFrame, labels: set[str] | None = None
+) -> tuple[tuple[str, ...], pd.Series]:
+    """The finest of label x source x view, label x source, label under which every label (of ``rows``, or
+    ``labels``) has a group of at least :data:`MIN_GROUP` films (so a balanced sample holds every class), and its
+    groups; ValueError if none."""
+    labels = set(rows["label"].astype(str)) if labels is None else labels
     for columns in (GROUP_COLUMNS, GROUP_COLUMNS[:2], GROUP_COLUMNS[:1]):
         groups = dfr_groups(rows, columns)
         sizes = groups.value_counts()
         kept = {g.split("|", 1)[0] for g in sizes[sizes >= MIN_GROUP].index}
-        if kept >= set(rows["label"].astype(str)):
+        if kept >= labels:
             return columns, groups
     raise ValueError(f"DFR: some class has fewer than {MIN_GROUP} inner-validation films")
 
@@ -132,36 +136,43 @@ def _group_balanced_accuracy(y: np.ndarray, pred: np.ndarray, groups: np.ndarray
 
 
 def choose_c(
-    x: np.ndarray, y: np.ndarray, groups: pd.Series, patients: np.ndarray, n_classes: int, seed: int
-) -> tuple[float, list[dict[str, Any]], np.ndarray]:
-    """C from :data:`C_GRID` by patient-grouped CV (``GroupKFold``) over the films: per C the mean per-group
-    accuracy on the held parts. Returns the C, the table of scores and the chosen C's cross-fitted probabilities."""
+    x: np.ndarray, y: np.ndarray, rows: pd.DataFrame, n_classes: int, seed: int
+) -> tuple[float, list[dict[str, Any]], np.ndarray | None]:
+    """C from :data:`C_GRID` by patient-grouped CV (``GroupKFold`` over ``rows``' ``patient_group``): per C the
+    mean per-group accuracy on the held parts, each split's head fitted on a balanced sample of its training part
+    (grouped by :func:`choose_grouping` there; a split whose training part cannot hold every class is skipped).
+    Returns the C, the table of scores and the chosen C's cross-fitted probabilities; with no usable split, the
+    grid's first (weakest) C and None."""
     from sklearn.model_selection import GroupKFold
 
+    rows = rows.reset_index(drop=True)
+    patients = rows["patient_group"].astype(str).to_numpy()
+    held_groups = dfr_groups(rows).to_numpy()
     k = min(N_SPLITS, len(np.unique(patients)))
-    if k < 2:
-        raise ValueError("DFR: fewer than two patient groups among the inner-validation films")
-    splits = list(GroupKFold(n_splits=k).split(x, y, patients))
+    splits = list(GroupKFold(n_splits=k).split(x, y, patients)) if k >= 2 else []
+    fits = []
+    for tr, te in splits:
+        try:
+            fits.append((tr, te, choose_grouping(rows.iloc[tr], set(rows["label"].astype(str)))[1]))
+        except ValueError:  # this split's training part lacks a class: it says nothing
+            continue
     table, probs = [], {}
     for c in C_GRID:
-        p = np.zeros((len(y), n_classes))
+        p = np.full((len(y), n_classes), 1.0 / n_classes)
         scores = []
-        for i, (tr, te) in enumerate(splits):
-            try:
-                w, b = _averaged_head(x[tr], y[tr], groups.iloc[tr].reset_index(drop=True), n_classes, c,
-                                      seed + 100 * i, 1)
-            except ValueError:  # a split's training part lacks a class or a balanced group: this split says nothing
-                p[te] = 1.0 / n_classes
-                continue
+        for i, (tr, te, groups) in enumerate(fits):
+            w, b = _averaged_head(x[tr], y[tr], groups, n_classes, c, seed + 100 * i, 1)
             p[te] = _softmax(x[te] @ w.T + b)
-            scores.append(_group_balanced_accuracy(y[te], p[te].argmax(1), groups.to_numpy()[te]))
+            scores.append(_group_balanced_accuracy(y[te], p[te].argmax(1), held_groups[te]))
         table.append({"C": c, "score": float(np.mean(scores)) if scores else None, "splits": len(scores)})
         probs[c] = p
-    scored = [t for t in table if t["score"] is not None]
-    if not scored:
-        raise ValueError("DFR: no cross-validation split could fit a head (too few inner-validation films)")
-    best = max(scored, key=lambda t: (t["score"], -t["C"]))["C"]
-    return best, table, probs[best]
+    if not fits:
+        return C_GRID[0], table, None
+    covered = np.zeros(len(y), dtype=bool)
+    for _, te, _ in fits:
+        covered[te] = True
+    best = max(table, key=lambda t: (t["score"], -t["C"]))["C"]
+    return best, table, probs[best] if covered.all() else None
 
 
 @torch.inference_mode()
@@ -212,14 +223,14 @@ def train_dfr(
     val = (rows["split"] == "val").to_numpy()
     y = rows.loc[val, "label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     grouping, groups = choose_grouping(rows[val])
-    patients = rows.loc[val, "patient_group"].astype(str).to_numpy()
-    c, table, val_probs = choose_c(feats[val], y, groups, patients, len(classes), seed)
+    c, table, val_probs = choose_c(feats[val], y, rows[val], len(classes), seed)
     w, b = _averaged_head(feats[val], y, groups, len(classes), c, seed, N_DRAWS)
     with torch.no_grad():
         model.head.weight.copy_(torch.as_tensor(w, dtype=model.head.weight.dtype))
         model.head.bias.copy_(torch.as_tensor(b, dtype=model.head.bias.dtype))
     probs = _softmax(feats @ w.T + b)
-    probs[val] = val_probs
+    if val_probs is not None:
+        probs[val] = val_probs
     preds = predictions_frame(rows, probs, identity_labels(tuple(classes)), with_subclasses=False)
     sizes = groups.value_counts()
     out_dir = Path(out_root or base_dir.parent) / spec.run_id
@@ -245,7 +256,10 @@ def train_dfr(
             "left_out_groups": sorted(sizes[sizes < MIN_GROUP].index),
             "n_val_films": int(val.sum()),
             "nonzero_weights": int((np.abs(w) > 0).any(0).sum()),
-            "val_predictions": "cross-fitted at the chosen C (patient-grouped splits)",
+            "c_rule": "patient-grouped CV, mean per-group accuracy" if any(t["splits"] for t in table)
+            else "fixed at the grid's first: no split's training part held every class",
+            "val_predictions": "cross-fitted at the chosen C (patient-grouped splits)" if val_probs is not None
+            else "in-sample: too few inner-validation films to cross-fit every one (optimistic)",
         },
     }
     buf = io.BytesIO()
