@@ -242,11 +242,12 @@ def train_dfr(
         "config_id": spec.config_id,
         "variant": spec.variant,
         "base_run_id": info["run_id"],
-        "train_seconds": round(float(info.get("train_seconds") or 0) + time.perf_counter() - t0, 3),
+        "train_seconds": round(float(info.get("train_seconds") or 0) + time.perf_counter() - t0, 3),  # base + DFR
         "val_accuracy": float((preds.loc[val, "pred"] == preds.loc[val, "label"]).mean()),
         "test_accuracy": _accuracy(preds, "test"),
         "dfr": {
             "rule": RULE,
+            "seconds": round(time.perf_counter() - t0, 3),
             "c": c,
             "c_grid": table,
             "n_draws": N_DRAWS,
