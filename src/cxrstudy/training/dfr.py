@@ -96,7 +96,8 @@ def _fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, seed: int)
 
     mu, sd = x.mean(0), x.std(0) + 1e-6
     solver = "liblinear" if n_classes == 2 else "saga"
-    clf = LogisticRegression(C=c, l1_ratio=1.0, solver=solver, max_iter=2000, random_state=seed)  # L1
+    # L1; tol 1e-3: saga at scikit-learn's 1e-4 runs thousands of epochs on 1280 features (3 s a fit on 60 films)
+    clf = LogisticRegression(C=c, l1_ratio=1.0, solver=solver, max_iter=1000, tol=1e-3, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit((x - mu) / sd, y)
