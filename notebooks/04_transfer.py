@@ -57,8 +57,13 @@ adversary_weight = 0.0  # > 0: class-conditional source adversary (gradient reve
 adversary_schedule = "ganin"  # ganin (ramped 0 -> weight) or constant
 adversary_lr = 1e-3  # the adversary heads' own AdamW learning rate
 sampling = "uniform"  # uniform, or source_balanced: films drawn with weights P(label)/P(label|source)
+wd = None  # AdamW weight decay (decoupled); None is fastai's 0.01
+objective = "erm"  # erm, or group_dro: online group DRO over the training rows' label x source groups
+dro_eta = 0.01  # group DRO's step size for the group weights
+dfr = False  # also write each decomposition-off run's deep-feature-reweighting run (its last layer retrained)
 
 # %%
+import pandas as pd
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix
@@ -76,13 +81,25 @@ image_root = view_root(manifest, profile, input_view, equalize, view_margin)  # 
 # %% [markdown]
 # ## Training
 #
-# One run per decomposition setting and seed; the table gives composed accuracies. A variant other than `baseline` sees its films through `input_view` (rendered once from notebook 01's lung masks, cached) and, with `adversary_weight` > 0, trains against a class-conditional source adversary: a small head per class behind a gradient-reversal layer predicts the training film's source hospital *within its class* from the backbone's pooled features, its weight ramped over the whole budget (Ganin & Lempitsky 2015), its per-epoch accuracy against the majority source written to `adversary.csv`. Its codes come from training rows only. With `sampling = "source_balanced"` each epoch draws as many films as the training split holds, with replacement, each with weight P(label) / P(label | source) estimated on the training split (Kamiran & Calders 2012, clipped to [0.25, 4], mean 1): within a source that holds several labels (ieee8023: COVID-19 and other pneumonia; NIH: normal and pneumonia) the label then carries no information about the source, and the films that hold the within-source contrast (ieee8023's other pneumonia) weigh more; `run.json` lists the weight of every (label, source) cell.
+# One run per decomposition setting and seed; the table gives composed accuracies. A variant other than `baseline` sees its films through `input_view` (rendered once from notebook 01's lung masks, cached) and, with `adversary_weight` > 0, trains against a class-conditional source adversary: a small head per class behind a gradient-reversal layer predicts the training film's source hospital *within its class* from the backbone's pooled features, its weight ramped over the whole budget (Ganin & Lempitsky 2015), its per-epoch accuracy against the majority source written to `adversary.csv`. Its codes come from training rows only. With `sampling = "source_balanced"` each epoch draws as many films as the training split holds, with replacement, each with weight P(label) / P(label | source) estimated on the training split (Kamiran & Calders 2012, clipped to [0.25, 4], mean 1): within a source that holds several labels (ieee8023: COVID-19 and other pneumonia; NIH: normal and pneumonia) the label then carries no information about the source, and the films that hold the within-source contrast (ieee8023's other pneumonia) weigh more; `run.json` lists the weight of every (label, source) cell. With `objective = "group_dro"` (Sagawa et al. 2020, Algorithm 1) each training batch's loss is the weighted sum of its label × source groups' mean losses, the group weights stepped by `q ← q·exp(dro_eta · loss_g)` and normalised, so the worst group weighs most; the groups come from the training rows only, `groups.csv` logs each group's loss and weight per epoch; early stopping reads the plain validation loss.
 
 # %%
 configs = training.TrainConfig.from_params(globals())  # the parameters cell: every fold x decomposition value
 results = [training.train_run(manifest, cfg, image_root, profile_dir=out) for cfg in configs]
+dfr_runs = [training.train_dfr(r.run_dir, manifest, image_root) for r in results if dfr and not r.info["decomposition"]]
 summary = training.summarize_runs(results)
 display(summary.drop(columns=["test_accuracy"]))
+
+# %% [markdown]
+# ## Deep feature reweighting (with `dfr`)
+#
+# For each decomposition-off run, its last layer retrained on its fold's inner-validation films (which it never trained on), group-balanced by label × source × view, L1 logistic regression with C chosen by patient-grouped cross-validation on those films (`training.dfr`); the run folder `<run id>` with variant `dfr` (from the baseline) or `<variant>_dfr`. The validation accuracy shown is cross-fitted.
+
+# %%
+if dfr_runs:
+    display(pd.DataFrame([{"run_id": d["run_id"], "C": d["dfr"]["c"], "per group": d["dfr"]["per_group"],
+                           "groups left out": len(d["dfr"]["left_out_groups"]), "val_accuracy": d["val_accuracy"]}
+                          for d in dfr_runs]))
 
 # %% [markdown]
 # ## Learning curves

@@ -31,10 +31,12 @@ saliency_per_class = 4  # Grad-CAM images per class and outcome (correct / wrong
 shortcut_checks = True  # run the feature-level shortcut checks
 input_view = "full"  # full, lung_crop or lung_mask: the films of the frozen-feature shortcut checks (as notebook 02)
 equalize = False  # histogram equalisation inside the lung mask (with a lung view)
-selection_task = "covid_normal_pneumonia"  # the recommended variant is chosen among this task's variants ...
-selection_scenario = "deep"  # ... of this scenario (decomposition off), on validation rows only
-selection_max_drop = 0.05  # a variant may lose at most this much of the baseline's validation COVID-19-vs-normal accuracy (seed means)
-selection_contrast = "view_matched"  # within-source contrast over same-view pairs only (view_matched) or every pair (all_pairs)
+# The recommended variant's rule comes from params/plan.yaml (fixed before the numbers); None reads the plan's value,
+# any other value must equal it.
+selection_task = None  # the recommended variant is chosen among this task's variants ...
+selection_scenario = None  # ... of this scenario (decomposition off), on validation rows only
+selection_max_drop = None  # a variant may lose at most this much of the baseline's validation COVID-19-vs-normal accuracy (seed means)
+selection_contrast = None  # within-source contrast over same-view pairs only (view_matched) or every pair (all_pairs)
 n_permutations = 19  # label permutations of the within-label source probes' null (p-value resolution 1/(n+1))
 run_ids: list[str] = []  # the runs to evaluate (the pipeline passes those its transfer steps produce); empty: every run folder
 
@@ -43,7 +45,7 @@ import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
-from cxrstudy import config
+from cxrstudy import config, plan
 from cxrstudy.data.manifest import load_manifest
 from cxrstudy.data.splits import subsample
 from cxrstudy.evaluation import (
@@ -89,8 +91,11 @@ display(pd.DataFrame([{k: r["info"].get(k) for k in ("run_id", "variant", "n_fol
 # Before any held-out number is read: among the variants (baseline included) of `selection_task` / `selection_scenario` without decomposition, on the folds' pooled inner-validation predictions, keep those whose mean validation COVID-19-vs-normal accuracy is at most `selection_max_drop` below the baseline's; among them pick the highest mean validation within-source contrast (the mean of the ieee8023 COVID-19-vs-pneumonia and NIH pneumonia-vs-normal ROC-AUCs on validation rows, with `selection_contrast: view_matched` over pairs of films of the same view only, so that projection cannot win the place); if none reaches the floor, the highest validation accuracy. `cxrstudy.evaluation.selection` reads only rows whose split is `val`.
 
 # %%
-recommended = selection.select_variant(runs, selection_task, selection_scenario, max_drop=selection_max_drop,
-                                       contrast=selection_contrast, manifest=manifest)
+selection_rule = plan.selection(task=selection_task, scenario=selection_scenario, max_drop=selection_max_drop,
+                                contrast=selection_contrast)  # params/plan.yaml
+recommended = selection.select_variant(runs, selection_rule["task"], selection_rule["scenario"],
+                                       max_drop=selection_rule["max_drop"], contrast=selection_rule["contrast"],
+                                       manifest=manifest)
 display(Markdown(f"**Recommended variant: {recommended['name']}**. {recommended['rule']}"))
 display(pd.DataFrame(recommended["candidates"]))
 

@@ -9,7 +9,7 @@ from cxrstudy.runspec import RunSpec
 from cxrstudy.training import TrainConfig
 
 #: Notebook 04 parameters that are not TrainConfig fields: where reports go, how many seeds, the subsample.
-NOTEBOOK_ONLY = {"profile", "max_per_class", "repeats"}
+NOTEBOOK_ONLY = {"profile", "max_per_class", "repeats", "dfr"}
 
 
 def test_record_round_trip_and_defaults():

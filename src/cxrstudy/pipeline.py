@@ -42,6 +42,8 @@ STEP_KEYS = {"notebook", "name", "params"}
 EXECUTORS = ("local", "dask")
 #: The variants every profile shares (beside the profiles); a profile's own ``variants:`` add to or override them.
 VARIANTS_FILE = "variants.yaml"
+#: The analysis plan beside the profiles (``cxrstudy.plan``), not a profile.
+PLAN_FILE = "plan.yaml"
 
 
 class ProfileError(ValueError):
@@ -73,14 +75,14 @@ class Profile:
 
 
 def profile_names(params_dir: Path = config.PARAMS_DIR) -> list[str]:
-    """The profiles in ``params_dir``: every YAML file but the shared variants."""
-    return sorted(p.stem for p in params_dir.glob("*.yaml") if p.name != VARIANTS_FILE)
+    """The profiles in ``params_dir``: every YAML file but the shared variants and the analysis plan."""
+    return sorted(p.stem for p in params_dir.glob("*.yaml") if p.name not in (VARIANTS_FILE, PLAN_FILE))
 
 
 def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
     """Read ``params/<name>.yaml`` (or a path to a YAML file) and check its shape."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else params_dir / f"{name}.yaml"
-    if not path.is_file() or path.name == VARIANTS_FILE:
+    if not path.is_file() or path.name in (VARIANTS_FILE, PLAN_FILE):
         known = profile_names(params_dir)
         raise ProfileError(f"profile {name!r}: no file {path} (known profiles: {', '.join(known) or 'none'})")
     raw = yaml.safe_load(path.read_text()) or {}

@@ -21,6 +21,9 @@ from cxrstudy.config import BASELINE_VARIANT
 CONFIG_ID_FORMAT = "{task}__{backbone}__{scenario}__{decomposition}__seed{seed}"
 FOLD_SUFFIX = "__fold{fold}"
 VARIANT_SUFFIX = "__{variant}"
+#: How a deep-feature-reweighting run's variant is spelled from its base run's: ``dfr`` for the baseline's,
+#: ``<variant>_dfr`` for any other (``lung`` -> ``lung_dfr``).
+DFR_VARIANT, DFR_SUFFIX = "dfr", "_dfr"
 #: Fields that identify a run, in the order of run.json and results.json.
 IDENTITY: tuple[str, ...] = ("task", "backbone", "scenario", "decomposition", "seed", "variant", "fold")
 #: What a configuration is: the identity without the seed and the fold (its runs differ only in those).
@@ -85,6 +88,18 @@ class RunSpec:
         """(input_view, equalize, view_margin): how the run sees a film."""
         return self.input_view, self.equalize, self.view_margin
 
+    @property
+    def dfr(self) -> RunSpec:
+        """The deep-feature-reweighting run built on this run (its last layer retrained, ``training.dfr``): the same
+        identity and view, variant :data:`DFR_VARIANT` (from the baseline) or ``<variant>`` + :data:`DFR_SUFFIX`;
+        ValueError for a decomposition-on run (DFR retrains a class head) or a DFR run itself."""
+        if self.decomposition:
+            raise ValueError(f"{self.run_id}: DFR applies to decomposition-off runs only")
+        if self.variant == DFR_VARIANT or self.variant.endswith(DFR_SUFFIX):
+            raise ValueError(f"{self.run_id}: already a DFR run")
+        name = DFR_VARIANT if self.variant == BASELINE_VARIANT else self.variant + DFR_SUFFIX
+        return RunSpec(**{**self.__dict__, "variant": name})
+
     def label(self, sep: str = "\n", task: bool = True) -> str:
         """A short label for figures: ``task<sep>backbone scenario decomp seedN [foldN] [variant]``."""
         parts = [self.backbone, self.scenario, self.decomposition_name, f"seed{self.seed}"]
@@ -122,18 +137,21 @@ class RunSpec:
         )
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> list[RunSpec]:
+    def from_params(cls, params: Mapping[str, Any], derived: bool = True) -> list[RunSpec]:
         """Every run a transfer step's parameters ask for: ``repeats`` cross-validations (outer; repeat r has seed
         ``seed + r * folds``), each fold ``0 .. folds - 1`` (middle), times the ``decomposition`` values (one
-        value or a list; inner), in that order."""
+        value or a list; inner), in that order; with ``dfr`` true (and ``derived``), each decomposition-off run
+        followed by its :attr:`dfr` run (the step writes it after training its base)."""
         decomps = params["decomposition"]
         decomps = list(decomps) if isinstance(decomps, (list, tuple)) else [decomps]
         own = {f.name for f in fields(cls)} - {"decomposition", "seed", "fold"}
         base = {k: params[k] for k in own if k in params}
         first, k, n = int(params["seed"]), int(params.get("folds", 1)), int(params.get("repeats", 1))
-        return [
+        specs = [
             cls(decomposition=bool(d), seed=first + r * k, fold=f, **base)
             for r in range(n)
             for f in range(k)
             for d in decomps
         ]
+        with_dfr = derived and bool(params.get("dfr", False))
+        return [x for s in specs for x in ([s, s.dfr] if with_dfr and not s.decomposition else [s])]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cxrstudy.evaluation.formatting import fmt_pct
 from cxrstudy.evaluation.scorecard import reading
+from cxrstudy.evaluation.variant_verdict import plan_sentences, variant_sentences
 
 #: Two masking accuracies within this many points (as a fraction) count as alike.
 ALIKE = 0.05
@@ -586,6 +587,8 @@ def verdict(results: dict) -> list[str]:
         *view_probe(results),
         *recommendation(results),
         *variants_against_baseline(results),
+        *variant_sentences(results),
+        *plan_sentences(results),
         *source_identification(checks),
         *masking(checks),
         *mask_shape(checks),

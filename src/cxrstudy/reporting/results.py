@@ -15,6 +15,7 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.comparisons import compare_runs
+from cxrstudy.evaluation.groups import with_worst_group
 from cxrstudy.evaluation.headline import PAPER_TASK, dataset_summary, headline
 from cxrstudy.evaluation.metrics import evaluate_predictions, split_accuracy, split_rows
 from cxrstudy.evaluation.scorecard import check_goals
@@ -22,6 +23,7 @@ from cxrstudy.evaluation.seeds import scorecard_summary, seed_summary
 from cxrstudy.evaluation.variants import variant_differences
 from cxrstudy.evaluation.verdict import findings, verdict
 from cxrstudy.fileio import to_jsonable, write_json
+from cxrstudy.plan import plan_record
 from cxrstudy.runspec import RunSpec
 
 #: Version of the results.json layout.
@@ -185,6 +187,7 @@ def build_results(
         fold_runs = load_runs(profile_dir)
         runs = oof_runs(fold_runs)
     entries = evaluate_runs(runs, n_bootstrap, seed) if entries is None else entries
+    entries = with_worst_group(entries, runs, manifest, n_bootstrap, seed)
     if fold_entries is None:
         fold_runs = fold_runs or [f for r in runs for f in r.get("fold_runs", ())]
         fold_entries = evaluate_runs(fold_runs, n_bootstrap, seed)
@@ -206,6 +209,7 @@ def build_results(
         "recommended_variant": recommended_variant,
         "lung_segmentation": lung_segmentation(profile_dir),
         "reference": reference(),
+        "plan": plan_record(),
     }
     results["comparisons"]["variants"] = variant_differences(runs, manifest, n_bootstrap, seed)
     results["scorecard_summary"] = scorecard_summary(entries, results["scorecard"], results["goals"])

@@ -38,6 +38,8 @@ from cxrstudy.training.data import (
     task_rows,
     train_augmentation,
 )
+from cxrstudy.training.dfr import train_dfr
+from cxrstudy.training.groupdro import GroupCodes, GroupDROCallback, dro_step
 from cxrstudy.training.labels import (
     ComposedLoss,
     LabelSpace,
@@ -110,6 +112,10 @@ __all__ = [
     "task_rows",
     "train_augmentation",
     "train_run",
+    "train_dfr",
+    "GroupCodes",
+    "GroupDROCallback",
+    "dro_step",
     "training_throughput",
     "BareStep",
     "bare_train_rate",

@@ -102,13 +102,17 @@ class ComposedLoss(nn.Module):
             self.register_buffer("log_matrix", torch.from_numpy(np.log(np.asarray(matrix, dtype=np.float32))))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the batch; ``target`` is (B, 2) ``[subclass, parent]``."""
+        """Mean loss over the batch; ``target`` is (B, 2) ``[subclass, parent]`` (further columns ignored)."""
+        return self.per_item(logits, target).mean()
+
+    def per_item(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each item (B,): subclass cross-entropy where known, composed NLL of the parent otherwise."""
         sub, parent = target[:, 0], target[:, 1]
         logp_sub = F.log_softmax(logits.float(), dim=1)
         logp_cls = composed_log_probs(logits, self.log_matrix)
         nll_sub = -logp_sub.gather(1, sub.clamp(min=0).unsqueeze(1)).squeeze(1)
         nll_cls = -logp_cls.gather(1, parent.unsqueeze(1)).squeeze(1)
-        return torch.where(sub >= 0, nll_sub, nll_cls).mean()
+        return torch.where(sub >= 0, nll_sub, nll_cls)
 
     def composed_accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Share of rows whose composed argmax class is the true class."""

@@ -32,6 +32,7 @@ from cxrstudy.training.adversary import (
     with_source_column,
 )
 from cxrstudy.training.data import AUGMENTATION_NOTE, ImageList, TensorBatches, task_rows
+from cxrstudy.training.groupdro import GroupCodes, GroupDROCallback, with_group_column
 from cxrstudy.training.labels import (
     ComposedLoss,
     LabelSpace,
@@ -108,8 +109,9 @@ def train_run(
         images = _task_images(rows, cfg, image_root, model, tensor_dir)
     preds = _predict_eval(model, rows, space, cfg, images, dev)
     adversary_log = extra.pop("_adversary_log", None)
+    groups_log = extra.pop("_groups_log", None)
     info = _run_info(run_id, cfg, space, rows, hist, preds, str(dev), train_seconds, extra)
-    _save_run(run_dir, model, hist, preds, info, adversary_log)
+    _save_run(run_dir, model, hist, preds, info, adversary_log, groups_log)
     return RunResult(run_id, run_dir, info, hist, preds)
 
 
@@ -173,10 +175,12 @@ def _fit(
     with tempfile.TemporaryDirectory(prefix="cxr-train-") as workdir:
         if cfg.scenario != "shallow":
             adv = _source_adversary(model, rows, targets, cfg) if cfg.adversary_weight > 0 else None
+            dro = _group_dro(rows, targets, loss, cfg) if cfg.objective == "group_dro" else None
+            extra = adv or dro
             facts = train_images(
                 model,
                 rows,
-                adv[0] if adv else targets,
+                extra[0] if extra else targets,
                 loss,
                 cfg,
                 image_root=image_root,
@@ -184,10 +188,12 @@ def _fit(
                 workdir=Path(workdir),
                 history=history,
                 images=images,
-                callbacks=[adv[1]] if adv else (),
+                callbacks=[extra[1]] if extra else (),
             )
             if adv:
-                facts.update(_adversary_facts(adv[1]))
+                facts.update(_adversary_facts(adv[1], history))
+            if dro:
+                facts.update({**dro[1].facts(), "_groups_log": dro[1].log_frame()})
             return facts
         return train_shallow(
             model,
@@ -218,13 +224,33 @@ def _source_adversary(
     return with_source_column(targets, rows, codes), cb
 
 
-def _adversary_facts(cb: SourceAdversaryCallback) -> dict[str, Any]:
-    """run.json facts of the adversary (sources per class, final epoch's accuracy vs majority) and its log."""
+def _group_dro(
+    rows: pd.DataFrame, targets: np.ndarray, loss: ComposedLoss, cfg: TrainConfig
+) -> tuple[np.ndarray, GroupDROCallback]:
+    """Targets with the group column (label x source of *training* rows only; -1 elsewhere) and the group DRO
+    callback with the run's step size."""
+    codes = GroupCodes.from_rows(rows)
+    return with_group_column(targets, rows, codes), GroupDROCallback(codes, loss, cfg.dro_eta)
+
+
+def kept_epoch(history: Sequence[dict[str, Any]]) -> int | None:
+    """The epoch whose weights the run keeps: the lowest validation loss (the first on ties), as the checkpoint."""
+    losses = [r["valid_loss"] for r in history]
+    return int(history[int(np.argmin(losses))]["epoch"]) if losses else None
+
+
+def _adversary_facts(cb: SourceAdversaryCallback, history: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """run.json facts of the adversary (sources per class; accuracy vs majority at the kept epoch, and at the last
+    for reference) and its log."""
     log = cb.log_frame()
+    keys = ("adv_accuracy", "majority_accuracy", "weight")
     last = log.iloc[-1].to_dict() if len(log) else {}
+    best = kept_epoch(history)
+    kept = log[log["epoch"] == best].iloc[0].to_dict() if best is not None and (log["epoch"] == best).any() else {}
     return {
         "adversary_sources": {c: list(s) for c, s in zip(cb.codes.classes, cb.codes.sources, strict=True)},
-        "adversary_last_epoch": {k: last.get(k) for k in ("adv_accuracy", "majority_accuracy", "weight")},
+        "adversary_kept_epoch": {"epoch": best, **{k: kept.get(k) for k in keys}},
+        "adversary_last_epoch": {"epoch": last.get("epoch"), **{k: last.get(k) for k in keys}},
         "_adversary_log": log,
     }
 
@@ -290,6 +316,7 @@ def _run_info(
         "view_margin": float(cfg.view_margin),
         "adversary": cfg.adversary,
         "sampling": cfg.sampling,
+        "objective": cfg.objective,
         "image_size": cfg.image_size,
         "epochs": cfg.epochs,
         "lr": float(extra.get("lr", cfg.lr)),
@@ -315,6 +342,7 @@ def _run_info(
             "lr_mult": cfg.lr_mult,
             "wd": cfg.wd,
             "dropout": cfg.dropout,
+            **({"dro_eta": cfg.dro_eta} if cfg.objective == "group_dro" else {}),
             "augmentation": AUGMENTATION_NOTE if cfg.scenario != "shallow" else "none (cached features)",
             **{k: v for k, v in extra.items() if k != "lr"},
         },
@@ -338,13 +366,15 @@ def _save_run(
     preds: pd.DataFrame,
     info: dict[str, Any],
     adversary_log: pd.DataFrame | None = None,
+    groups_log: pd.DataFrame | None = None,
 ) -> None:
     """Write model.pth, history.csv, learning_curve.png, predictions.csv, adversary.csv (with the source
-    adversary; else any stale one is removed) and, last, run.json."""
-    if adversary_log is not None:
-        atomic_write_text(run_dir / "adversary.csv", adversary_log.to_csv(index=False))
-    else:
-        (run_dir / "adversary.csv").unlink(missing_ok=True)
+    adversary) and groups.csv (group DRO; a stale one of either is removed) and, last, run.json."""
+    for name, log in (("adversary.csv", adversary_log), ("groups.csv", groups_log)):
+        if log is not None:
+            atomic_write_text(run_dir / name, log.to_csv(index=False))
+        else:
+            (run_dir / name).unlink(missing_ok=True)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(run_dir / "model.pth", buf.getvalue())

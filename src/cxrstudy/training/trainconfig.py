@@ -31,6 +31,8 @@ BASELINE, VARIANT_NAME = config.BASELINE_VARIANT, config.VARIANT_NAME
 ADVERSARY_SCHEDULES: tuple[str, ...] = ("ganin", "constant")
 #: How training batches draw their films (``training.data.source_balance_weights``).
 SAMPLINGS: tuple[str, ...] = ("uniform", "source_balanced")
+#: Training objectives: plain empirical risk, or online group DRO (``training.groupdro``).
+OBJECTIVES: tuple[str, ...] = ("erm", "group_dro")
 
 #: Stages of finetune's default schedule (``learner.finetune_schedule`` on a Classifier's 4 layer groups:
 #: head; + last backbone group; everything).
@@ -74,7 +76,9 @@ class TrainConfig:
     ``image_root``); ``adversary_weight`` > 0 adds the class-conditional source adversary
     (``training.adversary``) with that peak weight, ramped by ``adversary_schedule`` (image scenarios only);
     ``sampling="source_balanced"`` draws training films with weights that make the label as independent of the
-    source hospital as the training split allows (``training.data.source_balance_weights``; image scenarios)."""
+    source hospital as the training split allows (``training.data.source_balance_weights``; image scenarios);
+    ``objective="group_dro"`` trains on online group DRO's loss over the label x source groups of the training rows,
+    group weights stepped by ``dro_eta`` (``training.groupdro``; image scenarios, no adversary)."""
 
     task: str = "covid_vs_normal"
     scenario: str = "shallow"
@@ -104,6 +108,8 @@ class TrainConfig:
     adversary_lr: float = 1e-3
     adversary_hidden: int = 256
     sampling: str = "uniform"
+    objective: str = "erm"
+    dro_eta: float = 0.01
     fold: int = 0
     folds: int = 2
     inner_val: float = INNER_VAL_FRACTION
@@ -143,7 +149,7 @@ class TrainConfig:
         settings = {k: params[k] for k in names if k in params}
         return [
             cls(**settings, decomposition=s.decomposition, seed=s.seed, fold=s.fold)  # type: ignore[arg-type]
-            for s in RunSpec.from_params(params)
+            for s in RunSpec.from_params(params, derived=False)
         ]
 
     @property
@@ -202,19 +208,32 @@ class TrainConfig:
             _fail("sampling", f"must be one of {SAMPLINGS}", self.sampling)
         if self.sampling != "uniform" and self.scenario == "shallow":
             _fail("sampling", "must be 'uniform' for shallow (its head trains on cached features)", self.sampling)
+        self._check_objective()
         plain = (
             self.input_view == "full"
             and not self.equalize
             and self.adversary_weight == 0
             and self.sampling == "uniform"
+            and self.objective == "erm"
         )
         if self.variant == BASELINE and not plain:
             _fail(
                 "variant",
-                "is 'baseline' but the input view, adversary or sampling differs from the baseline's: "
+                "is 'baseline' but the input view, adversary, sampling or objective differs from the baseline's: "
                 "name the variant",
                 self.variant,
             )
+
+    def _check_objective(self) -> None:
+        """The objective and group DRO's step size (image scenarios, without the source adversary)."""
+        if self.objective not in OBJECTIVES:
+            _fail("objective", f"must be one of {OBJECTIVES}", self.objective)
+        _check_real("dro_eta", self.dro_eta, low=0.0, low_open=True)
+        if self.objective == "group_dro" and self.scenario == "shallow":
+            _fail("objective", "must be 'erm' for shallow (group DRO is an image-scenario variant)", self.objective)
+        if self.objective == "group_dro" and self.adversary_weight > 0:
+            _fail("objective", "group_dro cannot be combined with the source adversary (adversary_weight > 0)",
+                  self.objective)
 
     @property
     def adversary(self) -> dict[str, float | int | str] | None:
