@@ -148,7 +148,8 @@ def test_the_study_profiles_name_their_variants_and_seeds():
         assert "variants" not in yaml.safe_load((pipeline.config.PARAMS_DIR / f"{name}.yaml").read_text())
     default = pipeline.load_profile("default")
     variants = {s.params.get("variant", "baseline") for s in default.steps if s.notebook == "04_transfer"}
-    assert variants == {"baseline", "lung"}  # the measured negatives (the adversaries) run in full
+    assert variants == {"baseline", "lung", "group_dro"}  # the measured negatives (the adversaries) run in full
+    assert {s.params.get("variant", "baseline") for s in default.steps if s.params.get("dfr")} == {"baseline", "lung"}
     assert default.common["folds"] == 5 and default.common["repeats"] == 1
     assert not any("n_seeds" in s.params for s in default.steps)
     full = pipeline.load_profile("full")
@@ -166,8 +167,9 @@ def test_the_study_profiles_name_their_variants_and_seeds():
     for name in ("smoke", "default", "full"):
         pipeline.resolve_parameters(pipeline.load_profile(name))  # every parameter declared
 
-    ids = pipeline.expected_run_ids(default)  # what notebook 05 evaluates: 8 configurations x 5 folds
-    assert len(ids) == len(set(ids)) == 40
+    ids = pipeline.expected_run_ids(default)  # 9 trained configurations x 5 folds, and 4 DFR configurations x 5 folds
+    assert len(ids) == len(set(ids)) == 65
+    assert "covid_normal_pneumonia__efficientnet_lite0__deep__nodecomp__seed0__fold3__lung_dfr" in ids
     assert "covid_vs_normal__efficientnet_lite0__shallow__decomp__seed0__fold4" in ids
     assert "covid_normal_pneumonia__efficientnet_lite0__deep__nodecomp__seed0__fold2__lung" in ids
     assert not any(i.endswith(("lung_balanced", "lung_adversary")) for i in ids)
@@ -412,7 +414,8 @@ def test_the_evaluation_gets_the_run_ids_of_the_transfer_steps(project):
     steps = pipeline.step_parameters(smoke)
     with_ids = [(s.notebook, p["run_ids"]) for s, p in steps if "run_ids" in p]
     assert with_ids == [("05_evaluation", pipeline.expected_run_ids(smoke))]
-    assert len(with_ids[0][1]) == 16  # (shallow, deep x 2 decomposition settings, finetune, scratch, 2 three-class) x 2 folds
+    # (shallow, deep x 2 decomposition settings, finetune, scratch, 3 three-class, 2 DFR) x 2 folds
+    assert len(with_ids[0][1]) == 22
     evaluation = pipeline.config.NOTEBOOKS_DIR / "05_evaluation.ipynb"
     assert "pipeline.py" not in {p.name for p in pipeline.package_dependencies(evaluation)}
     write_profile(project, "p", "steps:\n  - {notebook: 05_evaluation, params: {run_ids: [x]}}\n")

@@ -51,7 +51,7 @@ def tiny(tmp_path_factory, mirror_root: Path) -> tuple[pd.DataFrame, Path]:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             resize_short_side(load_xray(path), 40).save(root / rel)
             rows.append({
-                "image": rel, "label": label, "split": "train", "source": repo,
+                "image": rel, "label": label, "split": "holdout" if i >= PER_CLASS - 2 else "cv", "source": repo,
                 "source_name": "actualmed" if i >= PER_CLASS - 2 else ("site_a", "site_b")[i % 2],
                 "view": ("PA", "AP")[(i // 2) % 2], "patient_group": f"g_{label}_{i}", "sha256": f"{label}{i:02d}",
             })

@@ -141,7 +141,8 @@ def with_source_names(predictions: pd.DataFrame, manifest: pd.DataFrame | None =
         df["source_name"] = df["image"].map(
             manifest.drop_duplicates("image").set_index("image")["source_name"]
         )
-        by_repo = pd.concat([manifest.drop_duplicates("source").set_index("source")["source_name"], by_repo])
+        if "source" in manifest.columns:
+            by_repo = pd.concat([manifest.drop_duplicates("source").set_index("source")["source_name"], by_repo])
     if "source" in df.columns:
         by_repo = by_repo[~by_repo.index.duplicated()]
         df["source_name"] = df["source_name"].fillna(df["source"].map(by_repo))
