@@ -794,7 +794,8 @@ def run_profile(
                     _run_on_cluster(steps, out, ctx, pool)
             record["status"] = "ok"
             if any(s["status"] == "ran" for s in record["steps"]):
-                record.update(reference_rate(profile, time.perf_counter() - t_start))
+                cached = sum(s.get("seconds") or 0 for s in record["steps"] if s["status"] == "cached")
+                record.update(reference_rate(profile, time.perf_counter() - t_start + cached))
         except StepFailed:
             record["status"] = "failed"
             raise
@@ -815,9 +816,10 @@ REFERENCE_SECONDS = 10.0
 
 def reference_rate(profile: Profile, wall_seconds: float) -> dict[str, Any]:
     """``reference_train_img_s``: this machine's bare forward + backward + AdamW step (``make bench``'s, the
-    profile's backbone, image size and batch), measured for :data:`REFERENCE_SECONDS`; and ``budget``: the run's
-    wall time scaled to the reference machine (wall x bare / :data:`REFERENCE_IMG_S`) against
-    :data:`BUDGET_SECONDS`. Empty for a profile without a backbone."""
+    profile's backbone, image size and batch), measured for :data:`REFERENCE_SECONDS`; and ``budget``: the
+    profile's wall time (``wall_seconds``: this run's, plus the recorded seconds of the steps it found cached)
+    scaled to the reference machine (wall x bare / :data:`REFERENCE_IMG_S`) against :data:`BUDGET_SECONDS`.
+    Empty for a profile without a backbone."""
     common = profile.common
     if "backbone" not in common:
         return {}
