@@ -472,6 +472,8 @@ def scorecard_for_run(
     validated on; ``features`` (out-of-fold, indexed by image; :func:`feature_rows` suffice) or None;
     ``fold_predictions``: the fold runs' own predictions (S2 gives each fold's value beside the ensemble's)."""
     classes = _run_classes(run_info)
+    if "fold" in run_info and run_info["fold"] is None:  # an out-of-fold whole: its val rows are other folds' models'
+        predictions = predictions[predictions["split"] != "val"]
     preds = with_film_facts(with_source_names(predictions, manifest), manifest)
     held = held_out(preds, classes)
     films = _outside_holdout(unseen(with_source_names(manifest), classes))
