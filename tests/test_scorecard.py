@@ -483,3 +483,17 @@ def test_real_source_id_within_covid(real):
     assert got["nih_pneumonia_vs_normal_auc"]["method"] == "model"
     assert got["nih_pneumonia_vs_normal_auc"]["value"] == pytest.approx(0.5)
     json.dumps(list(got.values()), allow_nan=False)
+
+
+def test_an_out_of_fold_whole_counts_films_another_fold_validated_on():
+    """In a configuration's out-of-fold whole every film also sits in some other fold's inner validation; those
+    val rows come from other models and must not mark the film as seen."""
+    m = _manifest(n_ieee_test=20)
+    preds = _predict(m, THREE["classes"])
+    test = preds[preds["split"] == "test"]
+    pooled = pd.concat([test, test.assign(split="val")], ignore_index=True)
+    whole = {**THREE, "fold": None}
+    got = _by_metric(SC.scorecard_for_run(whole, pooled, m, None, n_bootstrap=NB))
+    assert got["ieee8023_covid_vs_pneumonia_auc"]["n"] == 40 and got["nih_pneumonia_vs_normal_auc"]["n"] == 40
+    run = _by_metric(SC.scorecard_for_run(THREE, pooled, m, None, n_bootstrap=NB))  # a fold run: val rows are seen
+    assert run["ieee8023_covid_vs_pneumonia_auc"]["n"] == 0
