@@ -42,6 +42,7 @@ backbone = "efficientnet_lite0"
 image_size = 160  # pixels (square)
 batch_size = 32
 epochs = 3  # total epochs of the run (finetune: split over its stages, at least one each)
+finetune_stages = None  # finetune: trailing layer groups open per stage, e.g. [1, 4] (head, then all 4); None: [1, 2, 4]
 lr = 1e-3  # peak one-cycle learning rate without use_lr_find (head's; finetune: slice(lr/100, lr))
 max_per_class = 0  # images kept per split and class; 0 means all
 num_workers = 0  # threads decoding images into the tensor cache (0: one per core)

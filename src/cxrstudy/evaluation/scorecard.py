@@ -43,7 +43,7 @@ import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import compute_metrics
-from cxrstudy.stats import group_array, grouped_cv_predict
+from cxrstudy.stats import cv_null, group_array, grouped_cv_predict
 
 #: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
 FIELDS: tuple[str, ...] = (
@@ -277,10 +277,7 @@ def source_probe(
     probs, labels = grouped_cv_predict(X, y, g, n_splits, seed)
     res = compute_metrics(y, probs, labels, g, n_bootstrap, seed)
     observed = res["balanced_accuracy"]["value"]
-    null = [
-        _balanced_accuracy(yp, *grouped_cv_predict(X, yp, g, n_splits, seed))
-        for yp in _permuted_groups(y, g, n_permutations, seed)
-    ]
+    null = cv_null(X, _permuted_groups(y, g, n_permutations, seed), g, n_splits, seed)
     p_value = (1 + sum(v >= observed for v in null)) / (1 + len(null)) if null else None
     entry = {
         **_result(res["balanced_accuracy"], len(rows), "probe", missing),
@@ -301,12 +298,6 @@ def _permuted_groups(y: np.ndarray, groups: np.ndarray, n: int, seed: int) -> li
     group_label = y[first]
     rng = np.random.default_rng(seed + 1)
     return [rng.permutation(group_label)[codes] for _ in range(n)]
-
-
-def _balanced_accuracy(y: np.ndarray, probs: np.ndarray, labels: list) -> float:
-    """Mean recall over the labels present in ``y`` of the arg-max of ``probs`` (columns ``labels``)."""
-    pred = np.asarray(labels)[probs.argmax(axis=1)]
-    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
 
 
 def view_probe(features: pd.DataFrame, films: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:

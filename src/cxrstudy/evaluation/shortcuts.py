@@ -31,7 +31,7 @@ from cxrstudy.data.sources import same_hospital_source
 from cxrstudy.evaluation.metrics import compute_metrics
 from cxrstudy.lungs.region import MASK_VARIANTS, lung_region_info
 from cxrstudy.lungs.render import render_masked_views
-from cxrstudy.stats import grouped_cv_predict, linear_probe
+from cxrstudy.stats import grouped_cv_predict, linear_probe, one_blas_thread
 
 # --------------------------------------------------------------------------- linear probes
 
@@ -71,7 +71,8 @@ def train_test_probe(
         raise ValueError(
             f"training rows hold only {train['label'].unique().tolist()}: a probe needs two classes"
         )
-    model = linear_probe(seed).fit(_features_for(features, train, "train"), train["label"].to_numpy())
+    with one_blas_thread():
+        model = linear_probe(seed).fit(_features_for(features, train, "train"), train["label"].to_numpy())
     probs = _probe_probs(model, _features_for(features, test, "test"), classes)
     res = compute_metrics(test["label"], probs, classes, test["patient_group"], n_bootstrap, seed)
     return res, probs
