@@ -2,11 +2,14 @@
 
 Each executor runs ``python -m cxrstudy.pipeline reproduce --profile P --force`` in a fresh process with its own
 reports folder (``CXR_REPORTS_DIR``), local first; the data caches under ``data/cache`` are shared, so the second
-run may find features the first one computed. Dask runs on a cluster of this machine (``--workers`` one-thread
+run may find features the first one computed, unless ``--cold`` gives each run its own empty cache folder
+(``CXR_CACHE_DIR``). ``--local-record run.json`` reads the local side from an earlier run's record instead of
+running it (for a profile too long to run twice in a sitting; that run should have been cold too). Dask runs on a cluster of this machine (``--workers`` one-thread
 workers, 127.0.0.1). Beside the wall times: each step's seconds, the node each ran on, and the critical path (the
 longest chain of dependent steps, ``pipeline.step_dependencies``, timed with the local run's seconds: no number of
 workers finishes sooner). Writes ``reports/bench_executor.json`` and prints it. Usage:
-    python scripts/bench_executor.py [--profile smoke] [--workers 2] [--local-reports DIR] [--dask-reports DIR]
+    python scripts/bench_executor.py [--profile smoke] [--workers 2] [--cold] [--local-record RUN_JSON]
+                                     [--local-reports DIR] [--dask-reports DIR]
 """
 
 from __future__ import annotations
@@ -26,16 +29,27 @@ from cxrstudy import config, pipeline
 from cxrstudy.fileio import write_json
 
 
-def reproduce(profile: str, reports: Path, extra: list[str]) -> dict[str, Any]:
-    """One forced run of ``profile`` into ``reports``: its wall time and run.json."""
+def reproduce(profile: str, reports: Path, extra: list[str], cache: Path | None = None) -> dict[str, Any]:
+    """One forced run of ``profile`` into ``reports`` (with ``cache`` as its data cache folder, if given): its wall
+    time and run.json."""
     cmd = [sys.executable, "-m", "cxrstudy.pipeline", "reproduce", "--profile", profile, "--force", *extra]
+    env = {**os.environ, "CXR_REPORTS_DIR": str(reports), **({"CXR_CACHE_DIR": str(cache)} if cache else {})}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=config.ROOT, env={**os.environ, "CXR_REPORTS_DIR": str(reports)})
+    proc = subprocess.run(cmd, cwd=config.ROOT, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"bench_executor: `{' '.join(cmd)}` failed ({proc.returncode})")
     record = json.loads((reports / profile / "run.json").read_text())
     return {"command": " ".join(cmd[2:]), "wall_s": round(wall, 1), "pipeline_wall_s": record["wall_seconds"], "record": record}
+
+
+def from_record(path: Path) -> dict[str, Any]:
+    """The local side from an earlier run's run.json (its pipeline wall time stands for the process's)."""
+    record = json.loads(path.read_text())
+    if record.get("status") != "ok" or record.get("executor", {}).get("name", "local") != "local":
+        sys.exit(f"bench_executor: {path} is not a finished local run (status {record.get('status')!r})")
+    return {"command": f"record {path}", "wall_s": record["wall_seconds"], "pipeline_wall_s": record["wall_seconds"],
+            "record": record}
 
 
 def critical_path(profile: str, seconds: dict[str, float]) -> dict[str, Any]:
@@ -56,16 +70,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--local-reports", type=Path, help="reports folder of the local run (default: a temporary one)")
     parser.add_argument("--dask-reports", type=Path, help="reports folder of the Dask run (default: a temporary one)")
+    parser.add_argument("--cold", action="store_true", help="each run starts with its own empty data cache")
+    parser.add_argument("--local-record", type=Path, help="run.json of an earlier local run of the profile to compare with")
     parser.add_argument("--out", type=Path, default=config.REPORTS_DIR / "bench_executor.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-executor-") as tmp:
-        local = reproduce(args.profile, args.local_reports or Path(tmp) / "local", [])
+        caches = (Path(tmp) / "cache-local", Path(tmp) / "cache-dask") if args.cold else (None, None)
+        local = (
+            from_record(args.local_record)
+            if args.local_record
+            else reproduce(args.profile, args.local_reports or Path(tmp) / "local", [], caches[0])
+        )
         dask = reproduce(
-            args.profile, args.dask_reports or Path(tmp) / "dask", ["--executor", "dask", "--workers", str(args.workers)]
+            args.profile, args.dask_reports or Path(tmp) / "dask", ["--executor", "dask", "--workers", str(args.workers)],
+            caches[1],
         )
     local_s = {s["name"]: s["seconds"] for s in local["record"]["steps"]}
     result = {
         "profile": args.profile,
+        "cold": bool(args.cold),
+        "local_from_record": str(args.local_record) if args.local_record else None,
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "local": {
             "wall_s": local["wall_s"],
@@ -80,6 +104,7 @@ def main() -> None:
             "steps": {s["name"]: {"seconds": s["seconds"], "worker": s.get("worker")} for s in dask["record"]["steps"]},
         },
         "speedup": round(local["wall_s"] / dask["wall_s"], 2),
+        "dask_slower_pct": round(100 * (dask["pipeline_wall_s"] / local["pipeline_wall_s"] - 1), 1),  # pipeline walls
         "critical_path_local_s": critical_path(args.profile, local_s),
         "sum_of_steps_local_s": round(sum(local_s.values()), 1),
     }

@@ -124,7 +124,10 @@ def test_unknown_label_names_the_row(tmp_path, profile):
     csv.write_text("path,label\na.png,covid\nb.png,Normal\n")
     with pytest.raises(ValueError, match=r"row 2 \(line 3\) has unknown label 'Normal'"):
         E.evaluate_external(csv, profile_dir=profile)
+    from cxrstudy import config
+
     assert E.main(["--csv", str(csv), "--profile", "no-such-profile"]) == 2
+    assert not config.profile_dir("no-such-profile").exists()  # a failed call leaves no folder behind
     missing_col = tmp_path / "nolabel.csv"
     missing_col.write_text("file,label\na.png,covid\n")
     with pytest.raises(ValueError, match="missing column"):

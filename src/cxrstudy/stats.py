@@ -1,8 +1,8 @@
 """General statistics: group bootstrap, percentile and stratified intervals, spread over seeds, Holm's
 adjustment, and the linear probe with patient-grouped cross-validation.
 
-A leaf module: it imports nothing of ``cxrstudy`` (numpy, pandas, scikit-learn only), so every stage
-(evaluation, the lung stage) can use it. The group bootstrap resamples whole groups with replacement (as
+A leaf module: it imports nothing of ``cxrstudy`` (numpy, pandas, scikit-learn with its joblib and
+threadpoolctl only), so every stage (evaluation, the lung stage) can use it. The group bootstrap resamples whole groups with replacement (as
 many groups as there are); an item enters a replicate as often as its group was drawn, implemented with
 per-item integer weights (exactly equivalent to replicating the rows). Intervals are percentile intervals.
 """
@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from joblib import Parallel, delayed
 import pandas as pd
+from joblib import Parallel, delayed
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline

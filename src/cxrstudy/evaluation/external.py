@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     from cxrstudy.runlock import RunLocked, profile_lock
 
     try:
+        if not config.profile_dir(args.profile).is_dir():  # the lock would create it: say what is missing instead
+            raise FileNotFoundError(f"no saved runs of profile {args.profile!r}: {config.profile_dir(args.profile)} "
+                                    "does not exist (run `make reproduce PROFILE=...` first)")
         with profile_lock(config.profile_dir(args.profile), f"evaluate --csv {args.csv}"):
             res = evaluate_external(
                 args.csv, args.profile, args.out, args.n_bootstrap, args.seed, args.device, args.batch_size,
