@@ -832,7 +832,7 @@ def reference_rate(profile: Profile, wall_seconds: float) -> dict[str, Any]:
     scaled = wall_seconds * bare["img_s"] / REFERENCE_IMG_S
     return {
         "reference_train_img_s": bare["img_s"],
-        "reference_train": bare,
+        "reference_train": {**bare, "runtime_env": config.runtime_env()},
         "budget": {
             "wall_seconds": round(wall_seconds, 1),
             "reference_img_s": REFERENCE_IMG_S,
@@ -877,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reproduce":
             if args.executor == "local" and (args.scheduler or args.workers):
                 parser.error("--scheduler and --workers need --executor dask")
+            config.reexec_with_runtime_env()  # the run's bare training figure needs make bench's allocator settings
             record = run_profile(
                 args.profile,
                 force=args.force,

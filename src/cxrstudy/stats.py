@@ -180,15 +180,22 @@ def one_blas_thread() -> threadpool_limits:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def grouped_cv_predict(
-    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
-) -> tuple[np.ndarray, list]:
-    """Out-of-fold probabilities of the linear probe, folds by StratifiedGroupKFold on patient groups."""
-    labels = sorted(set(y))
+def grouped_splits(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions of StratifiedGroupKFold on patient ``groups``, stratified by ``y``, seeded."""
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return list(cv.split(np.zeros(len(y)), y, groups))
+
+
+def grouped_cv_predict(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, list]:
+    """Out-of-fold probabilities of the linear probe, folds by StratifiedGroupKFold on patient groups
+    (:func:`grouped_splits`), or the given ``splits``."""
+    labels = sorted(set(y))
     probs = np.zeros((len(y), len(labels)))
     with one_blas_thread():
-        for tr, te in cv.split(X, y, groups):
+        for tr, te in splits if splits is not None else grouped_splits(y, groups, n_splits, seed):
             model = linear_probe(seed).fit(X[tr], y[tr])
             p = model.predict_proba(X[te])
             for j, c in enumerate(model.classes_):
@@ -202,19 +209,20 @@ def balanced_accuracy_of(y: np.ndarray, probs: np.ndarray, labels: Sequence) -> 
     return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
 
 
-def _null_value(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> float:
-    return balanced_accuracy_of(y, *grouped_cv_predict(X, y, groups, n_splits, seed))
+def _null_value(X: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]], seed: int) -> float:
+    return balanced_accuracy_of(y, *grouped_cv_predict(X, y, np.zeros(len(y)), 0, seed, splits))
 
 
 def cv_null(
-    X: np.ndarray, labelings: Sequence[np.ndarray], groups: np.ndarray, n_splits: int, seed: int,
+    X: np.ndarray, labelings: Sequence[np.ndarray], splits: Sequence[tuple[np.ndarray, np.ndarray]], seed: int,
     n_jobs: int | None = None,
 ) -> list[float]:
-    """Balanced accuracy of the grouped-CV probe (:func:`grouped_cv_predict`) under each of ``labelings``, in
-    input order, on ``n_jobs`` worker processes (default: one per CPU core, at most one per labeling)."""
+    """Balanced accuracy of the linear probe refitted on the same ``splits`` (the observed labels' grouped folds)
+    under each of ``labelings``, in input order, on ``n_jobs`` worker processes (default: one per CPU core, at most
+    one per labeling)."""
     if not len(labelings):
         return []
     jobs = n_jobs or min(len(labelings), os.cpu_count() or 1)
     if jobs == 1:
-        return [_null_value(X, y, groups, n_splits, seed) for y in labelings]
-    return list(Parallel(n_jobs=jobs)(delayed(_null_value)(X, y, groups, n_splits, seed) for y in labelings))
+        return [_null_value(X, y, splits, seed) for y in labelings]
+    return list(Parallel(n_jobs=jobs)(delayed(_null_value)(X, y, splits, seed) for y in labelings))

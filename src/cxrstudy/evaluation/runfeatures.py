@@ -252,6 +252,7 @@ def scorecard_entries(
     from cxrstudy.evaluation.scorecard import N_PERMUTATIONS, scorecard_for_run
 
     done: dict[int, list[dict]] = {}
+    memo: dict = {}  # probes on identical features (a DFR run's and its base's) run once
     for i in scorecard_order(runs):
         run = runs[i]
         info = run["info"]
@@ -262,5 +263,6 @@ def scorecard_entries(
             info, run["predictions"], manifest, feats, RunSpec.from_record(info).variant, n_bootstrap, seed,
             N_PERMUTATIONS if n_permutations is None else n_permutations,
             [r["predictions"] for r in run.get("fold_runs", ())],
+            memo,
         )
     return [e for i in range(len(runs)) for e in done[i]]

@@ -26,7 +26,8 @@ of :mod:`cxrstudy.evaluation.metrics`. Metrics (``metric`` of each entry):
 * ``source_id_within_covid_balanced_accuracy``: balanced accuracy of a 5-fold StratifiedGroupKFold linear probe
   predicting the source of the COVID-19 films outside the held-out hospital (sources with >= ``min_films``
   films) from the configuration's out-of-fold features, against ``chance`` (1 / number of sources), with a
-  ``p_value`` from permuting the sources over patient groups through the same grouped CV (``n_permutations``).
+  ``p_value`` from permuting the sources over patient groups, the probe refitted on the same grouped folds
+  (``n_permutations``).
 * ``nih_pneumonia_vs_normal_auc`` (three-class runs): unseen NIH rows ranked by
   P(pneumonia) / (P(pneumonia) + P(normal)); probe fallback as for ieee8023.
 
@@ -35,15 +36,18 @@ A metric that cannot be computed has ``value`` None and a ``note`` saying why; i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cxrstudy import config
 from cxrstudy.evaluation.metrics import compute_metrics
-from cxrstudy.stats import cv_null, group_array, grouped_cv_predict
+from cxrstudy.stats import cv_null, group_array, grouped_cv_predict, grouped_splits
 
 #: Field names of a scorecard entry (the results.json contract); ``note`` is added when needed.
 FIELDS: tuple[str, ...] = (
@@ -259,8 +263,8 @@ def source_probe(
 ) -> tuple[dict, pd.DataFrame]:
     """How well features name the source of ``rows``' films (sources with >= ``min_films`` films): balanced
     accuracy of the grouped-CV linear probe (class-stratified patient bootstrap) against ``chance`` (1 / sources),
-    ``p_value`` from ``n_permutations`` permutations of the sources over patient groups through the same grouped
-    CV, the largest source's share (``majority``), the sources and their ``reading`` (:func:`reading`)."""
+    ``p_value`` from ``n_permutations`` permutations of the sources over patient groups, the probe refitted on the
+    observed labels' grouped folds, the largest source's share (``majority``), the sources and their ``reading`` (:func:`reading`)."""
     rows, missing = _with_features(rows, features)
     counts = rows["source_name"].value_counts()
     sources = sorted(counts[counts >= min_films].index)
@@ -274,10 +278,11 @@ def source_probe(
     g = group_array(rows["patient_group"], len(rows))
     n_splits = int(min(N_SPLITS, len(np.unique(g))))
     X = features.loc[rows["image"]].to_numpy(np.float64)
-    probs, labels = grouped_cv_predict(X, y, g, n_splits, seed)
+    splits = grouped_splits(y, g, n_splits, seed)
+    probs, labels = grouped_cv_predict(X, y, g, n_splits, seed, splits)
     res = compute_metrics(y, probs, labels, g, n_bootstrap, seed)
     observed = res["balanced_accuracy"]["value"]
-    null = cv_null(X, _permuted_groups(y, g, n_permutations, seed), g, n_splits, seed)
+    null = cv_null(X, _permuted_groups(y, g, n_permutations, seed), splits, seed)  # the same folds, refitted
     p_value = (1 + sum(v >= observed for v in null)) / (1 + len(null)) if null else None
     entry = {
         **_result(res["balanced_accuracy"], len(rows), "probe", missing),
@@ -458,10 +463,13 @@ def scorecard_for_run(
     seed: int = 0,
     n_permutations: int = N_PERMUTATIONS,
     fold_predictions: Sequence[pd.DataFrame] = (),
+    memo: dict | None = None,
 ) -> list[dict]:
     """Every scorecard entry of one configuration (module docstring) on films its models never trained or
     validated on; ``features`` (out-of-fold, indexed by image; :func:`feature_rows` suffice) or None;
-    ``fold_predictions``: the fold runs' own predictions (S2 gives each fold's value beside the ensemble's)."""
+    ``fold_predictions``: the fold runs' own predictions (S2 gives each fold's value beside the ensemble's);
+    ``memo``: a dict shared across configurations, so that probes on identical features and films (a DFR run and
+    its base share the backbone) are computed once."""
     classes = _run_classes(run_info)
     if "fold" in run_info and run_info["fold"] is None:  # an out-of-fold whole: its val rows are other folds' models'
         predictions = predictions[predictions["split"] != "val"]
@@ -483,7 +491,8 @@ def scorecard_for_run(
         results["source_id_within_covid_balanced_accuracy"] = _none("no features given", method="probe")
     else:
         covid = films[films["label"] == PROBE_LABEL]
-        entry, used = source_probe(features, covid, 10, n_bootstrap, seed, n_permutations)
+        entry, used = _memoized(memo, "source", features, covid, (n_bootstrap, seed, n_permutations),
+                                lambda: source_probe(features, covid, 10, n_bootstrap, seed, n_permutations))
         results["source_id_within_covid_balanced_accuracy"] = {**entry, "view_mix": view_mix(used, entry["sources"])}
     if "nih_pneumonia_vs_normal_auc" in rankings:
         scored["nih_pneumonia_vs_normal_auc"] = _ranking(
@@ -496,8 +505,9 @@ def scorecard_for_run(
         )
     if features is not None:
         for label in config.CLASSES:
-            results[f"view_id_within_{label}_balanced_accuracy"] = view_probe(
-                features, films[films["label"] == label], n_bootstrap, seed
+            rows = films[films["label"] == label]
+            results[f"view_id_within_{label}_balanced_accuracy"] = _memoized(
+                memo, "view", features, rows, (n_bootstrap, seed), lambda r=rows: view_probe(features, r, n_bootstrap, seed)
             )
     for metric, (_, rows, score) in scored.items():
         if rows is not None and len(rows):
@@ -514,6 +524,22 @@ def scorecard_for_run(
          **{"n_patients": None, **r}}
         for m, r in results.items()
     ]
+
+
+def _memoized(memo: dict | None, name: str, features: pd.DataFrame, rows: pd.DataFrame, args: tuple,
+              compute: Callable[[], Any]) -> Any:
+    """``compute()``, or a copy of what it gave for the same probe on the same feature values of the same rows."""
+    if memo is None:
+        return compute()
+    h = hashlib.sha256(f"{name}{args}".encode())
+    h.update(pd.util.hash_pandas_object(rows.reset_index(drop=True), index=False).to_numpy().tobytes())
+    present = rows.loc[rows["image"].isin(features.index), "image"]
+    h.update(f"{len(present)}:{features.shape}".encode())
+    h.update(np.ascontiguousarray(features.loc[present].to_numpy(np.float64)).tobytes())
+    key = h.hexdigest()
+    if key not in memo:
+        memo[key] = compute()
+    return copy.deepcopy(memo[key])
 
 
 def _actualmed_value(predictions: pd.DataFrame, classes: Sequence[str]) -> float | None:
