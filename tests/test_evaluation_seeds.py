@@ -150,7 +150,7 @@ def test_scorecard_summary_and_goals_over_seeds():
     assert (s1["interval_low"], s1["interval_high"], s1["n_seeds_met"], s1["all_seeds_clear"]) == (0.70, 0.95, 1, False)
     s3 = goals["S3"]  # targets 0.53 and 0.55 (chance + 5); both intervals straddle their targets
     assert s3["target"] == pytest.approx(0.54) and s3["status"] == "undetermined" and s3["n_seeds_met"] == 0
-    assert goals["S2"]["met"] is None and goals["S2"]["all_seeds_clear"] is None and goals["S2"]["n"] == 0
+    assert goals["S2"]["status"] == "undetermined" and goals["S2"]["met"] is False and goals["S2"]["all_seeds_clear"] is None and goals["S2"]["n"] == 0
     frame = seeds.scorecard_frame([cfg], {"name": "lung", "task": "t", "scenario": "deep"})
     assert bool(frame["recommended"].iloc[0])
     assert any("undetermined, not all seeds clear" in str(v) for v in frame.iloc[0])

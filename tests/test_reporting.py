@@ -235,7 +235,8 @@ def test_scorecard_rows_per_configuration_over_seeds():
     assert base["goals"][0]["met"] == "missed" and base["goals"][0]["clears"] == "not all clear"
     # S1 of lung: mean 88 meets 80 and both intervals (83-89, 87-93) clear it
     assert lung["goals"][0]["met"] == "met" and lung["goals"][0]["clears"] == "all clear"
-    assert [c["met"] for c in head["goals"]] == ["missed", "n/a", "n/a", "n/a"]  # the paper's task is no goal
+    # the paper's task is no goal; S2 and S3 were not computed here (undetermined); S4 needs a pneumonia class
+    assert [c["met"] for c in head["goals"]] == ["missed", "undetermined", "undetermined", "n/a"]
     assert head["goals"][0]["metric"] == {"value": "60.0", "sd": "", "interval": "57.0, 63.0"}
     assert lung["n_met"] == 1 and lung["n_judged"] == 1
     readme = pages.readme_scorecard_rows(results)  # the headline's configuration, baseline beside variants
@@ -256,7 +257,7 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
     assert "<td>deep nodecomp (covid_normal_pneumonia)</td><td><b>lung (recommended)</b></td><td>2 cross-validations</td>" \
         "<td>88.0 <small>± 2.8</small> <small>[83.0, 93.0]</small> <b>met</b> <small>all clear</small></td>" in page
     assert "<b>Recommended variant: lung</b> (covid_normal_pneumonia, deep). Keep validation accuracy &gt;= 0.9" in page
-    assert "S1 <b>met</b> (all clear); S2 <b>n/a</b>" in page
+    assert "S1 <b>met</b> (all clear); S2 <b>undetermined</b>" in page
     assert page.index("<h2>What the numbers say</h2>") < page.index("<h2>Confound-free scorecard")
     assert page.index("<h2>Confound-free scorecard") < page.index("<h2>Every configuration, out of fold</h2>")
     assert page.index("<h2>Every configuration, out of fold</h2>") < page.index("<h2>Verdict</h2>")
@@ -268,7 +269,7 @@ def test_index_and_readme_show_the_scorecard(tmp_path):
     assert "**Confound-free scorecard**" in md and "**Recommended variant: lung**" in md
     rows = [line for line in md.splitlines() if line.startswith("| deep nodecomp")]
     assert rows[1] == "| deep nodecomp (covid_normal_pneumonia) | **lung** (recommended) | 2 cross-validations | " \
-        "88.0 ± 2.8 [83.0, 93.0] met (all clear) | – n/a | – n/a | – n/a | 1 of 1 |"
+        "88.0 ± 2.8 [83.0, 93.0] met (all clear) | – undetermined | – undetermined | – undetermined | 1 of 1 |"
     assert len(rows) == 3
 
 

@@ -381,8 +381,12 @@ def test_check_goals_read_the_interval():
     assert a["S1"]["status"] == "met" and a["S1"]["met"] is True and a["S1"]["target"] == 0.80
     assert a["S2"]["status"] == "undetermined" and a["S2"]["met"] is False  # not met by the point estimate
     assert a["S3"]["target"] == pytest.approx(0.49) and a["S3"]["status"] == "missed"
-    assert b["S3"]["status"] == "met" and b["S1"]["status"] is None and b["S1"]["met"] is None
-    assert a["S4"]["status"] is None and a["S4"]["met"] is None
+    # a goal whose value could not be computed is undetermined, with why; every status is one of the three
+    assert b["S3"]["status"] == "met" and b["S1"]["status"] == "undetermined" and b["S1"]["reason"] == "not computed"
+    assert a["S4"]["status"] == "undetermined" and a["S4"]["met"] is False
+    assert {g["status"] for g in goals} <= {"met", "missed", "undetermined"}
+    binary = [{**x, "task": "covid_vs_normal"} for x in entries[:5]]  # S4 does not apply to a task without pneumonia
+    assert [g["goal"] for g in SC.check_goals(binary)] == ["S1", "S2", "S3"]
     assert b["S4"]["status"] == "missed" and "S5" not in a and "paper_task_accuracy" not in {g["metric"] for g in goals}
     thin = {**e("nih_pneumonia_vs_normal_auc", 0.2, None, None, run="c"), "note": "not estimable: ...",
             "confounders": {"view_matched": {"value": 0.1, "ci_low": 0.0, "ci_high": 0.3}}}
@@ -497,3 +501,25 @@ def test_an_out_of_fold_whole_counts_films_another_fold_validated_on():
     assert got["ieee8023_covid_vs_pneumonia_auc"]["n"] == 40 and got["nih_pneumonia_vs_normal_auc"]["n"] == 40
     run = _by_metric(SC.scorecard_for_run(THREE, pooled, m, None, n_bootstrap=NB))  # a fold run: val rows are seen
     assert run["ieee8023_covid_vs_pneumonia_auc"]["n"] == 0
+
+
+def test_probes_on_identical_features_run_once(monkeypatch):
+    """With a shared memo, a second configuration with the same feature values on the same films (a DFR run and its
+    base) reuses the probes' results; different features compute them anew, and a memo entry is never shared out
+    by reference."""
+    rng = np.random.default_rng(5)
+    m = _covid_sources(120, 80)
+    m["view"] = np.where(np.arange(len(m)) % 3 == 0, "AP", "PA")
+    feats = pd.DataFrame(rng.normal(size=(len(m), 5)), index=m["image"].to_numpy())
+    preds = _predict(m, ["covid", "normal"])
+    calls = []
+    real = SC.source_probe
+    monkeypatch.setattr(SC, "source_probe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memo: dict = {}
+    first = SC.scorecard_for_run(TWO, preds, m, feats, n_bootstrap=NB, n_permutations=3, memo=memo)
+    again = SC.scorecard_for_run(TWO, preds, m, feats.copy(), n_bootstrap=NB, n_permutations=3, memo=memo)
+    assert len(calls) == 1 and first == again
+    _by_metric(again)["source_id_within_covid_balanced_accuracy"]["value"] = -1.0  # a caller's edit stays its own
+    other = SC.scorecard_for_run(TWO, preds, m, feats + 1e-3, n_bootstrap=NB, n_permutations=3, memo=memo)
+    assert len(calls) == 2 and _by_metric(other)["source_id_within_covid_balanced_accuracy"]["value"] >= 0
+    assert SC.scorecard_for_run(TWO, preds, m, feats, n_bootstrap=NB, n_permutations=3, memo=memo) == first

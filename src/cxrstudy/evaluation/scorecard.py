@@ -660,21 +660,35 @@ def goal_status(entry: dict, op: str, target: float | None) -> tuple[str | None,
     return "met", None
 
 
+def goal_applies(metric: str, task: str | None) -> bool:
+    """Whether a goal's metric can exist for a task: the NIH pneumonia contrast needs a pneumonia class (an
+    unknown task counts as applicable)."""
+    if metric != "nih_pneumonia_vs_normal_auc" or not task or task not in config.TASKS:
+        return True
+    return "pneumonia" in config.task_classes(task)
+
+
 def check_goals(entries: Sequence[dict], goals: Sequence[Goal] = GOALS) -> list[dict]:
-    """Each goal per (run_id, variant): value, interval, target, ``status`` (:func:`goal_status`) and
-    ``met`` (status == "met"; None when not computed)."""
+    """Each goal that applies to the configuration's task, per (run_id, variant): value, interval, target,
+    ``status`` (:func:`goal_status`; ``undetermined`` with the entry's note as ``reason`` when the value could
+    not be computed) and ``met`` (status == "met")."""
     out = []
     keys = list(dict.fromkeys((e.get("run_id"), e.get("variant")) for e in entries))
     for run_id, variant in keys:
         mine = {e["metric"]: e for e in entries if (e.get("run_id"), e.get("variant")) == (run_id, variant)}
+        task = next((e.get("task") for e in mine.values() if e.get("task")), None)
         for goal in goals:
+            if not goal_applies(goal.metric, task):
+                continue
             e = mine.get(goal.metric, {})
             target = goal.target
             if goal.relative_to is not None:
                 base = e.get("chance") if goal.relative_to == CHANCE else mine.get(goal.relative_to, {}).get("value")
                 target = None if base is None else base + goal.margin
             value = e.get("value")
-            status, reason = goal_status(e, goal.op, target) if value is not None else (None, None)
+            status, reason = (
+                goal_status(e, goal.op, target) if value is not None else ("undetermined", e.get("note") or "not computed")
+            )
             row = {"status": status, "met": None if status is None else status == "met"}
             if reason:
                 row["reason"] = reason

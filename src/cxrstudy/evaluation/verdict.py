@@ -105,7 +105,7 @@ def scorecard(results: dict) -> list[str]:
         by_metric = {e["metric"]: e for e in entries if e.get("run_id") == run_id}
         parts = [_goal_part(g, by_metric.get(g["metric"], {})) for g in mine]
         met = sum(g.get("status") == "met" for g in mine)
-        judged = sum(g.get("status") is not None for g in mine)
+        judged = sum(g.get("value") is not None for g in mine)
         paper = by_metric.get("paper_task_accuracy") or {}
         beside = (
             f" Beside it, the paper's task accuracy out of fold is {fmt_pct(paper)}{_reference(paper)}: the paper's "

@@ -95,7 +95,7 @@ def scorecard_table_rows(results: dict[str, Any], keep: Any = None) -> list[dict
                 "recommended": rec == (cfg["task"], cfg["scenario"], cfg["variant"]) and not cfg["decomposition"],
                 "goals": cells,
                 "n_met": sum(c["met"] == "met" for c in cells),
-                "n_judged": sum(c["met"] != "n/a" for c in cells),
+                "n_judged": sum(c["metric"] is not None for c in cells),  # goals with a value
             }
         )
     return rows
