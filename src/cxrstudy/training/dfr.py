@@ -233,7 +233,6 @@ def train_dfr(
     if val_probs is not None:
         probs[val] = val_probs
     preds = predictions_frame(rows, probs, identity_labels(tuple(classes)), with_subclasses=False)
-    sizes = groups.value_counts()
     out_dir = Path(out_root or base_dir.parent) / spec.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run.json").unlink(missing_ok=True)
@@ -246,23 +245,7 @@ def train_dfr(
         "train_seconds": round(float(info.get("train_seconds") or 0) + time.perf_counter() - t0, 3),  # base + DFR
         "val_accuracy": float((preds.loc[val, "pred"] == preds.loc[val, "label"]).mean()),
         "test_accuracy": _accuracy(preds, "test"),
-        "dfr": {
-            "rule": RULE,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "c": c,
-            "c_grid": table,
-            "n_draws": N_DRAWS,
-            "grouping": list(grouping),
-            "per_group": int(sizes[sizes >= MIN_GROUP].min()),
-            "groups": [{"group": g, "n": int(n), "in_sample": bool(n >= MIN_GROUP)} for g, n in sizes.sort_index().items()],
-            "left_out_groups": sorted(sizes[sizes < MIN_GROUP].index),
-            "n_val_films": int(val.sum()),
-            "nonzero_weights": int((np.abs(w) > 0).any(0).sum()),
-            "c_rule": "patient-grouped CV, mean per-group accuracy" if any(t["splits"] for t in table)
-            else "fixed at the grid's first: no split's training part held every class",
-            "val_predictions": "cross-fitted at the chosen C (patient-grouped splits)" if val_probs is not None
-            else "in-sample: too few inner-validation films to cross-fit every one (optimistic)",
-        },
+        "dfr": _facts(c, table, grouping, groups, int(val.sum()), w, val_probs is not None, time.perf_counter() - t0),
     }
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -273,6 +256,31 @@ def train_dfr(
     atomic_write_text(out_dir / "predictions.csv", preds.to_csv(index=False))
     write_json(out_dir / "run.json", json.loads(json.dumps(record, default=str)))  # last: marks the run finished
     return record
+
+
+def _facts(
+    c: float, table: list[dict], grouping: tuple[str, ...], groups: pd.Series, n_val: int, w: np.ndarray,
+    cross_fitted: bool, seconds: float,
+) -> dict[str, Any]:
+    """run.json's ``dfr`` block: the rule, the chosen C and its grid, the groups and their sizes, the head's sparsity."""
+    sizes = groups.value_counts()
+    return {
+        "rule": RULE,
+        "seconds": round(seconds, 3),
+        "c": c,
+        "c_grid": table,
+        "n_draws": N_DRAWS,
+        "grouping": list(grouping),
+        "per_group": int(sizes[sizes >= MIN_GROUP].min()),
+        "groups": [{"group": g, "n": int(n), "in_sample": bool(n >= MIN_GROUP)} for g, n in sizes.sort_index().items()],
+        "left_out_groups": sorted(sizes[sizes < MIN_GROUP].index),
+        "n_val_films": n_val,
+        "nonzero_weights": int((np.abs(w) > 0).any(0).sum()),
+        "c_rule": "patient-grouped CV, mean per-group accuracy" if any(t["splits"] for t in table)
+        else "fixed at the grid's first: no split's training part held every class",
+        "val_predictions": "cross-fitted at the chosen C (patient-grouped splits)" if cross_fitted
+        else "in-sample: too few inner-validation films to cross-fit every one (optimistic)",
+    }
 
 
 def _accuracy(preds: pd.DataFrame, split: str) -> float | None:
