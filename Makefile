@@ -55,8 +55,8 @@ lab: $(STAMP) ## open JupyterLab on the notebooks
 bench: $(STAMP) ## throughput benchmark -> reports/bench.json
 	$(PY) scripts/bench.py
 
-bench-executor: $(STAMP) ## PROFILE's wall time, local vs Dask on this machine -> reports/bench_executor.json
-	$(PY) scripts/bench_executor.py --profile $(PROFILE)
+bench-executor: $(STAMP) ## PROFILE's wall time, local vs Dask on this machine -> reports/bench_executor_PROFILE.json
+	$(PY) scripts/bench_executor.py --profile $(PROFILE) --cold
 
 evaluate: $(STAMP) ## evaluate every configuration (fold ensemble; SINGLE=1: every run) of PROFILE on EXTERNAL=labels.csv
 	@test -n "$(EXTERNAL)" || { echo "usage: make evaluate EXTERNAL=path/to/labels.csv [PROFILE=default] [SINGLE=1]" >&2; exit 2; }

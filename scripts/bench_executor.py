@@ -7,9 +7,11 @@ run may find features the first one computed, unless ``--cold`` gives each run i
 running it (for a profile too long to run twice in a sitting; that run should have been cold too). Dask runs on a cluster of this machine (``--workers`` one-thread
 workers, 127.0.0.1). Beside the wall times: each step's seconds, the node each ran on, and the critical path (the
 longest chain of dependent steps, ``pipeline.step_dependencies``, timed with the local run's seconds: no number of
-workers finishes sooner). Writes ``reports/bench_executor.json`` and prints it. Usage:
+workers finishes sooner). Writes ``reports/bench_executor_<profile>.json`` and prints it. ``--readme`` instead
+writes the README's executor table from every such file (no run). Usage:
     python scripts/bench_executor.py [--profile smoke] [--workers 2] [--cold] [--local-record RUN_JSON]
                                      [--local-reports DIR] [--dask-reports DIR]
+    python scripts/bench_executor.py --readme
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrstudy import config, pipeline
-from cxrstudy.fileio import write_json
+from cxrstudy.fileio import atomic_write_text, write_json
+
+README_START, README_END = "<!-- executor:start -->", "<!-- executor:end -->"
 
 
 def reproduce(profile: str, reports: Path, extra: list[str], cache: Path | None = None) -> dict[str, Any]:
@@ -72,8 +76,13 @@ def main() -> None:
     parser.add_argument("--dask-reports", type=Path, help="reports folder of the Dask run (default: a temporary one)")
     parser.add_argument("--cold", action="store_true", help="each run starts with its own empty data cache")
     parser.add_argument("--local-record", type=Path, help="run.json of an earlier local run of the profile to compare with")
-    parser.add_argument("--out", type=Path, default=config.REPORTS_DIR / "bench_executor.json")
+    parser.add_argument("--out", type=Path, help="default: reports/bench_executor_<profile>.json")
+    parser.add_argument("--readme", action="store_true", help="only write README.md's table from the reports' files")
     args = parser.parse_args()
+    if args.readme:
+        update_readme(sorted(config.REPORTS_DIR.glob("bench_executor_*.json")))
+        return
+    out = args.out or config.REPORTS_DIR / f"bench_executor_{args.profile}.json"
     with tempfile.TemporaryDirectory(prefix="bench-executor-") as tmp:
         caches = (Path(tmp) / "cache-local", Path(tmp) / "cache-dask") if args.cold else (None, None)
         local = (
@@ -95,21 +104,59 @@ def main() -> None:
             "wall_s": local["wall_s"],
             "pipeline_wall_s": local["pipeline_wall_s"],
             "steps_s": local_s,
+            "bare_train_img_s": local["record"].get("reference_train_img_s"),
+            "started": local["record"].get("started"),
         },
         "dask": {
             "wall_s": dask["wall_s"],
             "pipeline_wall_s": dask["pipeline_wall_s"],
             "workers": args.workers,
             "executor": dask["record"]["executor"],
-            "steps": {s["name"]: {"seconds": s["seconds"], "worker": s.get("worker")} for s in dask["record"]["steps"]},
+            "steps": {
+                s["name"]: {"seconds": s["seconds"], "worker": s.get("worker"), "omp_wait_policy": s.get("omp_wait_policy")}
+                for s in dask["record"]["steps"]
+            },
+            "bare_train_img_s": dask["record"].get("reference_train_img_s"),
+            "started": dask["record"].get("started"),
+            "git": dask["record"].get("git"),
         },
         "speedup": round(local["wall_s"] / dask["wall_s"], 2),
         "dask_slower_pct": round(100 * (dask["pipeline_wall_s"] / local["pipeline_wall_s"] - 1), 1),  # pipeline walls
         "critical_path_local_s": critical_path(args.profile, local_s),
         "sum_of_steps_local_s": round(sum(local_s.values()), 1),
     }
-    write_json(args.out, result)
+    write_json(out, result)
     print(json.dumps(result, indent=2))
+
+
+def readme_table(benches: list[dict[str, Any]]) -> str:
+    """Markdown: one row per profile's measurement, local against Dask, with the machine and the runs' bare figures."""
+    rows = [
+        "| profile | caches | local (s) | Dask (s) | Dask vs local | workers | bare step, local / Dask (img/s) | machine | Dask run's commit |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for b in benches:
+        bare = " / ".join(f"{v:.1f}" if isinstance(v, (int, float)) else "n/a"
+                          for v in (b["local"].get("bare_train_img_s"), b["dask"].get("bare_train_img_s")))
+        commit = str((b["dask"].get("git") or {}).get("commit") or "")[:10] or "n/a"
+        rows.append(
+            f"| {b['profile']} | {'cold' if b['cold'] else 'shared'} | {b['local']['pipeline_wall_s']:.0f} "
+            f"| {b['dask']['pipeline_wall_s']:.0f} | {b['dask_slower_pct']:+.1f}% | {b['dask']['workers']} "
+            f"| {bare} | {b['machine']['cpus']} CPUs, {b['machine']['platform']} | {commit} |"
+        )
+    return "\n".join(rows)
+
+
+def update_readme(paths: list[Path], readme: Path = config.ROOT / "README.md") -> None:
+    """Replace README.md's executor table with the one ``readme_table`` makes of ``paths``."""
+    if not paths:
+        sys.exit(f"bench_executor: no {config.REPORTS_DIR}/bench_executor_*.json; run `make bench-executor` first")
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        sys.exit(f"bench_executor: {readme} has no {README_START} ... {README_END} section")
+    head, rest = text.split(README_START, 1)
+    table = readme_table([json.loads(p.read_text()) for p in paths])
+    atomic_write_text(readme, f"{head}{README_START}\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
 
 
 if __name__ == "__main__":

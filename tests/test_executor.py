@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from cxrstudy import config, pipeline
-from cxrstudy.executor import ClusterError, DaskPool, local_cluster, task_resources
+from cxrstudy.executor import ClusterError, DaskPool, local_cluster, task_resources, tasks_share_cores
 from cxrstudy.pipeline import StepFailed
 
 KERNEL = "python3"
@@ -55,6 +55,17 @@ def test_steps_depend_on_the_earlier_steps_that_write_what_they_read():
     assert deps["05_evaluation"] == ["00_data", "01_lungs", "03_decomposition", *transfers]
 
 
+def test_tasks_share_cores_when_a_host_runs_more_than_one_at_once():
+    one = {"host": "a", "nthreads": 1, "resources": {"CPU": 1}}
+    assert tasks_share_cores({"w1": one, "w2": one}, {"CPU": 1})
+    assert not tasks_share_cores({"w1": one, "w2": {**one, "host": "b"}}, {"CPU": 1})
+    assert not tasks_share_cores({"w1": {**one, "resources": {"CPU": 8}}}, {"CPU": 8})
+    assert tasks_share_cores({"w1": {**one, "resources": {"CPU": 8}}}, {"CPU": 4})
+    gpus = {f"w{i}": {"host": "node", "nthreads": 1, "resources": {"GPU": 1}} for i in range(2)}
+    assert tasks_share_cores(gpus, {"GPU": 1}) and not tasks_share_cores({"w0": gpus["w0"]}, {"GPU": 1})
+    assert tasks_share_cores({"w1": {"host": "a", "nthreads": 2}}, None)
+
+
 def test_each_task_asks_for_a_gpu_where_workers_have_them_else_cpus():
     assert task_resources({"a": {"resources": {"GPU": 1}}, "b": {"resources": {"CPU": 8}}}, 4) == {"GPU": 1}
     assert task_resources({"a": {"resources": {"CPU": 8}}}, 4) == {"CPU": 4}
@@ -85,7 +96,7 @@ def toy(tmp_path: Path) -> dict[str, Path]:
         d["notebooks"] / "quick.ipynb",
         'out = ""',
         "import json, os\nopen(out, 'w').write(json.dumps({k: os.environ.get(k) for k in "
-        "('OMP_NUM_THREADS', 'MALLOC_TRIM_THRESHOLD_', 'CXR_MIRROR')}))",
+        "('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'MALLOC_TRIM_THRESHOLD_', 'CXR_MIRROR')}))",
     )
     make_notebook(
         d["notebooks"] / "slow.ipynb",
@@ -165,11 +176,16 @@ def test_without_a_scheduler_the_run_starts_a_loopback_cluster_of_this_machine(t
         assert step["status"] == "ran" and step["worker"] in ex["workers"] and step["seconds"] > 0
         assert step["node"]
     assert (toy["reports"] / "toy" / "html" / "slow.html").is_file()
-    # the kernel runs as in the local run: not with the one BLAS thread and malloc trim a Dask nanny sets
+    # the kernel runs as in the local run: not with the one BLAS thread and malloc trim a Dask nanny sets; the two
+    # steps may share the two workers' host, so their idle OpenMP threads sleep (unless the user set a policy)
     local = pipeline.kernel_env(ENV_BEFORE)
+    assert ex["tasks_share_cores"] is True
     assert json.loads(toy["quick"].read_text()) == {
-        k: local.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "CXR_MIRROR")
+        **{k: local.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "CXR_MIRROR")},
+        "OMP_WAIT_POLICY": local.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
+    if "OMP_WAIT_POLICY" not in local:
+        assert all(s["omp_wait_policy"] == "PASSIVE" for s in record["steps"])
 
 
 def test_a_worker_that_does_not_see_the_project_fails_before_any_step(cluster, tmp_path):

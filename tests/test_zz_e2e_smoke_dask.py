@@ -68,6 +68,10 @@ def test_smoke_profile_on_a_dask_cluster_equals_the_local_run(tmp_path, monkeypa
     assert [s["name"] for s in record["steps"]] == steps and {s["status"] for s in record["steps"]} == {"ran"}
     assert all(s["worker"] in ex["workers"] and s["node"] and s["seconds"] > 0 for s in record["steps"])
     assert len({s["worker"] for s in record["steps"]}) == 2  # the independent steps spread over both workers
+    # both workers share this machine's cores: a step started beside another waits passively, one started alone
+    # (data, the first) spins as in the local run
+    assert ex["tasks_share_cores"] is True and "omp_wait_policy" not in record["steps"][0]
+    assert all(s["omp_wait_policy"] == "PASSIVE" for s in record["steps"] if s["name"].startswith("04_transfer"))
 
     ref, out = config.profile_dir("smoke"), tmp_path / "reports" / "smoke"
     assert {f"html/{s}.html" for s in steps} | {f"notebooks/{s}.ipynb" for s in steps} <= files(out)

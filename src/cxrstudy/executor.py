@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -91,6 +92,22 @@ def task_resources(workers: dict[str, dict], cpus_per_task: int) -> dict[str, fl
     return {"CPU": cpus_per_task}
 
 
+def task_slots(worker: dict, resources: dict[str, float] | None) -> int:
+    """How many tasks asking for ``resources`` a worker (scheduler info: ``nthreads``, ``resources``) runs at once."""
+    if not resources:
+        return int(worker.get("nthreads") or 1)
+    have = worker.get("resources") or {}
+    return min(int(have.get(k, 0) // v) for k, v in resources.items())
+
+
+def tasks_share_cores(workers: dict[str, dict], resources: dict[str, float] | None) -> bool:
+    """Whether some host runs more than one task at once (its workers' ``task_slots`` summed per host)."""
+    per_host: Counter[str] = Counter()
+    for w in workers.values():
+        per_host[str(w.get("host"))] += task_slots(w, resources)
+    return any(n > 1 for n in per_host.values())
+
+
 def worker_environ() -> dict[str, str]:
     """This process's environment without what a Dask nanny sets in its workers before they start
     (``distributed.nanny.pre-spawn-environ``: one BLAS/OpenMP thread, a small malloc trim threshold; a fixed hash
@@ -129,6 +146,7 @@ class DaskPool:
                     f"no worker joined the scheduler {client.scheduler.address} within {WORKER_WAIT_S} s"
                 ) from exc
         self.resources = task_resources(self.workers(), cpus_per_task)
+        self.shares_cores = tasks_share_cores(self.workers(), self.resources)
 
     @classmethod
     @contextmanager
@@ -164,6 +182,7 @@ class DaskPool:
             "scheduler": self.client.scheduler.address,
             "cluster": type(self.cluster).__name__ if self.cluster is not None else "external",
             "task_resources": self.resources,
+            "tasks_share_cores": self.shares_cores,
             "workers": {
                 addr: {"host": w.get("host"), "nthreads": w.get("nthreads"), "resources": w.get("resources") or {}}
                 for addr, w in sorted(self.workers().items())

@@ -619,6 +619,12 @@ def step_dependencies(steps: list[Step], profile_dir: Path) -> dict[str, list[st
     return deps
 
 
+#: The OpenMP setting of a step's kernel started beside another step's on a host whose cores tasks share: idle
+#: threads sleep instead of spinning on cores the other kernel needs (numbers unchanged: the thread count and each
+#: thread's share of the work stay the local run's).
+SHARED_CORES_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def project_env() -> dict[str, str]:
     """The study's own settings (``CXR_*`` variables) of this process, which every kernel of the run gets."""
     return {k: v for k, v in os.environ.items() if k.startswith("CXR_")}
@@ -689,11 +695,13 @@ def _check_cluster(pool: Any, out: Path, kernel: str) -> None:
 def _run_on_cluster(steps: list[tuple[Step, dict]], out: Path, ctx: dict[str, Any], pool: Any) -> None:
     """Run the steps as tasks of ``pool`` (``executor.DaskPool``): every step whose dependencies
     (``step_dependencies``) have finished is planned here (cache, key) and submitted; the driver checks each
-    finished task's outputs and writes its stamp. After a failure nothing more is submitted; the running tasks
+    finished task's outputs and writes its stamp. A step started while another runs or starts, on a cluster whose
+    tasks share a host's cores, gets :data:`SHARED_CORES_ENV`. After a failure nothing more is submitted; the running tasks
     are awaited (their stamps kept), then the first failure is raised. Record entries stay in profile order."""
     from cxrstudy.executor import TaskLost
 
     deps = step_dependencies([s for s, _ in steps], out)
+    shared = pool.shares_cores and not set(SHARED_CORES_ENV) & set(os.environ)  # a value the user set wins
     order = {s.name: i for i, (s, _) in enumerate(steps)}
     entries = ctx["record"]["steps"]
     todo, done = list(steps), set()
@@ -704,16 +712,22 @@ def _run_on_cluster(steps: list[tuple[Step, dict]], out: Path, ctx: dict[str, An
         while todo or running:
             ready = [] if failure else [(s, p) for s, p in todo if set(deps[s.name]) <= done]
             if ready:
+                batch = []
                 for step, params in ready:
                     todo = [(s, p) for s, p in todo if s.name != step.name]
                     run = _plan_step(step, params, out, ctx)
                     if isinstance(run, dict):
                         entries.append(run)
                         done.add(step.name)
-                        continue
+                    else:
+                        batch.append(run)
+                beside = shared and len(running) + len(batch) > 1  # started beside another step
+                for run in batch:
+                    step_env = {**env, **SHARED_CORES_ENV} if beside else env
+                    run.entry.update({k.lower(): v for k, v in step_env.items() if k in SHARED_CORES_ENV})
                     _begin(run)
-                    args = (str(run.nb_in), str(run.nb_out), params, ctx["kernel"], step, env)
-                    running[pool.submit(step.name, run_task, *args)] = (run, time.perf_counter())
+                    args = (str(run.nb_in), str(run.nb_out), run.params, ctx["kernel"], run.step, step_env)
+                    running[pool.submit(run.step.name, run_task, *args)] = (run, time.perf_counter())
                 continue  # a cached step may have made others ready
             if not running:
                 break
