@@ -34,6 +34,7 @@ profile = "smoke"  # reports go to reports/<profile>/runs/
 seed = 0  # seeds the subsample, and the first run's weights, shuffling and augmentation
 folds = 2  # cross-validation folds: one run per fold (seed + fold)
 repeats = 1  # cross-validations, repeat r seeded by seed + r * folds
+only_fold = None  # None: every fold; k: only fold k of every repeat (a profile step with per_fold: true)
 device = "auto"  # auto, cpu, cuda, cuda:N
 task = "covid_vs_normal"  # covid_vs_normal or covid_normal_pneumonia
 scenario = "shallow"  # shallow, deep, finetune or scratch
@@ -124,7 +125,8 @@ for ax, r, cfg in zip(axes[0], results, configs, strict=True):
     cm = confusion_matrix(val["label"], val["pred"], labels=r.info["classes"])
     plot_confusion(cm, r.info["classes"], title=cfg.spec.label(task=False), ax=ax)
 fig.tight_layout()
-confusion_png = out / "runs" / f"confusion_{task}_{scenario}_{variant}.png"
+fold_tag = "" if only_fold is None else f"_fold{only_fold}"  # steps of one configuration, one per fold
+confusion_png = out / "runs" / f"confusion_{task}_{scenario}_{variant}{fold_tag}.png"
 save_figure(fig, confusion_png)
 display(Image(filename=str(confusion_png)))
 

@@ -16,6 +16,7 @@ import yaml
 
 from cxrstudy import pipeline
 from cxrstudy.pipeline import ProfileError, StepFailed
+from cxrstudy.runspec import RunSpec
 
 
 def make_notebook(path: Path, params: str, body: str) -> Path:
@@ -407,6 +408,34 @@ def test_template_edits_change_the_evaluation_key(tmp_path, monkeypatch):
         template.write_text(original)
     assert pipeline.step_key(step, {}, tmp_path, tmp_path) == before
     assert nb.is_file()
+
+
+def test_a_per_fold_step_becomes_one_step_per_fold_with_the_same_runs(project):
+    smoke = pipeline.load_profile("smoke")
+    split = [s for s in smoke.steps if s.name.startswith("04_transfer_covid_normal_pneumonia_deep_group_dro")]
+    assert [(s.name, s.params["only_fold"]) for s in split] == [
+        ("04_transfer_covid_normal_pneumonia_deep_group_dro_fold0", 0),
+        ("04_transfer_covid_normal_pneumonia_deep_group_dro_fold1", 1),
+    ]
+    # the fold steps train, between them, exactly the runs of the whole step, each once
+    whole = {**{k: v for k, v in split[0].params.items() if k != "only_fold"}, **smoke.common}
+    per_step = [RunSpec.from_params({**whole, "only_fold": k}) for k in range(2)]
+    assert sorted(r.run_id for r in sum(per_step, [])) == sorted(r.run_id for r in RunSpec.from_params(whole))
+    assert [{r.fold for r in specs} for specs in per_step] == [{0}, {1}]
+    deps = pipeline.step_dependencies(smoke.steps, Path("/r/smoke"))
+    assert all(s.name in deps["05_evaluation"] and "03_decomposition" in deps[s.name] for s in split)
+
+    nb = "{notebook: 04_transfer, per_fold: true"
+    for text, error in [
+        (f"steps:\n  - {nb}}}\n", "needs 'folds'"),
+        (f"common: {{folds: 2}}\nsteps:\n  - {nb}, params: {{only_fold: 1}}}}\n", "sets 'only_fold' itself"),
+        ("common: {folds: 2}\nsteps:\n  - {notebook: a, per_fold: true}\n", "04_transfer steps only"),
+    ]:
+        write_profile(project, "p", text)
+        with pytest.raises(ProfileError, match=error):
+            pipeline.load_profile("p", project["params"])
+    write_profile(project, "p", f"steps:\n  - {nb}, name: t, params: {{folds: 3}}}}\n")
+    assert [s.name for s in pipeline.load_profile("p", project["params"]).steps] == ["t_fold0", "t_fold1", "t_fold2"]
 
 
 def test_the_evaluation_gets_the_run_ids_of_the_transfer_steps(project):

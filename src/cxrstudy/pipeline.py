@@ -37,7 +37,9 @@ from cxrstudy.runspec import RunSpec
 
 KERNEL_NAME = "cxrstudy"
 PROFILE_KEYS = {"description", "common", "variants", "steps"}
-STEP_KEYS = {"notebook", "name", "params"}
+STEP_KEYS = {"notebook", "name", "params", "per_fold"}
+#: The parameter that restricts a transfer step to one fold (of every repeat); ``per_fold: true`` sets it.
+ONLY_FOLD = "only_fold"
 #: How steps run: ``local`` in order in this process, ``dask`` as tasks on a Dask cluster (``cxrstudy.executor``).
 EXECUTORS = ("local", "dask")
 #: The variants every profile shares (beside the profiles); a profile's own ``variants:`` add to or override them.
@@ -79,6 +81,20 @@ def profile_names(params_dir: Path = config.PARAMS_DIR) -> list[str]:
     return sorted(p.stem for p in params_dir.glob("*.yaml") if p.name not in (VARIANTS_FILE, PLAN_FILE))
 
 
+def _per_fold(step: Step, common: dict[str, Any], where: str) -> list[Step]:
+    """A transfer step as one step per fold (``<name>_fold<k>``, parameter :data:`ONLY_FOLD` = k), each training
+    that fold of every repeat: tasks a cluster can spread. The fold count comes from the step's or common's
+    ``folds``."""
+    if step.notebook != "04_transfer":
+        raise ProfileError(f"{where} ({step.name}): per_fold applies to 04_transfer steps only")
+    folds = step.params.get("folds", common.get("folds"))
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 1:
+        raise ProfileError(f"{where} ({step.name}): per_fold needs 'folds' (an integer >= 1) in its params or common")
+    if ONLY_FOLD in step.params:
+        raise ProfileError(f"{where} ({step.name}): per_fold sets {ONLY_FOLD!r} itself; remove it from params")
+    return [Step(f"{step.name}_fold{k}", step.notebook, {**step.params, ONLY_FOLD: k}) for k in range(folds)]
+
+
 def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
     """Read ``params/<name>.yaml`` (or a path to a YAML file) and check its shape."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else params_dir / f"{name}.yaml"
@@ -108,7 +124,8 @@ def load_profile(name: str, params_dir: Path = config.PARAMS_DIR) -> Profile:
         if bad:
             raise ProfileError(f"{path}: step {i + 1} ({entry['notebook']}): unknown key(s) {sorted(bad)}")
         params = _with_variant(dict(entry.get("params") or {}), variants, f"{path}: step {i + 1}")
-        steps.append(Step(entry.get("name") or entry["notebook"], entry["notebook"], params))
+        step = Step(entry.get("name") or entry["notebook"], entry["notebook"], params)
+        steps += _per_fold(step, raw.get("common") or {}, f"{path}: step {i + 1}") if entry.get("per_fold") else [step]
     if not steps:
         raise ProfileError(f"{path}: no steps")
     names = [s.name for s in steps]

@@ -141,7 +141,8 @@ class RunSpec:
         """Every run a transfer step's parameters ask for: ``repeats`` cross-validations (outer; repeat r has seed
         ``seed + r * folds``), each fold ``0 .. folds - 1`` (middle), times the ``decomposition`` values (one
         value or a list; inner), in that order; with ``dfr`` true (and ``derived``), each decomposition-off run
-        followed by its :attr:`dfr` run (the step writes it after training its base)."""
+        followed by its :attr:`dfr` run (the step writes it after training its base). ``only_fold`` (not None):
+        only that fold's runs, of every repeat."""
         decomps = params["decomposition"]
         decomps = list(decomps) if isinstance(decomps, (list, tuple)) else [decomps]
         own = {f.name for f in fields(cls)} - {"decomposition", "seed", "fold"}
@@ -151,6 +152,7 @@ class RunSpec:
             cls(decomposition=bool(d), seed=first + r * k, fold=f, **base)
             for r in range(n)
             for f in range(k)
+            if params.get("only_fold") is None or f == int(params["only_fold"])
             for d in decomps
         ]
         with_dfr = derived and bool(params.get("dfr", False))
