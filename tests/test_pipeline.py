@@ -162,8 +162,8 @@ def test_the_study_profiles_name_their_variants_and_seeds():
     }
     full = pipeline.load_profile("full")
     bal = [s.params for s in full.steps if s.params.get("variant") == "lung_balanced"]
-    assert [(b["task"], b["scenario"], b["sampling"]) for b in bal] == [
-        ("covid_normal_pneumonia", sc, "source_balanced") for sc in ("deep", "finetune")
+    assert [(b["task"], b["scenario"], b["sampling"], b["only_fold"]) for b in bal] == [  # one step per fold
+        ("covid_normal_pneumonia", sc, "source_balanced", k) for sc in ("deep", "finetune") for k in range(5)
     ]
     for name in ("smoke", "default", "full"):
         pipeline.resolve_parameters(pipeline.load_profile(name))  # every parameter declared

@@ -9,7 +9,7 @@ from cxrstudy.runspec import RunSpec
 from cxrstudy.training import TrainConfig
 
 #: Notebook 04 parameters that are not TrainConfig fields: where reports go, how many seeds, the subsample.
-NOTEBOOK_ONLY = {"profile", "max_per_class", "repeats", "dfr"}
+NOTEBOOK_ONLY = {"profile", "max_per_class", "repeats", "dfr", "only_fold"}
 
 
 def test_record_round_trip_and_defaults():
@@ -43,6 +43,8 @@ def test_from_params_expands_seeds_then_decomposition_and_notebook_04_builds_its
     assert all(c.folds == 2 for c in configs)
     assert [c.spec for c in configs] == RunSpec.from_params(params)
     assert all(c.lr_range == (1e-4, 1e-3) and c.epochs == 5 and c.input_view == "lung_crop" for c in configs)
+    only = TrainConfig.from_params({**params, "only_fold": 1})  # one fold of every repeat, nothing else changed
+    assert [c.spec for c in only] == [c.spec for c in configs if c.fold == 1]
     one = TrainConfig.from_params({**declared, "decomposition": True})
     assert [(c.seed, c.fold, c.decomposition) for c in one] == [
         (declared["seed"], f, True) for f in range(declared["folds"])
