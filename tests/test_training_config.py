@@ -137,7 +137,7 @@ def test_train_run_takes_the_manifest_a_config_and_paths_only():
 def test_the_transfer_notebook_parameters_are_config_fields_or_its_own():
     declared = set(pipeline.declared_parameters(config.NOTEBOOKS_DIR / "04_transfer.ipynb"))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert declared - fields == {"profile", "max_per_class", "repeats", "dfr"}
+    assert declared - fields == {"profile", "max_per_class", "repeats", "dfr", "only_fold"}
 
 
 def test_finetune_epochs_are_the_total_over_its_stages():
