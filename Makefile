@@ -12,10 +12,12 @@ ifneq ($(strip $(FORCE)),)
 FORCE_FLAG := --force
 endif
 # How the steps run: local (in order, in one process) or dask (independent steps in parallel on a Dask cluster:
-# SCHEDULER=tcp://host:8786 for a running one, else a cluster of this machine bound to 127.0.0.1).
+# SCHEDULER=tcp://host:8786 for a running one, else a cluster of this machine bound to 127.0.0.1; TIMINGS=run.json:
+# an earlier run whose step seconds start the longest steps first, else the profile's own last record).
 EXECUTOR ?= local
 SCHEDULER ?=
-EXECUTOR_FLAGS := --executor $(EXECUTOR) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+TIMINGS ?=
+EXECUTOR_FLAGS := --executor $(EXECUTOR) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(TIMINGS),--timings $(TIMINGS))
 
 # Remote locations pass through to every step (empty = the default, see README).
 export CXR_MIRROR CXR_GITHUB_API

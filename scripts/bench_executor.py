@@ -5,12 +5,13 @@ reports folder (``CXR_REPORTS_DIR``), local first; the data caches under ``data/
 run may find features the first one computed, unless ``--cold`` gives each run its own empty cache folder
 (``CXR_CACHE_DIR``). ``--local-record run.json`` reads the local side from an earlier run's record instead of
 running it (for a profile too long to run twice in a sitting; that run should have been cold too). Dask runs on a cluster of this machine (``--workers`` one-thread
-workers, 127.0.0.1). Beside the wall times: each step's seconds, the node each ran on, and the critical path (the
+workers, 127.0.0.1), its steps started longest first by the local run's seconds (``--timings``; ``--no-timings``:
+by the Dask run's own folder, which is empty, so in profile order). Beside the wall times: each step's seconds, the node each ran on, and the critical path (the
 longest chain of dependent steps, ``pipeline.step_dependencies``, timed with the local run's seconds: no number of
 workers finishes sooner). Writes ``reports/bench_executor_<profile>.json`` and prints it. ``--readme`` instead
 writes the README's executor table from every such file (no run). Usage:
     python scripts/bench_executor.py [--profile smoke] [--workers 2] [--cold] [--local-record RUN_JSON]
-                                     [--local-reports DIR] [--dask-reports DIR]
+                                     [--local-reports DIR] [--dask-reports DIR] [--no-timings]
     python scripts/bench_executor.py --readme
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrstudy import config, pipeline
-from cxrstudy.fileio import atomic_write_text, write_json
+from cxrstudy.fileio import replace_section, write_json
 
 README_START, README_END = "<!-- executor:start -->", "<!-- executor:end -->"
 
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--dask-reports", type=Path, help="reports folder of the Dask run (default: a temporary one)")
     parser.add_argument("--cold", action="store_true", help="each run starts with its own empty data cache")
     parser.add_argument("--local-record", type=Path, help="run.json of an earlier local run of the profile to compare with")
+    parser.add_argument("--no-timings", action="store_true", help="do not order Dask's steps by the local run's seconds")
     parser.add_argument("--out", type=Path, help="default: reports/bench_executor_<profile>.json")
     parser.add_argument("--readme", action="store_true", help="only write README.md's table from the reports' files")
     args = parser.parse_args()
@@ -85,13 +87,16 @@ def main() -> None:
     out = args.out or config.REPORTS_DIR / f"bench_executor_{args.profile}.json"
     with tempfile.TemporaryDirectory(prefix="bench-executor-") as tmp:
         caches = (Path(tmp) / "cache-local", Path(tmp) / "cache-dask") if args.cold else (None, None)
+        local_reports = args.local_reports or Path(tmp) / "local"
         local = (
             from_record(args.local_record)
             if args.local_record
-            else reproduce(args.profile, args.local_reports or Path(tmp) / "local", [], caches[0])
+            else reproduce(args.profile, local_reports, [], caches[0])
         )
+        timings = None if args.no_timings else args.local_record or local_reports / args.profile / "run.json"
         dask = reproduce(
-            args.profile, args.dask_reports or Path(tmp) / "dask", ["--executor", "dask", "--workers", str(args.workers)],
+            args.profile, args.dask_reports or Path(tmp) / "dask",
+            ["--executor", "dask", "--workers", str(args.workers), *(["--timings", str(timings)] if timings else [])],
             caches[1],
         )
     local_s = {s["name"]: s["seconds"] for s in local["record"]["steps"]}
@@ -111,9 +116,16 @@ def main() -> None:
             "wall_s": dask["wall_s"],
             "pipeline_wall_s": dask["pipeline_wall_s"],
             "workers": args.workers,
+            "timings_from_local_run": timings is not None,
             "executor": dask["record"]["executor"],
             "steps": {
-                s["name"]: {"seconds": s["seconds"], "worker": s.get("worker"), "omp_wait_policy": s.get("omp_wait_policy")}
+                s["name"]: {
+                    "seconds": s["seconds"],
+                    "worker": s.get("worker"),
+                    "omp_wait_policy": s.get("omp_wait_policy"),
+                    "expected_seconds": s.get("expected_seconds"),
+                    "finished": s.get("finished"),
+                }
                 for s in dask["record"]["steps"]
             },
             "bare_train_img_s": dask["record"].get("reference_train_img_s"),
@@ -129,11 +141,30 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
+ORDER_NOTE = {
+    "timed": "longest first, by the local run's seconds",
+    "own": "longest first, by the Dask folder's earlier record",
+    "untimed": "profile order (no earlier seconds)",
+    "unbounded": "as Dask assigned them (every ready step submitted at once)",
+}
+
+
+def _order(bench: dict[str, Any]) -> str:
+    """How the bench's Dask run started its steps (a key of ``ORDER_NOTE``; ``unbounded``: a run from before the
+    driver kept one step per task slot)."""
+    order = bench["dask"]["executor"].get("order")
+    if order is None:
+        return "unbounded"
+    if bench["dask"].get("timings_from_local_run"):
+        return "timed"
+    return "own" if order.get("timings") else "untimed"
+
+
 def readme_table(benches: list[dict[str, Any]]) -> str:
     """Markdown: one row per profile's measurement, local against Dask, with the machine and the runs' bare figures."""
     rows = [
-        "| profile | caches | local (s) | Dask (s) | Dask vs local | workers | bare step, local / Dask (img/s) | machine | Dask run's commit |",
-        "|---|---|---:|---:|---:|---:|---|---|---|",
+        "| profile | caches | local (s) | Dask (s) | Dask vs local | workers | Dask's step order | bare step, local / Dask (img/s) | machine | Dask run's commit |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---|",
     ]
     for b in benches:
         bare = " / ".join(f"{v:.1f}" if isinstance(v, (int, float)) else "n/a"
@@ -142,6 +173,7 @@ def readme_table(benches: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {b['profile']} | {'cold' if b['cold'] else 'shared'} | {b['local']['pipeline_wall_s']:.0f} "
             f"| {b['dask']['pipeline_wall_s']:.0f} | {b['dask_slower_pct']:+.1f}% | {b['dask']['workers']} "
+            f"| {ORDER_NOTE[_order(b)]} "
             f"| {bare} | {b['machine']['cpus']} CPUs, {b['machine']['platform']} | {commit} |"
         )
     return "\n".join(rows)
@@ -151,12 +183,10 @@ def update_readme(paths: list[Path], readme: Path = config.ROOT / "README.md") -
     """Replace README.md's executor table with the one ``readme_table`` makes of ``paths``."""
     if not paths:
         sys.exit(f"bench_executor: no {config.REPORTS_DIR}/bench_executor_*.json; run `make bench-executor` first")
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        sys.exit(f"bench_executor: {readme} has no {README_START} ... {README_END} section")
-    head, rest = text.split(README_START, 1)
-    table = readme_table([json.loads(p.read_text()) for p in paths])
-    atomic_write_text(readme, f"{head}{README_START}\n{table}\n{README_END}{rest.split(README_END, 1)[1]}")
+    try:
+        replace_section(readme, README_START, README_END, readme_table([json.loads(p.read_text()) for p in paths]))
+    except ValueError as exc:
+        sys.exit(f"bench_executor: {exc}")
 
 
 if __name__ == "__main__":

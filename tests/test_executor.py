@@ -228,3 +228,40 @@ def test_an_unreachable_scheduler_is_a_clear_error(toy):
         with pytest.raises(ClusterError, match="cannot reach the Dask scheduler tcp://127.0.0.1:9"):
             run_toy(toy, scheduler="tcp://127.0.0.1:9")
     assert not (toy["reports"] / "toy" / ".lock").exists()
+
+
+def test_the_driver_starts_the_longest_expected_steps_first_and_no_more_than_the_cluster_runs(cluster, tmp_path):
+    nbs, params, log = tmp_path / "notebooks", tmp_path / "params", tmp_path / "log"
+    for d in (nbs, params, log):
+        d.mkdir()
+    make_notebook(
+        nbs / "hold.ipynb",
+        'name = ""\nlog = ""',
+        "import json, time\nfrom pathlib import Path\nt0 = time.time()\ntime.sleep(2)\n"
+        "Path(log, name + '.json').write_text(json.dumps({'start': t0, 'end': time.time()}))",
+    )
+    (params / "three.yaml").write_text(
+        "steps:\n" + "".join(f"  - {{notebook: hold, name: {n}, params: {{name: {n}, log: '{log}'}}}}\n" for n in "abc")
+    )
+    timings = tmp_path / "earlier.json"  # an earlier run in which c took longest and a was quickest
+    timings.write_text(json.dumps({"steps": [
+        {"name": "a", "status": "ran", "seconds": 10.0},
+        {"name": "b", "status": "cached", "seconds": 20.0},
+        {"name": "c", "status": "ran", "seconds": 30.0},
+    ]}))
+    record = pipeline.run_profile(
+        "three", kernel=KERNEL, params_dir=params, notebooks_dir=nbs, reports_dir=tmp_path / "reports",
+        executor="dask", scheduler=cluster.scheduler_address, timings=timings,
+    )
+    times = {n: json.loads((log / f"{n}.json").read_text()) for n in "abc"}
+    # two workers: c and b start at once; a waits in the driver until one of them has finished
+    assert times["a"]["start"] > max(times["b"]["start"], times["c"]["start"])
+    assert times["a"]["start"] >= min(times["b"]["end"], times["c"]["end"])
+    assert times["c"]["start"] < times["b"]["end"] and times["b"]["start"] < times["c"]["end"]
+    assert record["executor"]["order"] == {"rule": "longest expected first", "timings": [str(timings)]}
+    assert [(s["name"], s["expected_seconds"]) for s in record["steps"]] == [("a", 10.0), ("b", 20.0), ("c", 30.0)]
+    with pytest.raises(pipeline.ProfileError, match=r"timings .*missing.json: not a readable run.json"):
+        pipeline.run_profile(
+            "three", kernel=KERNEL, params_dir=params, notebooks_dir=nbs, reports_dir=tmp_path / "reports",
+            executor="dask", scheduler=cluster.scheduler_address, timings=tmp_path / "missing.json",
+        )

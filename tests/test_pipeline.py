@@ -525,3 +525,44 @@ def test_run_record_holds_the_environment_the_kernels_got(project, monkeypatch):
     saved = json.loads((project["reports"] / "p" / "run.json").read_text())
     assert saved["runtime_env"] == record["runtime_env"] == got
     assert keys[0] not in os.environ  # the driver's own environment is left alone
+
+
+def test_expected_seconds_come_from_timings_then_stamps_then_the_last_record(tmp_path):
+    out = tmp_path / "reports" / "p"
+    (out / ".stamps").mkdir(parents=True)
+    assert pipeline.expected_seconds(out) == ({}, [])
+    (out / "run.json").write_text(json.dumps({"steps": [
+        {"name": "a", "status": "ran", "seconds": 5.0},
+        {"name": "b", "status": "cached", "seconds": 6.0},
+        {"name": "c", "status": "failed", "seconds": 99.0},  # a failed step's seconds say nothing of its length
+        {"name": "d", "status": "cached", "seconds": None},
+    ]}))
+    (out / ".stamps" / "b.json").write_text(json.dumps({"key": "k", "seconds": 7.0}))
+    (out / ".stamps" / "e.json").write_text("{half")  # unreadable: the step only runs again, untimed
+    timings = tmp_path / "earlier.json"
+    timings.write_text(json.dumps({"steps": [{"name": "a", "status": "ran", "seconds": 50.0}]}))
+    assert pipeline.expected_seconds(out) == ({"a": 5.0, "b": 7.0}, [str(out / ".stamps"), str(out / "run.json")])
+    expected, sources = pipeline.expected_seconds(out, timings)
+    assert expected == {"a": 50.0, "b": 7.0} and sources[0] == str(timings)
+    timings.write_text(json.dumps({"profile": "p"}))
+    with pytest.raises(ProfileError, match=r"timings .*earlier.json: not a readable run.json"):
+        pipeline.expected_seconds(out, timings)
+
+
+def test_a_cluster_starts_untimed_steps_first_then_the_longest_ties_in_profile_order():
+    class Run:
+        def __init__(self, name: str) -> None:
+            self.step = pipeline.Step(notebook="n", name=name)
+
+    order = {n: i for i, n in enumerate("abcde")}
+    runs = [Run(n) for n in "edcba"]
+    names = [r.step.name for r in pipeline.submission_order(runs, {"a": 1.0, "b": 9.0, "c": 9.0, "e": 3.0}, order)]
+    assert names == ["d", "b", "c", "e", "a"]
+    assert [r.step.name for r in pipeline.submission_order(runs, {}, order)] == list("abcde")
+
+
+def test_timings_need_the_dask_executor(project):
+    write_profile(project, "demo", "steps:\n  - {notebook: a, params: {marker: MARKER}}\n")
+    with pytest.raises(ProfileError, match="local executor runs them in profile order"):
+        run(project, "demo", timings=project["reports"] / "run.json")
+    assert not project["marker"].exists()

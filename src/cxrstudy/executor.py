@@ -145,8 +145,9 @@ class DaskPool:
                 raise ClusterError(
                     f"no worker joined the scheduler {client.scheduler.address} within {WORKER_WAIT_S} s"
                 ) from exc
-        self.resources = task_resources(self.workers(), cpus_per_task)
-        self.shares_cores = tasks_share_cores(self.workers(), self.resources)
+        workers = self.workers()
+        self.resources = task_resources(workers, cpus_per_task)
+        self.shares_cores = tasks_share_cores(workers, self.resources)
 
     @classmethod
     @contextmanager
@@ -174,6 +175,10 @@ class DaskPool:
     def workers(self) -> dict[str, dict]:
         """The scheduler's workers: address -> its info (host, nthreads, resources, ...)."""
         return self.client.scheduler_info(n_workers=-1)["workers"]
+
+    def slots(self) -> int:
+        """How many tasks the cluster's workers run at once now (``task_slots`` summed)."""
+        return sum(task_slots(w, self.resources) for w in self.workers().values())
 
     def describe(self) -> dict[str, Any]:
         """The executor's entry of run.json: scheduler address, cluster kind, workers, what each task asks for."""

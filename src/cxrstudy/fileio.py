@@ -105,6 +105,16 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def replace_section(path: Path | str, start: str, end: str, body: str) -> None:
+    """Rewrite ``path`` with the text between its markers ``start`` and ``end`` replaced by ``body`` (markers kept);
+    ValueError naming the file when a marker is missing."""
+    text = Path(path).read_text()
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise ValueError(f"{path} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    atomic_write_text(path, f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+
+
 def to_jsonable(obj: Any) -> Any:
     """A plain-JSON copy of ``obj`` under the module's policy (NaN/inf to None, NumPy to Python)."""
     if isinstance(obj, dict):

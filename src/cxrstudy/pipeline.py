@@ -709,27 +709,82 @@ def _check_cluster(pool: Any, out: Path, kernel: str) -> None:
         token_path.unlink(missing_ok=True)
 
 
-def _run_on_cluster(steps: list[tuple[Step, dict]], out: Path, ctx: dict[str, Any], pool: Any) -> None:
+def _recorded_seconds(path: Path) -> dict[str, float]:
+    """Step name -> seconds, for the steps that ran or were cached with seconds in the run.json at ``path``;
+    ProfileError naming the file when it is not such a record."""
+    try:
+        record = json.loads(path.read_text())
+        entries = record["steps"]
+        return {
+            str(e["name"]): float(e["seconds"])
+            for e in entries
+            if e.get("status") in ("ran", "cached") and isinstance(e.get("seconds"), (int, float))
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProfileError(f"timings {path}: not a readable run.json with steps ({exc})") from exc
+
+
+def expected_seconds(out: Path, timings: Path | None = None) -> tuple[dict[str, float], list[str]]:
+    """Each step's expected seconds and where they came from: ``timings`` (a run.json) first, then the profile's own
+    stamps, then its last run.json; a step none of them timed has none."""
+    found: dict[str, float] = {}
+    sources: list[str] = []
+    if timings is not None:
+        found.update(_recorded_seconds(timings))
+        sources.append(str(timings))
+    stamps = {}
+    for stamp in sorted((out / ".stamps").glob("*.json")):
+        try:
+            seconds = json.loads(stamp.read_text()).get("seconds")
+        except (OSError, ValueError):
+            continue  # a stamp that cannot be read only means the step runs again
+        if isinstance(seconds, (int, float)):
+            stamps[stamp.stem] = float(seconds)
+    if stamps:
+        sources.append(str(out / ".stamps"))
+    previous = _recorded_seconds(out / "run.json") if (out / "run.json").is_file() else {}
+    if previous:
+        sources.append(str(out / "run.json"))
+    return {**previous, **stamps, **found}, sources
+
+
+def submission_order(runs: list[Any], expected: dict[str, float], order: dict[str, int]) -> list[Any]:
+    """Runs (``.step.name``) in the order a cluster starts them: steps never timed first, then the longest
+    expected first; ties in profile order."""
+    def rank(run: Any) -> tuple:
+        name = run.step.name
+        return (0, 0.0, order[name]) if name not in expected else (1, -expected[name], order[name])
+
+    return sorted(runs, key=rank)
+
+
+def _run_on_cluster(
+    steps: list[tuple[Step, dict]], out: Path, ctx: dict[str, Any], pool: Any, timings: Path | None = None
+) -> None:
     """Run the steps as tasks of ``pool`` (``executor.DaskPool``): every step whose dependencies
-    (``step_dependencies``) have finished is planned here (cache, key) and submitted; the driver checks each
-    finished task's outputs and writes its stamp. A step started while another runs or starts, on a cluster whose
-    tasks share a host's cores, gets :data:`SHARED_CORES_ENV`. After a failure nothing more is submitted; the running tasks
-    are awaited (their stamps kept), then the first failure is raised. Record entries stay in profile order."""
+    (``step_dependencies``) have finished is planned here (cache, key) and queued; the driver keeps as many steps
+    running as the cluster has task slots (``pool.slots()``), started in ``submission_order`` of their
+    ``expected_seconds``, checks each finished task's outputs and writes its stamp. A step started while another
+    runs or starts, on a cluster whose tasks share a host's cores, gets :data:`SHARED_CORES_ENV`. After a failure
+    nothing more is started; the running tasks are awaited (their stamps kept), then the first failure is raised.
+    Record entries stay in profile order."""
     from cxrstudy.executor import TaskLost
 
     deps = step_dependencies([s for s, _ in steps], out)
     shared = pool.shares_cores and not set(SHARED_CORES_ENV) & set(os.environ)  # a value the user set wins
     order = {s.name: i for i, (s, _) in enumerate(steps)}
+    expected, sources = expected_seconds(out, timings)
+    ctx["record"]["executor"]["order"] = {"rule": "longest expected first", "timings": sources}
     entries = ctx["record"]["steps"]
     todo, done = list(steps), set()
+    queue: list[_Pending] = []
     running: dict[Any, tuple[_Pending, float]] = {}
     failure: StepFailed | None = None
     env = project_env()
     try:
-        while todo or running:
+        while todo or queue or running:
             ready = [] if failure else [(s, p) for s, p in todo if set(deps[s.name]) <= done]
             if ready:
-                batch = []
                 for step, params in ready:
                     todo = [(s, p) for s, p in todo if s.name != step.name]
                     run = _plan_step(step, params, out, ctx)
@@ -737,15 +792,22 @@ def _run_on_cluster(steps: list[tuple[Step, dict]], out: Path, ctx: dict[str, An
                         entries.append(run)
                         done.add(step.name)
                     else:
-                        batch.append(run)
-                beside = shared and len(running) + len(batch) > 1  # started beside another step
-                for run in batch:
-                    step_env = {**env, **SHARED_CORES_ENV} if beside else env
-                    run.entry.update({k.lower(): v for k, v in step_env.items() if k in SHARED_CORES_ENV})
-                    _begin(run)
-                    args = (str(run.nb_in), str(run.nb_out), run.params, ctx["kernel"], run.step, step_env)
-                    running[pool.submit(run.step.name, run_task, *args)] = (run, time.perf_counter())
+                        queue.append(run)
                 continue  # a cached step may have made others ready
+            if failure:
+                queue = []  # planned but not begun: like the steps never reached
+            free = pool.slots() - len(running) if queue else 0
+            batch = submission_order(queue, expected, order)[: max(free, 0 if running else 1)]
+            beside = shared and len(running) + len(batch) > 1  # started beside another step
+            for run in batch:
+                queue.remove(run)
+                step_env = {**env, **SHARED_CORES_ENV} if beside else env
+                run.entry.update({k.lower(): v for k, v in step_env.items() if k in SHARED_CORES_ENV})
+                if run.step.name in expected:
+                    run.entry["expected_seconds"] = expected[run.step.name]
+                _begin(run)
+                args = (str(run.nb_in), str(run.nb_out), run.params, ctx["kernel"], run.step, step_env)
+                running[pool.submit(run.step.name, run_task, *args)] = (run, time.perf_counter())
             if not running:
                 break
             for future in pool.wait_first(list(running)):
@@ -781,11 +843,13 @@ def run_profile(
     scheduler: str | None = None,
     workers: int | None = None,
     cpus_per_task: int = 1,
+    timings: Path | None = None,
 ) -> dict[str, Any]:
     """Run a profile's steps (skipping unchanged ones) under the profile's lock; write run.json and index.html.
 
     ``executor="local"`` runs them in order in this process; ``"dask"`` runs them as tasks on the Dask scheduler at
-    ``scheduler``, else on a cluster of this machine (``workers`` workers; ``executor.local_cluster``)."""
+    ``scheduler``, else on a cluster of this machine (``workers`` workers; ``executor.local_cluster``), longest
+    expected step first by ``timings`` (a run.json) or the profile's own last record (``expected_seconds``)."""
     from cxrstudy.executor import DaskPool, task_location
     from cxrstudy.reporting.pages import write_index
     from cxrstudy.runlock import profile_lock
@@ -797,6 +861,10 @@ def run_profile(
         raise ProfileError(f"--only: no step(s) {missing} in profile {profile.name!r}")
     if executor not in EXECUTORS:
         raise ProfileError(f"executor {executor!r}: expected one of {EXECUTORS}")
+    if timings is not None:
+        if executor == "local":
+            raise ProfileError("timings order a cluster's steps; the local executor runs them in profile order")
+        _recorded_seconds(timings)  # a bad file fails before the cluster starts
     check_kernel(kernel)
     out = reports_dir / profile.name
     with profile_lock(out, f"reproduce --profile {profile.name}"):
@@ -822,7 +890,7 @@ def run_profile(
                     record["executor"] = pool.describe()
                     print(f"reproduce: on the Dask scheduler {record['executor']['scheduler']}", flush=True)
                     _check_cluster(pool, out, kernel)
-                    _run_on_cluster(steps, out, ctx, pool)
+                    _run_on_cluster(steps, out, ctx, pool, timings)
             record["status"] = "ok"
             if any(s["status"] == "ran" for s in record["steps"]):
                 cached = sum(s.get("seconds") or 0 for s in record["steps"] if s["status"] == "cached")
@@ -899,6 +967,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--scheduler", help="address of a running Dask scheduler (default: a cluster of this machine)")
     rep.add_argument("--workers", type=int, help="workers of this machine's cluster (default: sized to the machine)")
     rep.add_argument("--cpus-per-task", type=int, default=1, help="CPUs each step asks of a CPU worker")
+    rep.add_argument(
+        "--timings", type=Path,
+        help="run.json whose step seconds order a cluster's steps, longest first (default: this profile's own record)",
+    )
     html = sub.add_parser("html", help="re-render HTML and index.html")
     html.add_argument("--profile", default="default")
     prm = sub.add_parser("params", help="print the parameters each step gets")
@@ -906,8 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "reproduce":
-            if args.executor == "local" and (args.scheduler or args.workers):
-                parser.error("--scheduler and --workers need --executor dask")
+            if args.executor == "local" and (args.scheduler or args.workers or args.timings):
+                parser.error("--scheduler, --workers and --timings need --executor dask")
             config.reexec_with_runtime_env()  # the run's bare training figure needs make bench's allocator settings
             record = run_profile(
                 args.profile,
@@ -918,6 +990,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler=args.scheduler,
                 workers=args.workers,
                 cpus_per_task=args.cpus_per_task,
+                timings=args.timings,
             )
             out = config.profile_dir(args.profile)
             print(f"reproduce: done in {record['wall_seconds']:.1f} s; open {out / 'index.html'}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from cxrstudy import config
 from cxrstudy.evaluation.formatting import fmt_pct
-from cxrstudy.fileio import atomic_write_text
+from cxrstudy.fileio import atomic_write_text, replace_section
 from cxrstudy.reporting.templates import render
 
 
@@ -311,13 +311,7 @@ def update_readme(profile: str = "default", readme: Path = config.ROOT / "README
             )
     results = json.loads((out / "results.json").read_text())
     record = json.loads((out / "run.json").read_text())
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} section")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_START}\n{readme_results(results, record)}\n{README_END}{tail}"
-    atomic_write_text(readme, new)
+    replace_section(readme, README_START, README_END, readme_results(results, record))
 
 
 # --------------------------------------------------------------------------- model card and CLAIM checklist
