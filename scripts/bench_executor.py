@@ -3,15 +3,17 @@
 Each executor runs ``python -m cxrstudy.pipeline reproduce --profile P --force`` in a fresh process with its own
 reports folder (``CXR_REPORTS_DIR``), local first; the data caches under ``data/cache`` are shared, so the second
 run may find features the first one computed, unless ``--cold`` gives each run its own empty cache folder
-(``CXR_CACHE_DIR``). ``--local-record run.json`` reads the local side from an earlier run's record instead of
-running it (for a profile too long to run twice in a sitting; that run should have been cold too). Dask runs on a cluster of this machine (``--workers`` one-thread
-workers, 127.0.0.1), its steps started longest first by the local run's seconds (``--timings``; ``--no-timings``:
-by the Dask run's own folder, which is empty, so in profile order). Beside the wall times: each step's seconds, the node each ran on, and the critical path (the
-longest chain of dependent steps, ``pipeline.step_dependencies``, timed with the local run's seconds: no number of
-workers finishes sooner). Writes ``reports/bench_executor_<profile>.json`` and prints it. ``--readme`` instead
-writes the README's executor table from every such file (no run). Usage:
+(``CXR_CACHE_DIR``). ``--local-record run.json`` (``--dask-record``) reads the local (Dask) side from an earlier
+run's record instead of running it (for a profile too long to run twice in a sitting; such a run should have been
+cold too, and the bare training figures of both records say whether the machine ran at the same speed). Dask
+runs on a cluster of this machine (``--workers`` one-thread workers, 127.0.0.1), its steps started longest first
+by the local run's seconds (``--timings``; with ``--no-timings`` its own folder is empty, so in profile order).
+Beside the wall times: each step's seconds, the node each ran on, and the critical path (the longest chain of
+dependent steps, ``pipeline.step_dependencies``, timed with the local run's seconds: no number of workers
+finishes sooner). Writes ``reports/bench_executor_<profile>.json`` and prints it. ``--readme`` instead writes the
+README's executor table from every such file (no run). Usage:
     python scripts/bench_executor.py [--profile smoke] [--workers 2] [--cold] [--local-record RUN_JSON]
-                                     [--local-reports DIR] [--dask-reports DIR] [--no-timings]
+                                     [--dask-record RUN_JSON] [--local-reports DIR] [--dask-reports DIR] [--no-timings]
     python scripts/bench_executor.py --readme
 """
 
@@ -48,11 +50,11 @@ def reproduce(profile: str, reports: Path, extra: list[str], cache: Path | None 
     return {"command": " ".join(cmd[2:]), "wall_s": round(wall, 1), "pipeline_wall_s": record["wall_seconds"], "record": record}
 
 
-def from_record(path: Path) -> dict[str, Any]:
-    """The local side from an earlier run's run.json (its pipeline wall time stands for the process's)."""
+def from_record(path: Path, executor: str = "local") -> dict[str, Any]:
+    """One side from an earlier run's run.json (its pipeline wall time stands for the process's)."""
     record = json.loads(path.read_text())
-    if record.get("status") != "ok" or record.get("executor", {}).get("name", "local") != "local":
-        sys.exit(f"bench_executor: {path} is not a finished local run (status {record.get('status')!r})")
+    if record.get("status") != "ok" or record.get("executor", {}).get("name", "local") != executor:
+        sys.exit(f"bench_executor: {path} is not a finished {executor} run (status {record.get('status')!r})")
     return {"command": f"record {path}", "wall_s": record["wall_seconds"], "pipeline_wall_s": record["wall_seconds"],
             "record": record}
 
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--dask-reports", type=Path, help="reports folder of the Dask run (default: a temporary one)")
     parser.add_argument("--cold", action="store_true", help="each run starts with its own empty data cache")
     parser.add_argument("--local-record", type=Path, help="run.json of an earlier local run of the profile to compare with")
+    parser.add_argument("--dask-record", type=Path, help="run.json of an earlier Dask run of the profile instead of running it")
     parser.add_argument("--no-timings", action="store_true", help="do not order Dask's steps by the local run's seconds")
     parser.add_argument("--out", type=Path, help="default: reports/bench_executor_<profile>.json")
     parser.add_argument("--readme", action="store_true", help="only write README.md's table from the reports' files")
@@ -94,16 +97,21 @@ def main() -> None:
             else reproduce(args.profile, local_reports, [], caches[0])
         )
         timings = None if args.no_timings else args.local_record or local_reports / args.profile / "run.json"
-        dask = reproduce(
-            args.profile, args.dask_reports or Path(tmp) / "dask",
-            ["--executor", "dask", "--workers", str(args.workers), *(["--timings", str(timings)] if timings else [])],
-            caches[1],
+        dask = (
+            from_record(args.dask_record, "dask")
+            if args.dask_record
+            else reproduce(
+                args.profile, args.dask_reports or Path(tmp) / "dask",
+                ["--executor", "dask", "--workers", str(args.workers), *(["--timings", str(timings)] if timings else [])],
+                caches[1],
+            )
         )
     local_s = {s["name"]: s["seconds"] for s in local["record"]["steps"]}
     result = {
         "profile": args.profile,
         "cold": bool(args.cold),
         "local_from_record": str(args.local_record) if args.local_record else None,
+        "dask_from_record": str(args.dask_record) if args.dask_record else None,
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "local": {
             "wall_s": local["wall_s"],
@@ -115,8 +123,7 @@ def main() -> None:
         "dask": {
             "wall_s": dask["wall_s"],
             "pipeline_wall_s": dask["pipeline_wall_s"],
-            "workers": args.workers,
-            "timings_from_local_run": timings is not None,
+            "workers": len(dask["record"]["executor"]["workers"]),
             "executor": dask["record"]["executor"],
             "steps": {
                 s["name"]: {
@@ -142,8 +149,7 @@ def main() -> None:
 
 
 ORDER_NOTE = {
-    "timed": "longest first, by the local run's seconds",
-    "own": "longest first, by the Dask folder's earlier record",
+    "timed": "longest first, by an earlier run's seconds",
     "untimed": "profile order (no earlier seconds)",
     "unbounded": "as Dask assigned them (every ready step submitted at once)",
 }
@@ -155,16 +161,21 @@ def _order(bench: dict[str, Any]) -> str:
     order = bench["dask"]["executor"].get("order")
     if order is None:
         return "unbounded"
-    if bench["dask"].get("timings_from_local_run"):
-        return "timed"
-    return "own" if order.get("timings") else "untimed"
+    return "timed" if order.get("timings") else "untimed"
+
+
+def _started(side: dict[str, Any]) -> str:
+    """When one side's run started, to the minute (``n/a`` unknown)."""
+    started = side.get("started")
+    return started[:16].replace("T", " ") if isinstance(started, str) else "n/a"
 
 
 def readme_table(benches: list[dict[str, Any]]) -> str:
     """Markdown: one row per profile's measurement, local against Dask, with the machine and the runs' bare figures."""
     rows = [
-        "| profile | caches | local (s) | Dask (s) | Dask vs local | workers | Dask's step order | bare step, local / Dask (img/s) | machine | Dask run's commit |",
-        "|---|---|---:|---:|---:|---:|---|---|---|---|",
+        "| profile | caches | local (s) | Dask (s) | Dask vs local | workers | Dask's step order | runs started, local / Dask (UTC) "
+        "| bare step, local / Dask (img/s) | machine | Dask run's commit |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for b in benches:
         bare = " / ".join(f"{v:.1f}" if isinstance(v, (int, float)) else "n/a"
@@ -173,7 +184,7 @@ def readme_table(benches: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {b['profile']} | {'cold' if b['cold'] else 'shared'} | {b['local']['pipeline_wall_s']:.0f} "
             f"| {b['dask']['pipeline_wall_s']:.0f} | {b['dask_slower_pct']:+.1f}% | {b['dask']['workers']} "
-            f"| {ORDER_NOTE[_order(b)]} "
+            f"| {ORDER_NOTE[_order(b)]} | {_started(b['local'])} / {_started(b['dask'])} "
             f"| {bare} | {b['machine']['cpus']} CPUs, {b['machine']['platform']} | {commit} |"
         )
     return "\n".join(rows)
