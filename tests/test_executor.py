@@ -234,30 +234,42 @@ def test_the_driver_starts_the_longest_expected_steps_first_and_no_more_than_the
     nbs, params, log = tmp_path / "notebooks", tmp_path / "params", tmp_path / "log"
     for d in (nbs, params, log):
         d.mkdir()
+    # no clocks: b and c wait for each other to start (so both must run at once), and each step logs which
+    # steps had started and ended before it began
     make_notebook(
         nbs / "hold.ipynb",
-        'name = ""\nlog = ""',
-        "import json, time\nfrom pathlib import Path\nt0 = time.time()\ntime.sleep(2)\n"
-        "Path(log, name + '.json').write_text(json.dumps({'start': t0, 'end': time.time()}))",
+        'name = ""\nlog = ""\npartner = ""',
+        "import json, time\nfrom pathlib import Path\nlog = Path(log)\n"
+        "started, ended = sorted(p.stem for p in log.glob('*.start')), sorted(p.stem for p in log.glob('*.end'))\n"
+        "(log / f'{name}.start').touch()\nt0 = time.time()\n"
+        "while partner and not (log / f'{partner}.start').exists() and time.time() - t0 < 60:\n    time.sleep(0.1)\n"
+        "met = bool(partner) and (log / f'{partner}.start').exists()\n"
+        "(log / f'{name}.json').write_text(json.dumps({'started': started, 'ended': ended, 'met': met}))\n"
+        "(log / f'{name}.end').touch()",
     )
-    (params / "three.yaml").write_text(
-        "steps:\n" + "".join(f"  - {{notebook: hold, name: {n}, params: {{name: {n}, log: '{log}'}}}}\n" for n in "abc")
-    )
+    partners = {"a": "", "b": "c", "c": "b"}
+    (params / "three.yaml").write_text("steps:\n" + "".join(
+        f"  - {{notebook: hold, name: {n}, params: {{name: {n}, log: '{log}', partner: '{partners[n]}'}}}}\n" for n in "abc"
+    ))
     timings = tmp_path / "earlier.json"  # an earlier run in which c took longest and a was quickest
     timings.write_text(json.dumps({"steps": [
         {"name": "a", "status": "ran", "seconds": 10.0},
         {"name": "b", "status": "cached", "seconds": 20.0},
         {"name": "c", "status": "ran", "seconds": 30.0},
     ]}))
+    before = len(cluster.scheduler.transition_log)
     record = pipeline.run_profile(
         "three", kernel=KERNEL, params_dir=params, notebooks_dir=nbs, reports_dir=tmp_path / "reports",
         executor="dask", scheduler=cluster.scheduler_address, timings=timings,
     )
-    times = {n: json.loads((log / f"{n}.json").read_text()) for n in "abc"}
-    # two workers: c and b start at once; a waits in the driver until one of them has finished
-    assert times["a"]["start"] > max(times["b"]["start"], times["c"]["start"])
-    assert times["a"]["start"] >= min(times["b"]["end"], times["c"]["end"])
-    assert times["c"]["start"] < times["b"]["end"] and times["b"]["start"] < times["c"]["end"]
+    seen = {n: json.loads((log / f"{n}.json").read_text()) for n in "abc"}
+    # two workers: c and b run at once, and a starts after both
+    assert seen["b"]["met"] and seen["c"]["met"]
+    assert {"b", "c"} <= set(seen["a"]["started"]) and seen["a"]["ended"]
+    # the scheduler first heard of a after b or c had finished: the driver held it back
+    moves = [(t.key.split("-")[0], t.finish) for t in list(cluster.scheduler.transition_log)[before:]]
+    first_heard = [name for name, _ in moves].index("a")
+    assert ("b", "memory") in moves[:first_heard] or ("c", "memory") in moves[:first_heard]
     assert record["executor"]["order"] == {"rule": "longest expected first", "timings": [str(timings)]}
     assert [(s["name"], s["expected_seconds"]) for s in record["steps"]] == [("a", 10.0), ("b", 20.0), ("c", 30.0)]
     with pytest.raises(pipeline.ProfileError, match=r"timings .*missing.json: not a readable run.json"):
